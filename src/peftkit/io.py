@@ -1,0 +1,103 @@
+"""Adapter files: atomic writes, safetensors only, Hugging Face PEFT's file names and key prefix."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+PICKLED_WEIGHTS_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write ``path`` through a temporary file in the same directory, then rename it into place.
+
+    Args:
+        path: the final file; a reader sees either the old file or the complete new one.
+        write: called with the temporary file's path; it must create that file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp_name))
+        with open(tmp_name, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_adapter(directory: Path, config_json: str, tensors: dict[str, Tensor]) -> None:
+    """Write ``adapter_model.safetensors`` then ``adapter_config.json`` into ``directory``, atomically.
+
+    Args:
+        directory: created if missing.
+        config_json: the config file's text.
+        tensors: on-disk key → tensor; tensors are made contiguous and detached copies.
+    """
+    data = {key: t.detach().contiguous().cpu() for key, t in tensors.items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(data, str(tmp), metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_json))
+
+
+def resolve_adapter_dir(path: str | os.PathLike[str]) -> Path:
+    """A local adapter directory for ``path``: a local directory, or a Hugging Face Hub repo id.
+
+    Raises:
+        FileNotFoundError: neither a directory holding ``adapter_config.json`` nor a reachable repo.
+    """
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{local} has no {CONFIG_NAME}: is it an adapter directory?")
+        return local
+    text = str(path)
+    if local.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"adapter directory {text!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    except Exception as error:  # offline, unknown repo, no huggingface_hub
+        raise FileNotFoundError(
+            f"adapter {text!r} is not a local directory and could not be fetched from the Hugging Face "
+            f"Hub ({type(error).__name__}: {error})"
+        ) from error
+
+
+def read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Read an adapter directory written by peftkit or Hugging Face PEFT.
+
+    Returns:
+        (the parsed ``adapter_config.json``, on-disk key → tensor).
+
+    Raises:
+        FileNotFoundError: no ``adapter_model.safetensors`` (a pickled ``.bin`` is refused: pickle can
+            run arbitrary code).
+        ValueError: the config is not valid JSON.
+    """
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {error}") from error
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        pickled = [name for name in PICKLED_WEIGHTS_NAMES if (directory / name).is_file()]
+        hint = (
+            f"; it has {pickled[0]}, a pickle file peftkit never loads (unpickling runs arbitrary code): "
+            "convert it to safetensors where you trust it"
+            if pickled
+            else ""
+        )
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}{hint}")
+    return config, load_file(str(weights))

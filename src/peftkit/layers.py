@@ -1,0 +1,193 @@
+"""The generic wrapped layer: the original module kept as ``base``, plus named adapters.
+
+Every method that works inside layers (LoRA, IA³, bottleneck adapters…) plugs into
+:class:`AdapterLayer` through the small :class:`Adapter` protocol. Per-row routing for mixed batches
+is computed once per model call (:class:`Routing`) and handed to every layer by the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+BASE_ADAPTER_NAME = "__base__"
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """What a method's per-layer adapter provides.
+
+    ``forward`` returns the layer's new output from the input ``x`` and the base output; ``merge`` and
+    ``unmerge`` fold the adapter into the base module's weights in place and back. A method that
+    cannot be merged raises ``NotImplementedError`` with the reason.
+    """
+
+    def forward(self, base: nn.Module, x: Tensor, base_output: Tensor) -> Tensor: ...
+
+    def merge(self, base: nn.Module, safe: bool = False) -> None: ...
+
+    def unmerge(self, base: nn.Module) -> None: ...
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which rows of a batch use which adapter, grouped once per model call.
+
+    Attributes:
+        batch_size: the number of rows the routing was built for.
+        groups: ``(adapter name, row indices)`` per adapter; rows routed to ``"__base__"`` are in none.
+    """
+
+    batch_size: int
+    groups: tuple[tuple[str, Tensor], ...]
+
+    @classmethod
+    def from_names(cls, adapter_names: list[str], device: torch.device | str | None = None) -> Routing:
+        """Group ``adapter_names`` (one per row) into row-index tensors on ``device``."""
+        rows: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            rows.setdefault(name, []).append(row)
+        groups = tuple(
+            (name, torch.tensor(indices, dtype=torch.long, device=device))
+            for name, indices in rows.items()
+            if name != BASE_ADAPTER_NAME
+        )
+        return cls(batch_size=len(adapter_names), groups=groups)
+
+
+class _Wrapper(nn.Module):
+    """State shared by peftkit's wrappers, set by the model for all of them at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.routing: Routing | None = None
+
+    def _check_batch(self, x: Tensor) -> None:
+        assert self.routing is not None
+        if x.shape[0] != self.routing.batch_size:
+            raise ValueError(
+                f"adapter_names has {self.routing.batch_size} entries but this layer sees a batch of "
+                f"{x.shape[0]} rows; pass one adapter name per row of the input"
+            )
+
+
+class AdapterLayer(_Wrapper):
+    """A module wrapped with named adapters: ``y = base(x)``, then each active adapter transforms y.
+
+    Args:
+        base: the original module; it is kept unchanged as ``self.base`` and given back on unload.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.merged_adapters: list[str] = []
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """x: the base module's input, batch first; returns the adapted output, same shape as base's."""
+        y = self.base(x, *args, **kwargs)
+        if self.disabled:
+            return y
+        if self.routing is not None:
+            return self._forward_routed(x, y)
+        for name in self.active_adapters:
+            if name in self.adapters and name not in self.merged_adapters:
+                y = self.adapters[name](self.base, x, y)
+        return y
+
+    def _forward_routed(self, x: Tensor, y: Tensor) -> Tensor:
+        """Each row group goes through its own adapter; rows of other groups are untouched."""
+        assert self.routing is not None
+        self._check_batch(x)
+        out = y.clone()
+        for name, rows in self.routing.groups:
+            if name in self.adapters:
+                adapted = self.adapters[name](self.base, x.index_select(0, rows), y.index_select(0, rows))
+                out.index_copy_(0, rows, adapted)
+        return out
+
+    def merge(self, names: list[str], safe: bool = False) -> None:
+        """Fold the named adapters this layer has into ``base``'s weights, in order."""
+        for name in names:
+            if name in self.adapters and name not in self.merged_adapters:
+                self.adapters[name].merge(self.base, safe=safe)
+                self.merged_adapters.append(name)
+
+    def unmerge(self, keep: int = 0) -> None:
+        """Take merged adapters back out of ``base``'s weights, last merged first, until ``keep`` remain."""
+        while len(self.merged_adapters) > keep:
+            self.adapters[self.merged_adapters.pop()].unmerge(self.base)
+
+
+class ModulesToSave(_Wrapper):
+    """A module trained as a full copy per adapter (e.g. a classification head).
+
+    Args:
+        original: the original module, used when no active adapter has a copy.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Runs the active adapter's copy (or, with routing, each row group's copy)."""
+        if self.disabled:
+            return self.original(x, *args, **kwargs)
+        if self.routing is not None:
+            self._check_batch(x)
+            out = self.original(x, *args, **kwargs).clone()
+            for name, rows in self.routing.groups:
+                if name in self.copies:
+                    out.index_copy_(0, rows, self.copies[name](x.index_select(0, rows), *args, **kwargs))
+            return out
+        return self.module_in_use()(x, *args, **kwargs)
+
+    def module_in_use(self) -> nn.Module:
+        """The first active adapter's copy, or the original when no active adapter has one."""
+        for name in self.active_adapters:
+            if name in self.copies:
+                return self.copies[name]
+        return self.original
+
+
+def add_to_weight(weight: Tensor, delta: Tensor, safe: bool = False) -> None:
+    """``weight += delta`` in place, computed in float32 whatever the weight's dtype.
+
+    Args:
+        weight: a base module's weight, any floating dtype.
+        delta: same shape; cast to float32 for the addition.
+        safe: check the result is finite before writing it.
+
+    Raises:
+        ValueError: ``safe`` and the result holds NaN or inf (the weight is left unchanged).
+    """
+    merged = weight.detach().float() + delta.detach().float()
+    if safe and not torch.isfinite(merged).all():
+        raise ValueError("merging would put NaN or inf into the base weights; the adapter is broken")
+    with torch.no_grad():
+        weight.copy_(merged.to(weight.dtype))
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2): a linear layer storing W as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` for every module; peftkit's wrappers are reported, their insides are not."""
+    wrapper_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in wrapper_prefixes):
+            continue
+        if isinstance(module, (AdapterLayer, ModulesToSave)):
+            wrapper_prefixes.append(name + ".")
+        yield name, module

@@ -1,0 +1,497 @@
+"""PeftModel: a base model with named adapters injected; add, load, switch, merge, save, unload."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.config import AdapterConfig, config_from_dict, config_to_json
+from peftkit.io import KEY_PREFIX, read_adapter, resolve_adapter_dir, write_adapter
+from peftkit.layers import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSave, Routing, outer_modules
+from peftkit.methods import METHODS
+from peftkit.targeting import find_targets, name_matches
+
+DEFAULT_ADAPTER_NAME = "default"
+
+
+class PeftModel(nn.Module):
+    """A base model whose targeted modules carry named adapters.
+
+    The base model is changed in place: each targeted module is replaced by a wrapper that keeps the
+    original as ``base``. Attributes the wrapper lacks (``config``, ``generation_config``…) are read
+    from the base model, so a wrapped transformers model keeps working where one is expected.
+
+    Args:
+        model: any ``nn.Module``; a transformers model also gets ``generate`` and its ``config``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, AdapterConfig] = {}
+        self._targets: dict[str, list[str]] = {}
+        self._trainable: set[str] = set()
+        self._active: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules, incl. "model"
+        except AttributeError:
+            if name == "model":  # not yet set: nothing to forward to
+                raise
+            return getattr(self.model, name)
+
+    # ----------------------------------------------------------------------------- adapters
+    def add_adapter(self, adapter_name: str, config: AdapterConfig, trainable: bool = True) -> None:
+        """Inject a new adapter named ``adapter_name`` as ``config`` describes.
+
+        The first adapter added becomes active; later ones wait for :meth:`set_adapter`.
+
+        Raises:
+            ValueError: a bad or taken name, a config that targets nothing (the message lists the
+                candidates), or ``modules_to_save`` naming no module.
+        """
+        self._check_new_name(adapter_name)
+        targets = find_targets(self.model, config)
+        adapters = {}
+        for name in targets:
+            module = self.model.get_submodule(name)
+            base = module.base if isinstance(module, AdapterLayer) else module
+            adapters[name] = config.build_adapter(name, base)
+        saved = self._modules_to_save(config)
+        for name, adapter in adapters.items():
+            module = self.model.get_submodule(name)
+            if not isinstance(module, AdapterLayer):
+                module = AdapterLayer(module)
+                self.model.set_submodule(name, module)
+            module.adapters[adapter_name] = adapter
+        for name in saved:
+            module = self.model.get_submodule(name)
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module)
+                self.model.set_submodule(name, module)
+            module.copies[adapter_name] = copy.deepcopy(module.original)
+        self.peft_config[adapter_name] = config
+        self._targets[adapter_name] = targets
+        if trainable:
+            self._trainable.add(adapter_name)
+        self._apply_state(self._active or [adapter_name])
+
+    def load_adapter(
+        self,
+        path: str | os.PathLike[str],
+        adapter_name: str = DEFAULT_ADAPTER_NAME,
+        is_trainable: bool = False,
+    ) -> None:
+        """Load an adapter saved by peftkit or Hugging Face PEFT and add it as ``adapter_name``.
+
+        Args:
+            path: an adapter directory, or a Hugging Face Hub repo id.
+            adapter_name: the name to give it here.
+            is_trainable: leave its parameters trainable (to continue training); else frozen.
+
+        Raises:
+            FileNotFoundError: no adapter there, or only pickled weights (never loaded).
+            ValueError: a tensor of the file is missing here, unexpected here, or of another shape;
+                nothing is loaded then.
+        """
+        config_dict, tensors = read_adapter(resolve_adapter_dir(path))
+        config = config_from_dict(config_dict, METHODS)
+        self.add_adapter(adapter_name, config, trainable=is_trainable)
+        try:
+            self._load_tensors(adapter_name, tensors, source=str(path))
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Make ``adapter_name`` (or several: their contributions add up) the active adapter(s).
+
+        Raises:
+            ValueError: an unknown name, or adapters are merged (unmerge first).
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_known(names)
+        if self.merged_adapters:
+            raise ValueError(
+                f"adapters {self.merged_adapters} are merged into the weights; call unmerge_adapter() "
+                "before set_adapter()"
+            )
+        self._apply_state(names)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The names of the adapters in use, in the order they apply."""
+        return list(self._active)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere; a module left with no adapter gets its original back.
+
+        Raises:
+            ValueError: an unknown name, or the adapter is merged (unmerge first).
+        """
+        self._check_known([adapter_name])
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it")
+        for name, wrapper in list(self._wrappers()):
+            store = wrapper.adapters if isinstance(wrapper, AdapterLayer) else wrapper.copies
+            if adapter_name in store:
+                del store[adapter_name]
+            if len(store) == 0:
+                self.model.set_submodule(name, _original(wrapper))
+        del self.peft_config[adapter_name]
+        del self._targets[adapter_name]
+        self._trainable.discard(adapter_name)
+        remaining = [name for name in self._active if name != adapter_name]
+        self._apply_state(remaining or list(self.peft_config)[:1])
+
+    @contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Inside this block the model computes exactly what the base model computes.
+
+        Merged adapters are taken out for the block and merged back after it.
+        """
+        merged = self.merged_adapters
+        self.unmerge_adapter()
+        wrappers = [wrapper for _, wrapper in self._wrappers()]
+        for wrapper in wrappers:
+            wrapper.disabled = True
+        try:
+            yield
+        finally:
+            for wrapper in wrappers:
+                wrapper.disabled = False
+            if merged:
+                self.merge_adapter(merged)
+
+    # ----------------------------------------------------------------------------- merging
+    @property
+    def merged_adapters(self) -> list[str]:
+        """Adapters currently folded into the base weights, in merge order."""
+        merged: list[str] = []
+        for _, wrapper in self._wrappers():
+            if isinstance(wrapper, AdapterLayer):
+                merged += [name for name in wrapper.merged_adapters if name not in merged]
+        return merged
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights in place; reversible.
+
+        Weights are merged in float32 whatever their dtype. With ``safe_merge`` a non-finite result
+        is refused and every weight is left as it was.
+
+        Raises:
+            ValueError: an unknown name, or ``safe_merge`` found NaN/inf.
+            NotImplementedError: a method that cannot be merged.
+        """
+        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        self._check_known(names)
+        layers = [w for _, w in self._wrappers() if isinstance(w, AdapterLayer)]
+        merged_before = [len(layer.merged_adapters) for layer in layers]
+        try:
+            for layer in layers:
+                layer.merge(names, safe=safe_merge)
+        except Exception:
+            for layer, count in zip(layers, merged_before, strict=True):
+                layer.unmerge(keep=count)
+            raise
+
+    def unmerge_adapter(self) -> None:
+        """Take every merged adapter back out of the base weights."""
+        for _, wrapper in self._wrappers():
+            if isinstance(wrapper, AdapterLayer):
+                wrapper.unmerge()
+
+    def merge_and_unload(
+        self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
+        """Merge adapters (default: the active ones) and return the plain base model, no peftkit inside.
+
+        ``modules_to_save`` copies of the merged adapters replace their originals. This PeftModel is
+        empty afterwards.
+        """
+        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        self.unmerge_adapter()
+        self.merge_adapter(names, safe_merge=safe_merge)
+        return self._unwrap(keep_copies_of=names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter (unmerging first) and return the original base model."""
+        self.unmerge_adapter()
+        return self._unwrap(keep_copies_of=[])
+
+    # ----------------------------------------------------------------------------- files
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], selected_adapters: Sequence[str] | None = None
+    ) -> None:
+        """Write each adapter as Hugging Face PEFT does: ``adapter_config.json`` and
+        ``adapter_model.safetensors`` in ``save_directory`` for ``"default"``, in
+        ``save_directory/<name>/`` for any other name. Each file is written atomically.
+        """
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        self._check_known(names)
+        for name in names:
+            directory = Path(save_directory)
+            if name != DEFAULT_ADAPTER_NAME:
+                directory = directory / name
+            write_adapter(directory, self._config_json(name), self.adapter_state_dict(name))
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, Tensor]:
+        """The adapter's tensors under their file keys (``base_model.model.<module>.<param>``).
+
+        The values are the live parameters: detach or clone them before changing them.
+        """
+        self._check_known([adapter_name])
+        config = self.peft_config[adapter_name]
+        state: dict[str, Tensor] = {}
+        for path, wrapper in self._wrappers():
+            if isinstance(wrapper, AdapterLayer) and adapter_name in wrapper.adapters:
+                for name, param in wrapper.adapters[adapter_name].named_parameters():
+                    state[f"{KEY_PREFIX}{path}.{name}"] = param
+            elif isinstance(wrapper, ModulesToSave) and adapter_name in wrapper.copies:
+                for name, param in wrapper.copies[adapter_name].named_parameters():
+                    state[f"{KEY_PREFIX}{path}.{name}"] = param
+        for key, param in self._trained_biases(adapter_name, getattr(config, "bias", "none")):
+            state[KEY_PREFIX + key] = param
+        return state
+
+    # ----------------------------------------------------------------------------- running
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward with the adapters applied.
+
+        Args:
+            adapter_names: one adapter name per row of the batch (``"__base__"``: no adapter) to mix
+                adapters in one batch; each row then gets what it would get alone.
+        """
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self._routed(list(adapter_names)):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's ``generate``; ``adapter_names`` routes each prompt row as in :meth:`forward`.
+
+        With ``num_beams`` or ``num_return_sequences`` above 1 each name is repeated for its row's copies.
+        """
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        copies = max(kwargs.get("num_beams", 1) or 1, kwargs.get("num_return_sequences", 1) or 1)
+        names = [name for name in adapter_names for _ in range(copies)]
+        with self._routed(names):
+            return self.model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The base model (with peftkit's wrappers inside while adapters are loaded)."""
+        return self.model
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """Turn on the base model's gradient checkpointing, non-reentrant by default.
+
+        The non-reentrant variant gives adapter gradients even though the frozen inputs of each
+        checkpointed block need no gradient.
+        """
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # ----------------------------------------------------------------------------- accounting
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; a tensor shared by two modules counts once."""
+        trainable = total = 0
+        seen: set[int] = set()
+        for param in self.parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            total += param.numel()
+            trainable += param.numel() if param.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print e.g. ``trainable: 460,800 (0.46M) of 134,976,384 (135.0M) parameters (0.34%)``."""
+        trainable, total = self.trainable_parameters()
+        share = 100 * trainable / total if total else 0.0
+        print(
+            f"trainable: {trainable:,} ({trainable / 1e6:.2f}M) of {total:,} ({total / 1e6:.1f}M) "
+            f"parameters ({share:.2f}%)"
+        )
+
+    # ----------------------------------------------------------------------------- internals
+    def _wrappers(self) -> Iterator[tuple[str, AdapterLayer | ModulesToSave]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, (AdapterLayer, ModulesToSave)):
+                yield name, module
+
+    def _check_new_name(self, adapter_name: str) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter name {adapter_name!r} must be a non-empty string without '.'")
+        if adapter_name == BASE_ADAPTER_NAME:
+            raise ValueError(f"{BASE_ADAPTER_NAME!r} is reserved for 'no adapter' in adapter_names")
+        if adapter_name in self.peft_config:
+            raise ValueError(
+                f"an adapter named {adapter_name!r} exists already; pick another name or delete_adapter() it"
+            )
+
+    def _check_known(self, names: Sequence[str]) -> None:
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+
+    def _modules_to_save(self, config: AdapterConfig) -> list[str]:
+        if not config.modules_to_save:
+            return []
+        patterns = list(config.modules_to_save)
+        names = [
+            name
+            for name, module in outer_modules(self.model)
+            if name and name_matches(name, patterns) and not isinstance(module, AdapterLayer)
+        ]
+        if not names:
+            raise ValueError(
+                f"modules_to_save={patterns} matched no module; give module names such as "
+                f"{[name for name, _ in self.model.named_children()]}"
+            )
+        return names
+
+    def _apply_state(self, active: list[str]) -> None:
+        """Set the active adapters on every wrapper and which parameters train."""
+        self._active = list(active)
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        for _, wrapper in self._wrappers():
+            wrapper.active_adapters = list(active)
+            store = wrapper.adapters if isinstance(wrapper, AdapterLayer) else wrapper.copies
+            for name, module in store.items():
+                module.requires_grad_(name in active and name in self._trainable)
+        for name in active:
+            if name in self._trainable:
+                bias = getattr(self.peft_config[name], "bias", "none")
+                for _, param in self._trained_biases(name, bias):
+                    param.requires_grad_(True)
+
+    def _trained_biases(self, adapter_name: str, bias: str) -> list[tuple[str, nn.Parameter]]:
+        """(file key without prefix, parameter) of the base biases an adapter's ``bias`` mode trains."""
+        if bias == "none":
+            return []
+        found = []
+        for path, module in outer_modules(self.model):
+            if isinstance(module, AdapterLayer):
+                param = module.base._parameters.get("bias")
+                if param is not None and (bias == "all" or adapter_name in module.adapters):
+                    found.append((f"{path}.base_layer.bias", param))
+            elif bias == "all" and not isinstance(module, ModulesToSave):
+                param = module._parameters.get("bias")
+                if param is not None:
+                    found.append((f"{path}.bias" if path else "bias", param))
+        return found
+
+    def _load_tensors(self, adapter_name: str, tensors: dict[str, Tensor], source: str) -> None:
+        expected = self.adapter_state_dict(adapter_name)
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} tensor(s) missing from the file, e.g. {missing[:3]}")
+            if unexpected:
+                parts.append(
+                    f"{len(unexpected)} tensor(s) in the file match no module here, e.g. {unexpected[:3]}"
+                )
+            raise ValueError(
+                f"adapter {source!r} does not fit this model: {'; '.join(parts)}. Was it trained on "
+                "another base model or with another config?"
+            )
+        for key, param in expected.items():
+            if tuple(tensors[key].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"adapter {source!r}: tensor {key} has shape {tuple(tensors[key].shape)} in the file "
+                    f"but {tuple(param.shape)} here (another rank or base model?)"
+                )
+        with torch.no_grad():
+            for key, param in expected.items():
+                param.copy_(tensors[key].to(param.dtype))
+
+    def _config_json(self, adapter_name: str) -> str:
+        config = self.peft_config[adapter_name]
+        if config.target_modules == "all-linear":  # write what it resolved to, exactly
+            config = config.replace(target_modules=self._targets[adapter_name])
+        name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+        if name_or_path and not config.base_model_name_or_path:
+            config = config.replace(base_model_name_or_path=name_or_path)
+        return config_to_json(config)
+
+    @contextmanager
+    def _routed(self, adapter_names: list[str]) -> Iterator[None]:
+        self._check_known([name for name in adapter_names if name != BASE_ADAPTER_NAME])
+        if self.merged_adapters:
+            raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter()")
+        device = next(self.model.parameters()).device
+        routing = Routing.from_names(adapter_names, device)
+        wrappers = [wrapper for _, wrapper in self._wrappers()]
+        for wrapper in wrappers:
+            wrapper.routing = routing
+        try:
+            yield
+        finally:
+            for wrapper in wrappers:
+                wrapper.routing = None
+
+    def _unwrap(self, keep_copies_of: list[str]) -> nn.Module:
+        for name, wrapper in list(self._wrappers()):
+            if isinstance(wrapper, ModulesToSave):
+                kept = [n for n in keep_copies_of if n in wrapper.copies]
+                self.model.set_submodule(name, wrapper.copies[kept[0]] if kept else wrapper.original)
+            else:
+                self.model.set_submodule(name, wrapper.base)
+        self.peft_config.clear()
+        self._targets.clear()
+        self._trainable.clear()
+        self._active = []
+        return self.model
+
+
+def _original(wrapper: AdapterLayer | ModulesToSave) -> nn.Module:
+    return wrapper.base if isinstance(wrapper, AdapterLayer) else wrapper.original
+
+
+def wrap(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT_ADAPTER_NAME) -> PeftModel:
+    """Inject a new adapter into ``model`` (changed in place) and return the :class:`PeftModel`.
+
+    Only the adapter's parameters (and what ``bias`` / ``modules_to_save`` add) stay trainable.
+
+    Raises:
+        TypeError: ``model`` is a PeftModel already (use ``add_adapter``).
+        ValueError: the config targets nothing; the message lists candidate module names.
+    """
+    if isinstance(model, PeftModel):
+        raise TypeError("model is a PeftModel already; call model.add_adapter(name, config) instead")
+    peft_model = PeftModel(model)
+    peft_model.add_adapter(adapter_name, config)
+    return peft_model
+
+
+def load(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    adapter_name: str = DEFAULT_ADAPTER_NAME,
+    is_trainable: bool = False,
+) -> PeftModel:
+    """Load a saved adapter (peftkit's or Hugging Face PEFT's) onto ``model`` (changed in place).
+
+    Args:
+        model: the base model the adapter was trained on, or a PeftModel to add it to.
+        path: an adapter directory or a Hugging Face Hub repo id.
+        adapter_name: the name it gets here.
+        is_trainable: keep its parameters trainable to continue training.
+    """
+    peft_model = model if isinstance(model, PeftModel) else PeftModel(model)
+    peft_model.load_adapter(path, adapter_name, is_trainable=is_trainable)
+    return peft_model
