@@ -64,7 +64,7 @@ class PeftModel(nn.Module):
         for name in targets:
             module = self.model.get_submodule(name)
             base = module.base if isinstance(module, AdapterLayer) else module
-            adapters[name] = config.build_adapter(name, base)
+            adapters[name] = config.build_adapter(name, base).train(base.training)
         saved = self._modules_to_save(config)
         for name, adapter in adapters.items():
             module = self.model.get_submodule(name)
@@ -184,8 +184,9 @@ class PeftModel(nn.Module):
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights in place; reversible.
 
-        Weights are merged in float32 whatever their dtype. With ``safe_merge`` a non-finite result
-        is refused and every weight is left as it was.
+        Weights are merged in float32 whatever their dtype. With ``safe_merge`` each layer's result
+        is checked before it is written; on a non-finite one the layers merged so far are unmerged
+        again (their weights restored up to float rounding) and nothing stays merged.
 
         Raises:
             ValueError: an unknown name, or ``safe_merge`` found NaN/inf.

@@ -89,9 +89,7 @@ def find_targets(
     if config.target_modules == "all-linear":
         heads = output_head_names(model)
         selected = [
-            name
-            for name, m in candidates
-            if (isinstance(m, nn.Linear) or is_conv1d(m)) and name not in heads
+            name for name, m in candidates if (isinstance(m, nn.Linear) or is_conv1d(m)) and name not in heads
         ]
     else:
         selected = [name for name, _ in candidates if name_matches(name, config.target_modules)]

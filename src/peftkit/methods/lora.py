@@ -182,8 +182,7 @@ class LoraLinear(_AdditiveLora):
         super().__init__()
         self.transposed = is_conv1d(base)  # Conv1D stores its weight as (in, out)
         in_features, out_features = _linear_shape(base)
-        weight = base.weight
-        kwargs = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else None}
+        kwargs = _factory_kwargs(base.weight)
         self.lora_A = nn.Linear(in_features, r, bias=False, **kwargs)
         self.lora_B = nn.Linear(r, out_features, bias=False, **kwargs)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -220,7 +219,7 @@ class LoraEmbedding(_AdditiveLora):
 
     def __init__(self, base: nn.Embedding, r: int, scaling: float) -> None:
         super().__init__()
-        kwargs = {"device": base.weight.device, "dtype": base.weight.dtype}
+        kwargs = _factory_kwargs(base.weight)
         self.lora_embedding_A = nn.Parameter(torch.empty(r, base.num_embeddings, **kwargs))
         self.lora_embedding_B = nn.Parameter(torch.empty(base.embedding_dim, r, **kwargs))
         self.scaling = scaling
@@ -267,7 +266,7 @@ class LoraConv(_AdditiveLora):
                 "leave it out with exclude_modules"
             )
         conv = nn.Conv1d if isinstance(base, nn.Conv1d) else nn.Conv2d
-        kwargs = {"device": base.weight.device, "dtype": base.weight.dtype}
+        kwargs = _factory_kwargs(base.weight)
         ones = (1,) * (base.weight.dim() - 2)
         self.lora_A = conv(
             base.in_channels,
@@ -317,3 +316,12 @@ def _linear_shape(base: nn.Module) -> tuple[int, int]:
     if is_conv1d(base):
         return base.weight.shape[0], base.weight.shape[1]
     return base.in_features, base.out_features
+
+
+def _factory_kwargs(weight: Tensor) -> dict[str, Any]:
+    """Adapter parameters live on the base weight's device; half-precision bases get float32 adapters
+    (as Hugging Face PEFT's ``autocast_adapter_dtype``): small, and stable to train."""
+    dtype = weight.dtype if weight.is_floating_point() else torch.float32
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    return {"device": weight.device, "dtype": dtype}

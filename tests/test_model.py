@@ -1,0 +1,371 @@
+"""The PeftModel API on every tiny model: a table of (model × LoRA config) cases.
+
+References are independent of the code under test: the untouched base model (a deep copy taken before
+wrapping), each row run alone, and the merged weights. Tolerances: fp32, atol 1e-5 on outputs,
+1e-6 on restored weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import peftkit
+from peftkit.layers import AdapterLayer, ModulesToSave
+
+from conftest import TINY_MODELS, TinyModel, output_of, randomize_adapters, twin
+
+ATOL = 1e-5
+
+CONFIGS = {
+    "plain": {"r": 4, "lora_alpha": 8},
+    "rslora-dropout-patterns": {"r": 4, "lora_alpha": 16, "use_rslora": True, "lora_dropout": 0.1},
+    "gaussian-head": {"r": 2, "init_lora_weights": "gaussian", "save_head": True},
+}
+
+
+def make_config(tiny: TinyModel, case: str) -> peftkit.LoraConfig:
+    options = dict(CONFIGS[case])
+    save_head = options.pop("save_head", False)
+    if case == "rslora-dropout-patterns":
+        options["rank_pattern"] = {tiny.targets[0]: 2}
+        options["alpha_pattern"] = {tiny.targets[-1]: 4}
+    return peftkit.LoraConfig(
+        target_modules=list(tiny.targets), modules_to_save=[tiny.head] if save_head else None, **options
+    )
+
+
+GRID = [(tiny, case) for tiny in TINY_MODELS for case in CONFIGS]
+GRID_IDS = [f"{tiny.name}-{case}" for tiny, case in GRID]
+
+
+@pytest.fixture(params=GRID, ids=GRID_IDS)
+def case(request: pytest.FixtureRequest) -> tuple[TinyModel, str]:
+    return request.param
+
+
+def wrapped(tiny: TinyModel, case: str, randomize: bool = True) -> tuple[nn.Module, peftkit.PeftModel]:
+    """(an untouched copy of the base, the wrapped model) with random adapter values by default."""
+    base = tiny.make()
+    reference = twin(base)
+    model = peftkit.wrap(base, make_config(tiny, case))
+    if randomize:
+        randomize_adapters(model)
+    return reference, model
+
+
+def test_identity_at_init(case: tuple[TinyModel, str]) -> None:
+    tiny, name = case
+    reference, model = wrapped(tiny, name, randomize=False)
+    inputs = tiny.inputs()
+    torch.testing.assert_close(output_of(model, inputs), output_of(reference, inputs), atol=ATOL, rtol=0)
+
+
+def test_only_adapter_parameters_train(case: tuple[TinyModel, str]) -> None:
+    tiny, name = case
+    reference, model = wrapped(tiny, name)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "nothing is trainable"
+    assert all(".adapters.default." in n or ".copies.default." in n for n in trainable), trainable
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    output_of(model, tiny.inputs()).float().pow(2).mean().backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "the optimizer step changed nothing"
+    assert changed <= trainable, f"frozen parameters changed: {changed - trainable}"
+    frozen_now = {n: p for n, p in model.named_parameters() if n not in trainable}
+    original = dict(reference.named_parameters())
+    for n, p in frozen_now.items():
+        plain = n.replace("model.", "", 1).replace(".base.", ".").replace(".original.", ".")
+        if plain in original:
+            assert torch.equal(p, original[plain]), n
+
+
+def test_merge_matches_unmerged_and_unmerge_restores(case: tuple[TinyModel, str]) -> None:
+    tiny, name = case
+    _, model = wrapped(tiny, name)
+    inputs = tiny.inputs()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("base.weight")}
+    unmerged = output_of(model, inputs)
+    model.merge_adapter()
+    assert model.merged_adapters == ["default"]
+    changed = [n for n, p in model.named_parameters() if n in weights and not torch.equal(p, weights[n])]
+    assert changed, "merging changed no base weight"
+    torch.testing.assert_close(output_of(model, inputs), unmerged, atol=ATOL, rtol=0)
+    model.unmerge_adapter()
+    assert model.merged_adapters == []
+    for n, p in model.named_parameters():
+        if n in weights:
+            torch.testing.assert_close(p, weights[n], atol=1e-6, rtol=0)
+    torch.testing.assert_close(output_of(model, inputs), unmerged, atol=ATOL, rtol=0)
+
+
+def test_merge_and_unload_returns_plain_model(case: tuple[TinyModel, str]) -> None:
+    tiny, name = case
+    _, model = wrapped(tiny, name)
+    inputs = tiny.inputs()
+    expected = output_of(model, inputs)
+    plain = model.merge_and_unload()
+    assert not any(isinstance(m, (AdapterLayer, ModulesToSave)) for m in plain.modules())
+    assert not any(".adapters." in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(output_of(plain, inputs), expected, atol=ATOL, rtol=0)
+
+
+def test_unload_gives_the_base_back(case: tuple[TinyModel, str]) -> None:
+    tiny, name = case
+    reference, model = wrapped(tiny, name)
+    model.merge_adapter()
+    plain = model.unload()
+    assert not any(isinstance(m, (AdapterLayer, ModulesToSave)) for m in plain.modules())
+    inputs = tiny.inputs()
+    torch.testing.assert_close(output_of(plain, inputs), output_of(reference, inputs), atol=ATOL, rtol=0)
+
+
+def test_save_load_round_trip(case: tuple[TinyModel, str], tmp_path) -> None:
+    tiny, name = case
+    reference, model = wrapped(tiny, name)
+    inputs = tiny.inputs()
+    expected = output_of(model, inputs)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = peftkit.load(reference, tmp_path)
+    torch.testing.assert_close(output_of(loaded, inputs), expected, atol=0, rtol=0)
+    assert loaded.trainable_parameters()[0] == 0, "a loaded adapter is frozen unless is_trainable=True"
+
+
+def test_disable_adapters_gives_base_outputs(case: tuple[TinyModel, str]) -> None:
+    tiny, name = case
+    reference, model = wrapped(tiny, name)
+    inputs = tiny.inputs()
+    base_out = output_of(reference, inputs)
+    adapted = output_of(model, inputs)
+    assert not torch.allclose(adapted, base_out, atol=1e-4), "the adapter does not change the output"
+    with model.disable_adapters():
+        torch.testing.assert_close(output_of(model, inputs), base_out, atol=ATOL, rtol=0)
+    torch.testing.assert_close(output_of(model, inputs), adapted, atol=0, rtol=0)
+    model.merge_adapter()
+    with model.disable_adapters():
+        torch.testing.assert_close(output_of(model, inputs), base_out, atol=ATOL, rtol=0)
+    assert model.merged_adapters == ["default"], "leaving the block merges back what was merged"
+
+
+def test_delete_adapter_restores_original_modules(case: tuple[TinyModel, str]) -> None:
+    tiny, name = case
+    base = tiny.make()
+    originals = {n: m for n, m in base.named_modules()}
+    reference = twin(base)
+    model = peftkit.wrap(base, make_config(tiny, name))
+    model.add_adapter("other", peftkit.LoraConfig(r=2, target_modules=[tiny.targets[0]]))
+    randomize_adapters(model)
+    model.delete_adapter("default")
+    assert list(model.peft_config) == ["other"]
+    assert model.active_adapters == ["other"]
+    model.delete_adapter("other")
+    assert not any(isinstance(m, (AdapterLayer, ModulesToSave)) for m in model.model.modules())
+    for n, m in model.model.named_modules():
+        assert m is originals[n], f"{n} is not the original module object"
+    inputs = tiny.inputs()
+    torch.testing.assert_close(output_of(model, inputs), output_of(reference, inputs), atol=ATOL, rtol=0)
+
+
+def test_several_active_adapters_add_up(case: tuple[TinyModel, str]) -> None:
+    """Two active adapters equal the base with both deltas merged into it (contributions summed)."""
+    tiny, name = case
+    _, model = wrapped(tiny, name, randomize=False)
+    model.add_adapter("second", peftkit.LoraConfig(r=3, target_modules=list(tiny.targets)))
+    randomize_adapters(model, seed=5)
+    inputs = tiny.inputs()
+    model.set_adapter(["default", "second"])
+    both = output_of(model, inputs)
+    model.set_adapter("default")
+    only_first = output_of(model, inputs)
+    assert not torch.allclose(both, only_first, atol=1e-4)
+    model.merge_adapter(["default", "second"])
+    torch.testing.assert_close(output_of(model, inputs), both, atol=ATOL, rtol=0)
+
+
+def test_mixed_batch_equals_each_row_alone(case: tuple[TinyModel, str]) -> None:
+    tiny, name = case
+    _, model = wrapped(tiny, name, randomize=False)
+    model.add_adapter("second", peftkit.LoraConfig(r=3, target_modules=list(tiny.targets)))
+    randomize_adapters(model, seed=7)
+    inputs = tiny.inputs(batch=3)
+    names = ["second", "__base__", "default"]
+    mixed = output_of(model, inputs, adapter_names=names)
+    for row, adapter in enumerate(names):
+        row_inputs = {k: v[row : row + 1] for k, v in inputs.items()}
+        if adapter == "__base__":
+            with model.disable_adapters():
+                alone = output_of(model, row_inputs)
+        else:
+            model.set_adapter(adapter)
+            alone = output_of(model, row_inputs)
+        torch.testing.assert_close(mixed[row : row + 1], alone, atol=ATOL, rtol=0)
+
+
+def test_trainable_parameters_counts() -> None:
+    """The lecture's arithmetic: LoRA r=8 on a 512x64 layer trains 4,608 parameters, not 32,768."""
+    layer = nn.Sequential()
+    layer.add_module("proj", nn.Linear(512, 64, bias=False))
+    model = peftkit.wrap(layer, peftkit.LoraConfig(r=8, target_modules=["proj"]))
+    trainable, total = model.trainable_parameters()
+    assert trainable == 8 * 512 + 64 * 8 == 4_608
+    assert total == 512 * 64 + 4_608
+    assert 1 - trainable / (512 * 64) == pytest.approx(0.859, abs=1e-3)  # the lecture's "86% fewer"
+
+
+def test_print_trainable_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    layer = nn.Sequential()
+    layer.add_module("proj", nn.Linear(512, 64, bias=False))
+    peftkit.wrap(layer, peftkit.LoraConfig(r=8, target_modules=["proj"])).print_trainable_parameters()
+    assert "4,608" in capsys.readouterr().out
+
+
+def test_trainable_parameters_counts_tied_weights_once() -> None:
+    tiny = TINY_MODELS[1]  # llama
+    base = tiny.make()
+    base.lm_head.weight = base.model.embed_tokens.weight
+    unique = sum(p.numel() for p in {id(p): p for p in base.parameters()}.values())
+    model = peftkit.wrap(base, peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    trainable, total = model.trainable_parameters()
+    assert total == unique + trainable
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_modes_train_biases(bias: str) -> None:
+    tiny = TINY_MODELS[0]  # mlp-conv: every layer has a bias
+    model = peftkit.wrap(tiny.make(), peftkit.LoraConfig(r=2, target_modules=["lin1"], bias=bias))
+    trainable_biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    if bias == "lora_only":
+        assert trainable_biases == {"model.lin1.base.bias"}
+    else:
+        expected = {f"model.{m}.bias" for m in ("emb", "conv1d", "conv2d", "lin2", "head")} - {
+            "model.emb.bias"
+        }
+        assert trainable_biases == expected | {"model.lin1.base.bias"}
+    keys = set(model.adapter_state_dict("default"))
+    assert "base_model.model.lin1.base_layer.bias" in keys
+
+
+def test_set_adapter_switches_trainability() -> None:
+    tiny = TINY_MODELS[1]
+    model = peftkit.wrap(tiny.make(), peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("b", peftkit.LoraConfig(r=2, target_modules=["v_proj"]))
+    assert model.active_adapters == ["default"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.default." in n for n in trainable)
+    model.set_adapter("b")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.b." in n for n in trainable)
+
+
+def test_merge_in_bf16_goes_through_fp32() -> None:
+    linear = nn.Sequential()
+    linear.add_module("proj", nn.Linear(16, 8))
+    linear = linear.to(torch.bfloat16)
+    weight = linear.proj.weight.detach().float().clone()
+    model = peftkit.wrap(linear, peftkit.LoraConfig(r=2, target_modules=["proj"]))
+    randomize_adapters(model)
+    adapter = model.model.proj.adapters["default"]
+    delta = (adapter.lora_B.weight.float() @ adapter.lora_A.weight.float()) * adapter.scaling
+    model.merge_adapter()
+    expected = (weight + delta).to(torch.bfloat16)
+    assert torch.equal(model.model.proj.base.weight, expected)
+
+
+def test_safe_merge_refuses_non_finite_and_leaves_weights() -> None:
+    tiny = TINY_MODELS[1]
+    model = peftkit.wrap(tiny.make(), peftkit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.model.model.layers[1].self_attn.v_proj.adapters["default"].lora_B.weight[0, 0] = float("nan")
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("base.weight")}
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model.merge_adapter(safe_merge=True)
+    assert model.merged_adapters == []
+    for n, p in model.named_parameters():
+        if n in weights:  # restored by unmerging: equal up to float rounding
+            torch.testing.assert_close(p, weights[n], atol=1e-6, rtol=0, msg=f"{n} was left changed")
+
+
+def test_mixed_batch_refused_while_merged() -> None:
+    tiny = TINY_MODELS[1]
+    model = peftkit.wrap(tiny.make(), peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        model(**tiny.inputs(), adapter_names=["default"] * 3)
+
+
+def test_mixed_batch_wrong_length_and_unknown_name() -> None:
+    tiny = TINY_MODELS[1]
+    model = peftkit.wrap(tiny.make(), peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="one adapter name per row"):
+        model(**tiny.inputs(batch=3), adapter_names=["default", "default"])
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model(**tiny.inputs(batch=3), adapter_names=["default", "nope", "__base__"])
+    assert all(w.routing is None for w in model.modules() if isinstance(w, AdapterLayer)), "routing leaked"
+
+
+def test_mixed_batch_generate_equals_rows_alone() -> None:
+    tiny = TINY_MODELS[1]
+    model = peftkit.wrap(tiny.make(), peftkit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("b", peftkit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model, scale=0.5)
+    ids = tiny.inputs(batch=3)["input_ids"]
+    names = ["b", "default", "__base__"]
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    mixed = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kwargs)
+    for row, name in enumerate(names):
+        one = ids[row : row + 1]
+        if name == "__base__":
+            with model.disable_adapters():
+                alone = model.generate(input_ids=one, attention_mask=torch.ones_like(one), **kwargs)
+        else:
+            model.set_adapter(name)
+            alone = model.generate(input_ids=one, attention_mask=torch.ones_like(one), **kwargs)
+        assert torch.equal(mixed[row : row + 1], alone), f"row {row} ({name})"
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("default", "exists already"), ("__base__", "reserved"), ("a.b", "without '.'"), ("", "non-empty")],
+)
+def test_bad_adapter_names(name: str, message: str) -> None:
+    tiny = TINY_MODELS[1]
+    model = peftkit.wrap(tiny.make(), peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=message):
+        model.add_adapter(name, peftkit.LoraConfig(r=2, target_modules=["v_proj"]))
+
+
+def test_unknown_adapter_names_are_errors() -> None:
+    tiny = TINY_MODELS[1]
+    model = peftkit.wrap(tiny.make(), peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    for call in (model.set_adapter, model.delete_adapter, lambda n: model.merge_adapter([n])):
+        with pytest.raises(ValueError, match=r"unknown adapter.*\['default'\]"):
+            call("missing")
+
+
+def test_wrap_twice_is_an_error() -> None:
+    tiny = TINY_MODELS[1]
+    model = peftkit.wrap(tiny.make(), peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="add_adapter"):
+        peftkit.wrap(model, peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+
+
+def test_modules_to_save_that_matches_nothing() -> None:
+    tiny = TINY_MODELS[1]
+    with pytest.raises(ValueError, match="modules_to_save=\\['classifier'\\] matched no module"):
+        peftkit.wrap(
+            tiny.make(), peftkit.LoraConfig(target_modules=["q_proj"], modules_to_save=["classifier"])
+        )
+
+
+def test_config_reaches_base_model_attributes() -> None:
+    tiny = TINY_MODELS[1]
+    base = tiny.make()
+    model = peftkit.wrap(base, peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert model.config is base.config
+    assert model.get_base_model() is base
