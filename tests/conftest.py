@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 
 VOCAB = 64
 BATCH = 3

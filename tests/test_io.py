@@ -163,3 +163,13 @@ def test_save_overwrites_atomically_and_reloads(tmp_path: Path) -> None:
     ids = LLAMA.inputs()["input_ids"]
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path: Path) -> None:
+    import os
+
+    saved(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name

@@ -369,3 +369,19 @@ def test_config_reaches_base_model_attributes() -> None:
     model = peftkit.wrap(base, peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
     assert model.config is base.config
     assert model.get_base_model() is base
+
+
+def test_seq_cls_task_trains_the_classifier_head() -> None:
+    bert = TINY_MODELS[3]
+    model = peftkit.wrap(bert.make(), peftkit.LoraConfig(target_modules="all-linear", task_type="SEQ_CLS"))
+    assert isinstance(model.model.classifier, ModulesToSave)
+    assert "model.bert.encoder.layer.0.attention.self.query.base.weight" in dict(model.named_parameters())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"model.classifier.copies.default.weight", "model.classifier.copies.default.bias"} <= trainable
+    assert not any(".classifier.original." in n or "classifier.base" in n for n in trainable)
+
+
+def test_wrapped_layer_exposes_the_base_weight() -> None:
+    model = peftkit.wrap(TINY_MODELS[4].make(), peftkit.LoraConfig(target_modules=["wo"]))
+    layer = model.model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(layer, AdapterLayer) and layer.weight is layer.base.weight

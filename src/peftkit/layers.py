@@ -90,6 +90,16 @@ class AdapterLayer(_Wrapper):
         self.adapters = nn.ModuleDict()
         self.merged_adapters: list[str] = []
 
+    @property
+    def weight(self) -> Tensor:
+        """The base module's weight: models that read ``layer.weight`` (T5, tied embeddings) keep working."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base module's bias, or None."""
+        return getattr(self.base, "bias", None)
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """x: the base module's input, batch first; returns the adapted output, same shape as base's."""
         y = self.base(x, *args, **kwargs)
@@ -137,6 +147,11 @@ class ModulesToSave(_Wrapper):
         super().__init__()
         self.original = original
         self.copies = nn.ModuleDict()
+
+    @property
+    def weight(self) -> Tensor:
+        """The weight of the module in use (see :meth:`module_in_use`)."""
+        return self.module_in_use().weight
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         """Runs the active adapter's copy (or, with routing, each row group's copy)."""

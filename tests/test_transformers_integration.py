@@ -1,0 +1,225 @@
+"""A peftkit PeftModel where transformers expects a model: config, generate, checkpointing, Trainer.
+
+All on the tiny random Llama of ``conftest`` (fp32, CPU). Tolerances: 1e-5 absolute on losses and
+gradients; token ids and untouched weights compared exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import peftkit
+
+from conftest import SEQ, TINY_MODELS, VOCAB, randomize_adapters, twin
+
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-5
+LLAMA = next(model for model in TINY_MODELS if model.name == "llama")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+NEW_TOKENS = 6
+
+
+def lora_config(**changes: object) -> peftkit.LoraConfig:
+    return peftkit.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **changes})
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> Iterator[None]:
+    """transformers' deprecation notices (gradient_checkpointing_enable → activation_…) are not under test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def greedy(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """Greedy decoding without generate or a KV cache: argmax of a full forward per step."""
+    ids = input_ids
+    for _ in range(NEW_TOKENS):
+        next_ids = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)  # (batch, 1)
+        ids = torch.cat([ids, next_ids], dim=1)
+    return ids
+
+
+def generate(model: nn.Module, input_ids: Tensor) -> Tensor:
+    # min_new_tokens: an eos drawn by the random model must not end a row early (pads would differ).
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=False,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        pad_token_id=0,
+    )
+
+
+def lora_grads(model: peftkit.PeftModel) -> dict[str, Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------- attributes
+def test_config_and_generation_config_are_the_base_models() -> None:
+    base = LLAMA.make()
+    model = peftkit.wrap(base, lora_config())
+
+    assert model.config is base.config
+    assert model.config.model_type == "llama"
+    assert model.generation_config is base.generation_config
+    assert model.main_input_name == "input_ids"
+    assert model.get_input_embeddings() is base.model.embed_tokens
+
+
+# ----------------------------------------------------------------------------- generate
+@torch.no_grad()
+def test_generate_at_init_equals_base_generate() -> None:
+    """B = 0 at init: greedy generate through the PeftModel gives the base model's tokens."""
+    base = LLAMA.make()
+    expected = generate(twin(base), LLAMA.inputs()["input_ids"])
+    model = peftkit.wrap(base, lora_config()).eval()
+
+    actual = generate(model, LLAMA.inputs()["input_ids"])
+
+    assert actual.shape == (LLAMA.inputs()["input_ids"].shape[0], SEQ + NEW_TOKENS)
+    assert torch.equal(actual, expected)
+
+
+@torch.no_grad()
+def test_generate_uses_the_adapter() -> None:
+    """With random adapters, generate (KV cache) gives the tokens of a plain argmax loop over forward."""
+    base = LLAMA.make()
+    input_ids = LLAMA.inputs()["input_ids"]
+    base_tokens = generate(twin(base), input_ids)
+    model = peftkit.wrap(base, lora_config()).eval()
+    randomize_adapters(model, seed=3, scale=0.5)
+
+    actual = generate(model, input_ids)
+
+    assert torch.equal(actual, greedy(model, input_ids))
+    assert not torch.equal(actual, base_tokens), "the adapter should change the greedy continuation"
+
+
+# ----------------------------------------------------------------------------- checkpointing
+def training_step(model: peftkit.PeftModel) -> tuple[Tensor, dict[str, Tensor], int]:
+    """One forward/backward in train mode: (loss, adapter grads, calls of the first q_proj)."""
+    calls = 0
+
+    def count(*_: object) -> None:
+        nonlocal calls
+        calls += 1
+
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    handle = q_proj.register_forward_hook(count)
+    try:
+        model.train()
+        model.zero_grad()
+        input_ids = LLAMA.inputs()["input_ids"]
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+    finally:
+        handle.remove()
+    return loss.detach(), lora_grads(model), calls
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_grads() -> None:
+    """Checkpointing recomputes the blocks in backward and changes neither loss nor LoRA gradients."""
+    base = LLAMA.make()
+    plain = peftkit.wrap(twin(base), lora_config(lora_dropout=0.0))
+    randomize_adapters(plain, seed=4)
+    checkpointed = peftkit.wrap(twin(base), lora_config(lora_dropout=0.0))
+    randomize_adapters(checkpointed, seed=4)
+    assert base.config.attention_dropout == 0.0
+
+    checkpointed.gradient_checkpointing_enable()
+    loss, grads, calls = training_step(checkpointed)
+    expected_loss, expected_grads, plain_calls = training_step(plain)
+
+    assert checkpointed.get_base_model().is_activation_checkpointing
+    assert (plain_calls, calls) == (1, 2), "a checkpointed block runs again in backward"
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, expected_loss, atol=ATOL, rtol=0)
+    assert grads.keys() == expected_grads.keys()
+    assert any(".lora_B." in name for name in grads)
+    for name, grad in grads.items():
+        assert grad.abs().max() > 0, f"{name} got no gradient"
+        torch.testing.assert_close(grad, expected_grads[name], atol=ATOL, rtol=0)
+
+
+def test_gradient_checkpointing_at_init_gives_lora_b_grads() -> None:
+    """At init (B = 0) only B gets a gradient, also under checkpointing (frozen embeddings)."""
+    model = peftkit.wrap(LLAMA.make(), lora_config())
+    model.gradient_checkpointing_enable()
+
+    _, grads, _ = training_step(model)
+
+    b_grads = {name: g for name, g in grads.items() if ".lora_B." in name}
+    assert len(b_grads) == 2 * len(TARGETS)  # two layers
+    assert all(grad.abs().max() > 0 for grad in b_grads.values())
+
+
+def test_gradient_checkpointing_enable_uses_no_deprecated_transformers_api() -> None:
+    model = peftkit.wrap(LLAMA.make(), lora_config())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model.gradient_checkpointing_enable()
+
+    assert model.get_base_model().is_activation_checkpointing
+
+
+# ----------------------------------------------------------------------------- Trainer
+class TokenDataset(torch.utils.data.Dataset):
+    """Seeded random token rows; labels are the inputs (causal LM)."""
+
+    def __init__(self, rows: int = 8, seed: int = 5) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(1, VOCAB, (rows, SEQ), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"input_ids": self.input_ids[index], "labels": self.input_ids[index]}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+def test_trainer_trains_only_the_lora_parameters(tmp_path: Path, checkpointing: bool) -> None:
+    """Trainer runs 3 steps on a PeftModel (optionally turning on checkpointing itself): finite losses,
+    every lora_B moved, nothing outside the adapters moved."""
+    model = peftkit.wrap(LLAMA.make(), lora_config())
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        activation_checkpointing=checkpointing,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenDataset())
+
+    result = trainer.train()
+
+    assert model.get_base_model().is_activation_checkpointing == checkpointing
+    assert result.global_step == 3
+    assert math.isfinite(result.training_loss)
+    step_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(step_losses) == 3 and all(math.isfinite(loss) for loss in step_losses)
+    assert trainable and all(".adapters." in name for name in trainable)
+    after = dict(model.named_parameters())
+    changed = {name for name in before if not torch.equal(before[name], after[name].detach())}
+    assert changed <= trainable
+    assert {name for name in trainable if ".lora_B." in name} <= changed
