@@ -1,9 +1,9 @@
 """peftkit: parameter-efficient fine-tuning for any PyTorch model and Hugging Face transformers models."""
 
 from peftkit.config import AdapterConfig
-from peftkit.methods import LoraConfig
+from peftkit.methods import IA3Config, LoraConfig
 from peftkit.model import PeftModel, load, wrap
 
 __version__ = "0.1.0"
 
-__all__ = ["AdapterConfig", "LoraConfig", "PeftModel", "__version__", "load", "wrap"]
+__all__ = ["AdapterConfig", "IA3Config", "LoraConfig", "PeftModel", "__version__", "load", "wrap"]

@@ -1,10 +1,12 @@
 """The registry of methods: ``peft_type`` (as in ``adapter_config.json``) → config class."""
 
 from peftkit.config import AdapterConfig
+from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
 
 METHODS: dict[str, type[AdapterConfig]] = {
     LoraConfig.peft_type: LoraConfig,
+    IA3Config.peft_type: IA3Config,
 }
 
-__all__ = ["METHODS", "LoraConfig"]
+__all__ = ["METHODS", "IA3Config", "LoraConfig"]
