@@ -104,9 +104,9 @@ def test_unimplemented_feature_is_refused(tmp_path: Path) -> None:
     saved(tmp_path)
     config_path = tmp_path / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config["use_dora"] = True
+    config["use_qalora"] = True
     config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="use_dora=True"):
+    with pytest.raises(ValueError, match="use_qalora=True"):
         peftkit.load(LLAMA.make(), tmp_path)
 
 

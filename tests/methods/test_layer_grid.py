@@ -65,7 +65,26 @@ def ia3(model: str, **kwargs: object) -> Callable[[], AdapterConfig]:
     return lambda: peftkit.IA3Config(target_modules=targets, feedforward_modules=feedforward, **kwargs)
 
 
-CASES = [Case(f"ia3-{name}", name, ia3(name), second=ia3(name)) for name in IA3_TARGETS]
+LINEAR_TARGETS = {
+    "mlp-conv": ["lin1", "lin2"],
+    "llama": ["q_proj", "v_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj"],
+    "bert": ["query", "value"],
+    "t5": ["q", "v", "wo"],
+}
+
+
+def lora(model: str, **kwargs: object) -> Callable[[], AdapterConfig]:
+    return lambda: peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=LINEAR_TARGETS[model], **kwargs)
+
+
+CASES = [
+    *(Case(f"ia3-{name}", name, ia3(name), second=ia3(name)) for name in IA3_TARGETS),
+    *(
+        Case(f"dora-{name}", name, lora(name, use_dora=True), second=lora(name, use_dora=True))
+        for name in LINEAR_TARGETS
+    ),
+]
 
 
 @pytest.fixture(params=CASES, ids=[case.id for case in CASES])

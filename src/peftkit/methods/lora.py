@@ -42,11 +42,11 @@ class LoraConfig(AdapterConfig):
         alpha_pattern: per-module alpha, same matching.
         fan_in_fan_out: kept for file compatibility; transformers' ``Conv1D`` is detected by type.
         bias: which biases train too: ``"none"``, ``"all"``, or ``"lora_only"`` (the targeted modules').
+        use_dora: DoRA (magnitude and direction, :mod:`peftkit.methods.dora`); Linear and Conv1D only.
     """
 
     peft_type: ClassVar[str] = "LORA"
     unsupported_fields: ClassVar[Mapping[str, Any]] = {
-        "use_dora": False,
         "lora_bias": False,
         "layer_replication": None,
         "loftq_config": {},
@@ -78,6 +78,7 @@ class LoraConfig(AdapterConfig):
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
     bias: str = "none"
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,13 +111,17 @@ class LoraConfig(AdapterConfig):
     def build_adapter(self, module_name: str, base: nn.Module) -> nn.Module:
         r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
         scaling = lora_scaling(alpha, r, self.use_rslora)
-        if isinstance(base, nn.Embedding):
-            adapter: nn.Module = LoraEmbedding(base, r, scaling)
+        if self.use_dora:
+            from peftkit.methods.dora import DoraLinear  # dora.py builds on this file's LoraLinear
+
+            adapter: nn.Module = DoraLinear(base, r, scaling, self.lora_dropout)  # refuses other bases
+        elif isinstance(base, nn.Embedding):
+            adapter = LoraEmbedding(base, r, scaling)
         elif isinstance(base, (nn.Conv1d, nn.Conv2d)):
             adapter = LoraConv(base, r, scaling, self.lora_dropout)
         else:
             adapter = LoraLinear(base, r, scaling, self.lora_dropout)
-        adapter.reset_parameters(self.init_lora_weights)
+        adapter.reset_parameters(self.init_lora_weights, base)
         return adapter
 
 
@@ -188,7 +193,7 @@ class LoraLinear(_AdditiveLora):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = scaling
 
-    def reset_parameters(self, init: bool | str) -> None:
+    def reset_parameters(self, init: bool | str, base: nn.Module | None = None) -> None:
         """Kaiming-uniform (True) or normal(0, 1/r) ("gaussian") A and zero B; False keeps both random."""
         if init is False:
             return
@@ -224,7 +229,7 @@ class LoraEmbedding(_AdditiveLora):
         self.lora_embedding_B = nn.Parameter(torch.empty(base.embedding_dim, r, **kwargs))
         self.scaling = scaling
 
-    def reset_parameters(self, init: bool | str) -> None:
+    def reset_parameters(self, init: bool | str, base: nn.Module | None = None) -> None:
         """Zero A and normal B (True or "gaussian"); False makes both random."""
         if init is False:
             nn.init.normal_(self.lora_embedding_A)
@@ -283,7 +288,7 @@ class LoraConv(_AdditiveLora):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = scaling
 
-    def reset_parameters(self, init: bool | str) -> None:
+    def reset_parameters(self, init: bool | str, base: nn.Module | None = None) -> None:
         """As :meth:`LoraLinear.reset_parameters`."""
         if init is False:
             return
