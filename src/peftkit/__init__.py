@@ -2,8 +2,18 @@
 
 from peftkit.config import AdapterConfig
 from peftkit.methods import IA3Config, LoraConfig
+from peftkit.methods.pissa import convert_to_lora
 from peftkit.model import PeftModel, load, wrap
 
 __version__ = "0.1.0"
 
-__all__ = ["AdapterConfig", "IA3Config", "LoraConfig", "PeftModel", "__version__", "load", "wrap"]
+__all__ = [
+    "AdapterConfig",
+    "IA3Config",
+    "LoraConfig",
+    "PeftModel",
+    "__version__",
+    "convert_to_lora",
+    "load",
+    "wrap",
+]

@@ -164,7 +164,7 @@ def test_rank_and_alpha_patterns_per_module() -> None:
         ({"r": 0}, "r=0 must be a positive integer"),
         ({"lora_dropout": 1.0}, "lora_dropout=1.0"),
         ({"bias": "some"}, "bias='some'"),
-        ({"init_lora_weights": "pissa"}, "not implemented"),
+        ({"init_lora_weights": "kaiming"}, "init_lora_weights=.kaiming. must be"),
         ({"rank_pattern": {"q": 0}}, "rank_pattern"),
         ({"task_type": "CHAT"}, "task_type='CHAT'"),
     ],

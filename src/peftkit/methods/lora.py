@@ -25,6 +25,7 @@ from peftkit.layers import add_to_weight, is_conv1d
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian")
+PRINCIPAL_INIT = re.compile(r"pissa(_niter_(\d+))?|olora")  # PiSSA / OLoRA: methods/pissa.py
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class LoraConfig(AdapterConfig):
         lora_dropout: dropout on the input of the low-rank path only.
         use_rslora: rank-stabilised scaling.
         init_lora_weights: True (Kaiming-uniform A, zero B), ``"gaussian"`` (normal A with std 1/r,
-            zero B), or False (random A and B: the wrapped model differs from the base; for tests).
+            zero B), False (random A and B: the wrapped model differs from the base; for tests), or
+            ``"pissa"`` / ``"pissa_niter_K"`` / ``"olora"`` (:mod:`peftkit.methods.pissa`).
         rank_pattern: per-module rank, ``{name regex: r}``, matched as ``(.*\\.)?(key)$``.
         alpha_pattern: per-module alpha, same matching.
         fan_in_fan_out: kept for file compatibility; transformers' ``Conv1D`` is detected by type.
@@ -88,10 +90,16 @@ class LoraConfig(AdapterConfig):
             raise ValueError(f"LoraConfig.lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"LoraConfig.bias={self.bias!r} must be one of {list(BIAS_MODES)}")
-        if self.init_lora_weights not in INIT_MODES:
+        principal = is_principal_init(self.init_lora_weights)
+        if self.init_lora_weights not in INIT_MODES and not principal:
             raise ValueError(
-                f"LoraConfig.init_lora_weights={self.init_lora_weights!r} must be True, False or "
-                "'gaussian' (PiSSA/OLoRA initialisations are not implemented yet)"
+                f"LoraConfig.init_lora_weights={self.init_lora_weights!r} must be True, False, 'gaussian', "
+                "'pissa', 'pissa_niter_<iterations>' or 'olora'"
+            )
+        if principal and self.use_dora:
+            raise ValueError(
+                f"LoraConfig.use_dora=True with init_lora_weights={self.init_lora_weights!r} is not "
+                "supported; use one of them"
             )
         for key, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
@@ -115,6 +123,10 @@ class LoraConfig(AdapterConfig):
             from peftkit.methods.dora import DoraLinear  # dora.py builds on this file's LoraLinear
 
             adapter: nn.Module = DoraLinear(base, r, scaling, self.lora_dropout)  # refuses other bases
+        elif is_principal_init(self.init_lora_weights):
+            from peftkit.methods.pissa import PrincipalLoraLinear  # PiSSA / OLoRA, builds on LoraLinear
+
+            adapter = PrincipalLoraLinear(base, r, scaling, self.lora_dropout)  # refuses other bases
         elif isinstance(base, nn.Embedding):
             adapter = LoraEmbedding(base, r, scaling)
         elif isinstance(base, (nn.Conv1d, nn.Conv2d)):
@@ -123,6 +135,11 @@ class LoraConfig(AdapterConfig):
             adapter = LoraLinear(base, r, scaling, self.lora_dropout)
         adapter.reset_parameters(self.init_lora_weights, base)
         return adapter
+
+
+def is_principal_init(init: object) -> bool:
+    """Whether ``init_lora_weights`` names PiSSA (``"pissa"``, ``"pissa_niter_K"``) or OLoRA."""
+    return isinstance(init, str) and PRINCIPAL_INIT.fullmatch(init) is not None
 
 
 def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
