@@ -4,6 +4,7 @@ from peftkit.config import AdapterConfig
 from peftkit.methods import IA3Config, LoraConfig
 from peftkit.methods.pissa import convert_to_lora
 from peftkit.model import PeftModel, load, wrap
+from peftkit.optim import lora_plus_optimizer
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,6 @@ __all__ = [
     "__version__",
     "convert_to_lora",
     "load",
+    "lora_plus_optimizer",
     "wrap",
 ]
