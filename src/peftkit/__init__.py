@@ -1,7 +1,7 @@
 """peftkit: parameter-efficient fine-tuning for any PyTorch model and Hugging Face transformers models."""
 
 from peftkit.config import AdapterConfig
-from peftkit.methods import IA3Config, LoraConfig
+from peftkit.methods import BottleneckConfig, HoulsbyConfig, IA3Config, LoraConfig, PfeifferConfig
 from peftkit.methods.pissa import convert_to_lora
 from peftkit.model import PeftModel, load, wrap
 from peftkit.optim import lora_plus_optimizer
@@ -10,9 +10,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
+    "BottleneckConfig",
+    "HoulsbyConfig",
     "IA3Config",
     "LoraConfig",
     "PeftModel",
+    "PfeifferConfig",
     "__version__",
     "convert_to_lora",
     "load",

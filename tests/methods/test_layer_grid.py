@@ -75,6 +75,13 @@ def lora(model: str, **kwargs: object) -> Callable[[], AdapterConfig]:
     return lambda: peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=LINEAR_TARGETS[model], **kwargs)
 
 
+def bottleneck(model: str) -> Callable[[], AdapterConfig]:
+    """Default placements (Houlsby) on transformers models; a named layer on the plain PyTorch one."""
+    if model == "mlp-conv":
+        return lambda: peftkit.BottleneckConfig(bottleneck_size=4, target_modules=["lin2"])
+    return lambda: peftkit.BottleneckConfig(reduction_factor=4)
+
+
 CASES = [
     *(Case(f"ia3-{name}", name, ia3(name), second=ia3(name)) for name in IA3_TARGETS),
     *(
@@ -93,6 +100,10 @@ CASES = [
             second=lora(name, init_lora_weights="olora"),
         )
         for name in ("llama", "gpt2")
+    ),
+    *(
+        Case(f"bottleneck-{name}", name, bottleneck(name), mergeable=False, second=bottleneck(name))
+        for name in MODELS
     ),
 ]
 
@@ -146,7 +157,8 @@ def test_save_load_round_trip(case: Case, tmp_path) -> None:
     expected = logits(model, case.tiny)
     model.save_pretrained(tmp_path)
     loaded = peftkit.load(reference, tmp_path)
-    assert type(loaded.peft_config["default"]) is type(model.peft_config["default"])
+    saved_config = model.peft_config["default"].replace(inference_mode=True)  # as written to the file
+    assert loaded.peft_config["default"].to_dict() == saved_config.to_dict()
     torch.testing.assert_close(logits(loaded, case.tiny), expected, atol=ATOL, rtol=0)
     assert loaded.trainable_parameters()[0] == 0
 

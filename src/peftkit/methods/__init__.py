@@ -1,12 +1,21 @@
 """The registry of methods: ``peft_type`` (as in ``adapter_config.json``) → config class."""
 
 from peftkit.config import AdapterConfig
+from peftkit.methods.bottleneck import BottleneckConfig, HoulsbyConfig, PfeifferConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
 
 METHODS: dict[str, type[AdapterConfig]] = {
     LoraConfig.peft_type: LoraConfig,
     IA3Config.peft_type: IA3Config,
+    BottleneckConfig.peft_type: BottleneckConfig,
 }
 
-__all__ = ["METHODS", "IA3Config", "LoraConfig"]
+__all__ = [
+    "METHODS",
+    "BottleneckConfig",
+    "HoulsbyConfig",
+    "IA3Config",
+    "LoraConfig",
+    "PfeifferConfig",
+]
