@@ -238,3 +238,33 @@ def test_delete_adapter_restores_original_modules(case: Case) -> None:
     for name, module in model.model.named_modules():
         assert module is originals[name], f"{name} is not the original module object"
     torch.testing.assert_close(logits(model, case.tiny), logits(reference, case.tiny), atol=ATOL, rtol=0)
+
+
+HALF_PRECISION = {
+    "ia3": ia3("llama"),
+    "dora": lora("llama", use_dora=True),
+    "pissa": lora("llama", init_lora_weights="pissa"),
+    "bottleneck": bottleneck("llama"),
+}
+
+
+@pytest.mark.parametrize("method", list(HALF_PRECISION))
+def test_bfloat16_base_gets_float32_adapters(method: str) -> None:
+    """Adapters stay float32 on a bf16 base; outputs are bf16 and match the fp32 model within bf16 rounding.
+
+    Tolerance: the values reach ~3, where one bf16 step is 1.6e-2 (the base model alone differs by that).
+    """
+    tiny = MODELS["llama"]
+    models = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = peftkit.wrap(tiny.make().to(dtype), HALF_PRECISION[method]())
+        perturb_adapters(model, seed=1)
+        models[dtype] = model
+    assert {p.dtype for n, p in models[torch.bfloat16].named_parameters() if ".adapters." in n} == {
+        torch.float32
+    }
+    half = logits(models[torch.bfloat16], tiny)
+    assert half.dtype == torch.bfloat16
+    full = logits(models[torch.float32], tiny)
+    assert (full - logits(twin(tiny.make()), tiny)).abs().max() > 1e-2, "the adapter must matter"
+    torch.testing.assert_close(half.float(), full, atol=5e-2, rtol=0)
