@@ -186,9 +186,11 @@ def test_merge_unmerge_or_clear_error(case: Case) -> None:
     torch.testing.assert_close(logits(model, case.tiny), unmerged, atol=ATOL, rtol=0)
 
 
+MERGEABLE = [case for case in CASES if case.mergeable]  # the others: test_merge_unmerge_or_clear_error
+
+
+@pytest.mark.parametrize("case", MERGEABLE, ids=[case.id for case in MERGEABLE])
 def test_merge_and_unload_returns_plain_model(case: Case) -> None:
-    if not case.mergeable:
-        pytest.skip("not mergeable: covered by test_merge_unmerge_or_clear_error")
     _, model = wrapped(case)
     expected = logits(model, case.tiny)
     plain = model.merge_and_unload()
