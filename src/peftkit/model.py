@@ -16,6 +16,7 @@ from peftkit.config import AdapterConfig, config_from_dict, config_to_json
 from peftkit.io import KEY_PREFIX, read_adapter, resolve_adapter_dir, write_adapter
 from peftkit.layers import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSave, Routing, outer_modules
 from peftkit.methods import METHODS
+from peftkit.model_level import ModelAdapter, is_model_level
 from peftkit.targeting import CLASSIFIER_HEAD_NAMES, find_targets, name_matches
 
 DEFAULT_ADAPTER_NAME = "default"
@@ -27,6 +28,9 @@ class PeftModel(nn.Module):
     The base model is changed in place: each targeted module is replaced by a wrapper that keeps the
     original as ``base``. Attributes the wrapper lacks (``config``, ``generation_config``…) are read
     from the base model, so a wrapped transformers model keeps working where one is expected.
+    Model-level methods (soft prompts, selective) wrap nothing: their adapters live in
+    ``model_adapters`` and act through the hooks of :class:`~peftkit.model_level.ModelAdapter`; at most
+    one of them is active at a time.
 
     Args:
         model: any ``nn.Module``; a transformers model also gets ``generate`` and its ``config``.
@@ -39,6 +43,8 @@ class PeftModel(nn.Module):
         self._targets: dict[str, list[str]] = {}
         self._trainable: set[str] = set()
         self._active: list[str] = []
+        self.model_adapters = nn.ModuleDict()
+        self._model_adapters_disabled = False
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -60,13 +66,29 @@ class PeftModel(nn.Module):
         """
         self._check_new_name(adapter_name)
         config = self._with_task_head(config)
-        targets = find_targets(self.model, config)
+        model_adapter = None
+        if is_model_level(config):
+            active_model_level = self._active_model_adapters()
+            for active in active_model_level:  # a new adapter is built against the plain base model
+                active.deactivate(self.model)
+            try:
+                config = config.resolve(self.model)
+                model_adapter = config.build_model_adapter(self.model).to(_device_of(self.model))
+                model_adapter.train(self.model.training)
+            finally:
+                for active in active_model_level:
+                    active.activate(self.model)
+            targets: list[str] = []
+        else:
+            targets = find_targets(self.model, config)
         adapters = {}
         for name in targets:
             module = self.model.get_submodule(name)
             base = module.base if isinstance(module, AdapterLayer) else module
             adapters[name] = config.build_adapter(name, base).train(base.training)
         saved = self._modules_to_save(config)
+        if model_adapter is not None:
+            self.model_adapters[adapter_name] = model_adapter
         for name, adapter in adapters.items():
             module = self.model.get_submodule(name)
             if not isinstance(module, AdapterLayer):
@@ -105,6 +127,8 @@ class PeftModel(nn.Module):
         """
         config_dict, tensors = read_adapter(resolve_adapter_dir(path))
         config = config_from_dict(config_dict, METHODS)
+        if is_model_level(config):  # the saved form: e.g. P-tuning's encoder output as a plain embedding
+            config = config.replace(inference_mode=True)
         self.add_adapter(adapter_name, config, trainable=is_trainable)
         try:
             self._load_tensors(adapter_name, tensors, source=str(path))
@@ -115,11 +139,21 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make ``adapter_name`` (or several: their contributions add up) the active adapter(s).
 
+        A selective adapter's values are swapped into the base parameters when it becomes active and
+        the original values put back when it stops being active.
+
         Raises:
-            ValueError: an unknown name, or adapters are merged (unmerge first).
+            ValueError: an unknown name, adapters are merged (unmerge first), or more than one
+                model-level adapter (soft prompt, selective) among the names.
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_known(names)
+        model_level = [name for name in names if name in self.model_adapters]
+        if len(model_level) > 1:
+            raise ValueError(
+                f"adapters {model_level} are model-level (soft prompt / selective) and only one of them can "
+                "be active at a time; activate one, possibly together with layer adapters such as LoRA"
+            )
         if self.merged_adapters:
             raise ValueError(
                 f"adapters {self.merged_adapters} are merged into the weights; call unmerge_adapter() "
@@ -147,6 +181,9 @@ class PeftModel(nn.Module):
                 del store[adapter_name]
             if len(store) == 0:
                 self.model.set_submodule(name, _original(wrapper))
+        if adapter_name in self.model_adapters:
+            self.model_adapters[adapter_name].release(self.model, keep_values=False)
+            del self.model_adapters[adapter_name]
         del self.peft_config[adapter_name]
         del self._targets[adapter_name]
         self._trainable.discard(adapter_name)
@@ -164,11 +201,18 @@ class PeftModel(nn.Module):
         wrappers = [wrapper for _, wrapper in self._wrappers()]
         for wrapper in wrappers:
             wrapper.disabled = True
+        model_level = self._active_model_adapters()
+        for adapter in model_level:
+            adapter.deactivate(self.model)
+        self._model_adapters_disabled = True
         try:
             yield
         finally:
             for wrapper in wrappers:
                 wrapper.disabled = False
+            self._model_adapters_disabled = False
+            for adapter in model_level:
+                adapter.activate(self.model)
             if merged:
                 self.merge_adapter(merged)
 
@@ -180,7 +224,7 @@ class PeftModel(nn.Module):
         for _, wrapper in self._wrappers():
             if isinstance(wrapper, AdapterLayer):
                 merged += [name for name in wrapper.merged_adapters if name not in merged]
-        return merged
+        return merged + [name for name, adapter in self.model_adapters.items() if adapter.merged]
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights in place; reversible.
@@ -191,18 +235,26 @@ class PeftModel(nn.Module):
 
         Raises:
             ValueError: an unknown name, or ``safe_merge`` found NaN/inf.
-            NotImplementedError: a method that cannot be merged.
+            NotImplementedError: a method that cannot be merged (soft prompts); nothing is merged then.
         """
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         self._check_known(names)
+        model_level = [self.model_adapters[name] for name in names if name in self.model_adapters]
         layers = [w for _, w in self._wrappers() if isinstance(w, AdapterLayer)]
         merged_before = [len(layer.merged_adapters) for layer in layers]
+        merged_model_level: list[ModelAdapter] = []
         try:
+            for adapter in model_level:  # first: a method that cannot merge refuses before anything changes
+                if not adapter.merged:
+                    adapter.merge(self.model)
+                    merged_model_level.append(adapter)
             for layer in layers:
                 layer.merge(names, safe=safe_merge)
         except Exception:
             for layer, count in zip(layers, merged_before, strict=True):
                 layer.unmerge(keep=count)
+            for adapter in merged_model_level:
+                adapter.unmerge(self.model)
             raise
 
     def unmerge_adapter(self) -> None:
@@ -210,6 +262,8 @@ class PeftModel(nn.Module):
         for _, wrapper in self._wrappers():
             if isinstance(wrapper, AdapterLayer):
                 wrapper.unmerge()
+        for adapter in self.model_adapters.values():
+            adapter.unmerge(self.model)
 
     def merge_and_unload(
         self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
@@ -253,13 +307,17 @@ class PeftModel(nn.Module):
         self._check_known([adapter_name])
         config = self.peft_config[adapter_name]
         state: dict[str, Tensor] = {}
+        saved_prefix = KEY_PREFIX
+        if adapter_name in self.model_adapters:
+            state.update(self.model_adapters[adapter_name].file_tensors(self.model))
+            saved_prefix = self.model_adapters[adapter_name].key_prefix
         for path, wrapper in self._wrappers():
             if isinstance(wrapper, AdapterLayer) and adapter_name in wrapper.adapters:
                 for name, param in wrapper.adapters[adapter_name].named_parameters():
                     state[f"{KEY_PREFIX}{path}.{name}"] = param
             elif isinstance(wrapper, ModulesToSave) and adapter_name in wrapper.copies:
                 for name, param in wrapper.copies[adapter_name].named_parameters():
-                    state[f"{KEY_PREFIX}{path}.{name}"] = param
+                    state[f"{saved_prefix}{path}.{name}"] = param
         for key, param in self._trained_biases(adapter_name, getattr(config, "bias", "none")):
             state[KEY_PREFIX + key] = param
         return state
@@ -270,8 +328,12 @@ class PeftModel(nn.Module):
 
         Args:
             adapter_names: one adapter name per row of the batch (``"__base__"``: no adapter) to mix
-                adapters in one batch; each row then gets what it would get alone.
+                adapters in one batch; each row then gets what it would get alone. Layer adapters only.
+
+        An active soft prompt adds its virtual tokens to the inputs here (see :mod:`peftkit.model_level`).
         """
+        for adapter in self._active_model_adapters():
+            args, kwargs = adapter.prepare_inputs(self.model, args, kwargs)
         if adapter_names is None:
             return self.model(*args, **kwargs)
         with self._routed(list(adapter_names)):
@@ -281,7 +343,10 @@ class PeftModel(nn.Module):
         """The base model's ``generate``; ``adapter_names`` routes each prompt row as in :meth:`forward`.
 
         With ``num_beams`` or ``num_return_sequences`` above 1 each name is repeated for its row's copies.
+        An active soft prompt starts generation from its virtual tokens.
         """
+        for adapter in self._active_model_adapters():
+            args, kwargs = adapter.prepare_generate(self.model, args, kwargs)
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
         copies = max(kwargs.get("num_beams", 1) or 1, kwargs.get("num_return_sequences", 1) or 1)
@@ -345,6 +410,12 @@ class PeftModel(nn.Module):
                 f"an adapter named {adapter_name!r} exists already; pick another name or delete_adapter() it"
             )
 
+    def _active_model_adapters(self) -> list[ModelAdapter]:
+        """The active model-level adapter (at most one), unless adapters are disabled."""
+        if self._model_adapters_disabled:
+            return []
+        return [self.model_adapters[name] for name in self._active if name in self.model_adapters]
+
     def _check_known(self, names: Sequence[str]) -> None:
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
@@ -377,6 +448,12 @@ class PeftModel(nn.Module):
     def _apply_state(self, active: list[str]) -> None:
         """Set the active adapters on every wrapper and which parameters train."""
         self._active = list(active)
+        for name, adapter in self.model_adapters.items():
+            if name not in active:
+                adapter.deactivate(self.model)
+        for name in active:
+            if name in self.model_adapters:
+                self.model_adapters[name].activate(self.model)
         for param in self.model.parameters():
             param.requires_grad_(False)
         for _, wrapper in self._wrappers():
@@ -384,6 +461,9 @@ class PeftModel(nn.Module):
             store = wrapper.adapters if isinstance(wrapper, AdapterLayer) else wrapper.copies
             for name, module in store.items():
                 module.requires_grad_(name in active and name in self._trainable)
+        # Inactive first: a selective adapter sharing a parameter with the active one must not refreeze it.
+        for name, adapter in sorted(self.model_adapters.items(), key=lambda item: item[0] in active):
+            adapter.set_trainable(self.model, name in active and name in self._trainable)
         for name in active:
             if name in self._trainable:
                 bias = getattr(self.peft_config[name], "bias", "none")
@@ -442,6 +522,8 @@ class PeftModel(nn.Module):
 
     def _config_json(self, adapter_name: str) -> str:
         config = self.peft_config[adapter_name]
+        if adapter_name in self.model_adapters:
+            config = self.model_adapters[adapter_name].file_config(config)
         # "all-linear", and a regex with layer indices (which HF PEFT refuses), are written as the exact
         # module names they selected: both libraries then adapt the same modules.
         targets = config.target_modules
@@ -455,6 +537,14 @@ class PeftModel(nn.Module):
     @contextmanager
     def _routed(self, adapter_names: list[str]) -> Iterator[None]:
         self._check_known([name for name in adapter_names if name != BASE_ADAPTER_NAME])
+        model_level = sorted(
+            {name for name in [*adapter_names, *self._active] if name in self.model_adapters}
+        )
+        if model_level:
+            raise ValueError(
+                f"adapter_names (one adapter per row) works with layer adapters only; {model_level} act on "
+                "the whole model (soft prompt / selective): run their rows as separate batches"
+            )
         if self.merged_adapters:
             raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter()")
         device = next(self.model.parameters()).device
@@ -469,6 +559,9 @@ class PeftModel(nn.Module):
                 wrapper.routing = None
 
     def _unwrap(self, keep_copies_of: list[str]) -> nn.Module:
+        for name, adapter in self.model_adapters.items():
+            adapter.release(self.model, keep_values=name in keep_copies_of and adapter.merged)
+        self.model_adapters = nn.ModuleDict()
         for name, wrapper in list(self._wrappers()):
             if isinstance(wrapper, ModulesToSave):
                 kept = [n for n in keep_copies_of if n in wrapper.copies]
@@ -480,6 +573,11 @@ class PeftModel(nn.Module):
         self._trainable.clear()
         self._active = []
         return self.model
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    return next((param.device for param in model.parameters()), torch.device("cpu"))
 
 
 def _original(wrapper: AdapterLayer | ModulesToSave) -> nn.Module:
