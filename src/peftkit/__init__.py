@@ -1,7 +1,15 @@
 """peftkit: parameter-efficient fine-tuning for any PyTorch model and Hugging Face transformers models."""
 
 from peftkit.config import AdapterConfig
-from peftkit.methods import BottleneckConfig, HoulsbyConfig, IA3Config, LoraConfig, PfeifferConfig
+from peftkit.methods import (
+    BottleneckConfig,
+    HoulsbyConfig,
+    IA3Config,
+    LNTuningConfig,
+    LoraConfig,
+    PfeifferConfig,
+    SelectiveConfig,
+)
 from peftkit.methods.pissa import convert_to_lora
 from peftkit.model import PeftModel, load, wrap
 from peftkit.optim import lora_plus_optimizer
@@ -13,9 +21,11 @@ __all__ = [
     "BottleneckConfig",
     "HoulsbyConfig",
     "IA3Config",
+    "LNTuningConfig",
     "LoraConfig",
     "PeftModel",
     "PfeifferConfig",
+    "SelectiveConfig",
     "__version__",
     "convert_to_lora",
     "load",

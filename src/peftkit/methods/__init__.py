@@ -4,11 +4,14 @@ from peftkit.config import AdapterConfig
 from peftkit.methods.bottleneck import BottleneckConfig, HoulsbyConfig, PfeifferConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.selective import LNTuningConfig, SelectiveConfig
 
 METHODS: dict[str, type[AdapterConfig]] = {
     LoraConfig.peft_type: LoraConfig,
     IA3Config.peft_type: IA3Config,
     BottleneckConfig.peft_type: BottleneckConfig,
+    SelectiveConfig.peft_type: SelectiveConfig,
+    LNTuningConfig.peft_type: LNTuningConfig,
 }
 
 __all__ = [
@@ -16,6 +19,8 @@ __all__ = [
     "BottleneckConfig",
     "HoulsbyConfig",
     "IA3Config",
+    "LNTuningConfig",
     "LoraConfig",
     "PfeifferConfig",
+    "SelectiveConfig",
 ]
