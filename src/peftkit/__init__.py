@@ -8,6 +8,9 @@ from peftkit.methods import (
     LNTuningConfig,
     LoraConfig,
     PfeifferConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
     SelectiveConfig,
 )
 from peftkit.methods.pissa import convert_to_lora
@@ -25,6 +28,9 @@ __all__ = [
     "LoraConfig",
     "PeftModel",
     "PfeifferConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "SelectiveConfig",
     "__version__",
     "convert_to_lora",

@@ -4,6 +4,9 @@ from peftkit.config import AdapterConfig
 from peftkit.methods.bottleneck import BottleneckConfig, HoulsbyConfig, PfeifferConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.p_tuning import PromptEncoderConfig
+from peftkit.methods.prefix_tuning import PrefixTuningConfig
+from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.selective import LNTuningConfig, SelectiveConfig
 
 METHODS: dict[str, type[AdapterConfig]] = {
@@ -12,6 +15,9 @@ METHODS: dict[str, type[AdapterConfig]] = {
     BottleneckConfig.peft_type: BottleneckConfig,
     SelectiveConfig.peft_type: SelectiveConfig,
     LNTuningConfig.peft_type: LNTuningConfig,
+    PromptTuningConfig.peft_type: PromptTuningConfig,
+    PromptEncoderConfig.peft_type: PromptEncoderConfig,
+    PrefixTuningConfig.peft_type: PrefixTuningConfig,
 }
 
 __all__ = [
@@ -22,5 +28,8 @@ __all__ = [
     "LNTuningConfig",
     "LoraConfig",
     "PfeifferConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "SelectiveConfig",
 ]
