@@ -205,3 +205,41 @@ def test_plain_torch_model_is_refused_with_a_clear_error() -> None:
 def test_training_lowers_the_loss_on_a_toy_task() -> None:
     first, last = toy_task_loss_falls(peftkit.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
     assert last < 0.5 * first, (first, last)
+
+
+def test_inputs_by_position_or_as_embeddings_give_the_same_outputs() -> None:
+    tiny = tiny_by_name("llama")
+    base = make_base(tiny)
+    model = peftkit.wrap(base, config(tiny))
+    ids = model_inputs(tiny)["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
+        embeds = base.get_input_embeddings()(ids)
+        torch.testing.assert_close(model(inputs_embeds=embeds).logits, expected, atol=ATOL, rtol=0)
+
+
+def test_prompt_and_lora_compose_and_come_apart() -> None:
+    tiny = tiny_by_name("gpt2")
+    base = make_base(tiny)
+    inputs = model_inputs(tiny)
+    with torch.no_grad():
+        base_logits = base(**inputs).logits
+    model = peftkit.wrap(base, config(tiny))
+    with torch.no_grad():
+        prompt_only = model(**inputs).logits
+    model.add_adapter("lora", peftkit.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    model.set_adapter(["default", "lora"])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} >= {
+        "model_adapters.default.embedding.weight"
+    }
+    with torch.no_grad():
+        both = model(**inputs).logits
+        assert not torch.allclose(both, prompt_only, atol=1e-4), "LoRA does not act beside the prompt"
+        with model.disable_adapters():
+            torch.testing.assert_close(model(**inputs).logits, base_logits, atol=ATOL, rtol=0)
+    model.delete_adapter("default")
+    assert "default" not in model.model_adapters and model.active_adapters == ["lora"]
+    model.delete_adapter("lora")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, base_logits, atol=ATOL, rtol=0)
