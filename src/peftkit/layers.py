@@ -8,11 +8,13 @@ is computed once per model call (:class:`Routing`) and handed to every layer by 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from peftkit.ops.multi_lora import StackedLora, multi_lora, stack_lora
 
 BASE_ADAPTER_NAME = "__base__"
 
@@ -40,10 +42,13 @@ class Routing:
     Attributes:
         batch_size: the number of rows the routing was built for.
         groups: ``(adapter name, row indices)`` per adapter; rows routed to ``"__base__"`` are in none.
+        stacked: per layer (by ``id``), its LoRA adapters stacked for this call on first use, or None
+            where they cannot be; ``generate`` reuses them for every decoding step.
     """
 
     batch_size: int
     groups: tuple[tuple[str, Tensor], ...]
+    stacked: dict[int, StackedLora | None] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_names(cls, adapter_names: list[str], device: torch.device | str | None = None) -> Routing:
@@ -113,15 +118,45 @@ class AdapterLayer(_Wrapper):
         return y
 
     def _forward_routed(self, x: Tensor, y: Tensor) -> Tensor:
-        """Each row group goes through its own adapter; rows of other groups are untouched."""
+        """Each row group goes through its own adapter; rows of other groups are untouched.
+
+        Where no gradient is needed and every adapter in use is plain LoRA, the adapters are stacked
+        once per model call and all rows are done in two batched matmuls (:mod:`peftkit.ops.multi_lora`);
+        otherwise each group's rows are gathered, adapted, and written into a copy of ``y``.
+        """
         assert self.routing is not None
         self._check_batch(x)
+        used = [(name, rows) for name, rows in self.routing.groups if name in self.adapters]
+        if not used:
+            return y
+        if not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
+            stacked = self._stacked_lora(used)
+            if stacked is not None:
+                return multi_lora(x, y, stacked)
         out = y.clone()
-        for name, rows in self.routing.groups:
-            if name in self.adapters:
-                adapted = self.adapters[name](self.base, x.index_select(0, rows), y.index_select(0, rows))
-                out.index_copy_(0, rows, adapted)
+        for name, rows in used:
+            adapted = self.adapters[name](self.base, x.index_select(0, rows), y.index_select(0, rows))
+            out.index_copy_(0, rows, adapted)
         return out
+
+    def _stacked_lora(self, used: list[tuple[str, Tensor]]) -> StackedLora | None:
+        """This layer's adapters stacked for the current routing (built on first use), or None."""
+        assert self.routing is not None
+        if id(self) not in self.routing.stacked:
+            factors = [getattr(self.adapters[name], "low_rank_factors", lambda: None)() for name, _ in used]
+            plain = [f for f in factors if f is not None]
+            stackable = (
+                len(plain) == len(factors)
+                and len({(A.dtype, A.device) for A, _, _ in plain}) == 1
+                and not (
+                    torch.is_grad_enabled() and any(A.requires_grad or B.requires_grad for A, B, _ in plain)
+                )
+            )
+            rows = [rows for _, rows in used]
+            self.routing.stacked[id(self)] = (
+                stack_lora(plain, rows, self.routing.batch_size) if stackable else None
+            )
+        return self.routing.stacked[id(self)]
 
     def merge(self, names: list[str], safe: bool = False) -> None:
         """Fold the named adapters this layer has into ``base``'s weights, in order."""

@@ -22,9 +22,11 @@ from torch import Tensor, nn
 
 from peftkit.config import AdapterConfig
 from peftkit.layers import add_to_weight, is_conv1d
+from peftkit.ops import dropout_mask, fast_lora_enabled, lora_linear
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian")
+FAST_DTYPES = (torch.float32, torch.bfloat16)  # where peftkit.ops.lora_linear is tested
 PRINCIPAL_INIT = re.compile(r"pissa(_niter_(\d+))?|olora")  # PiSSA / OLoRA: methods/pissa.py
 
 
@@ -221,10 +223,42 @@ class LoraLinear(_AdditiveLora):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, base: nn.Module, x: Tensor, base_output: Tensor) -> Tensor:
-        """x: (..., in_features); base_output: (..., out_features) → same shape as base_output."""
+        """x: (..., in_features); base_output: (..., out_features) → same shape as base_output.
+
+        Runs :func:`peftkit.ops.lora_linear` (same numbers, one saved input, a bool dropout mask) unless
+        it is switched off (``peftkit.ops.fast_lora(False)``) or does not apply (see ``_fast_path_applies``).
+        """
+        if self._fast_path_applies(x):
+            p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
+            mask = dropout_mask(x, p) if p > 0 else None
+            A, B = self.lora_A.weight, self.lora_B.weight
+            return lora_linear(x, base_output, A, B, self.scaling, mask, 1.0 - p)
         x = x.to(self.lora_A.weight.dtype)
         update = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling  # (..., out_features)
         return base_output + update.to(base_output.dtype)
+
+    def _fast_path_applies(self, x: Tensor) -> bool:
+        """float32/bfloat16, plain ``nn.Linear`` factors, and no hooks that expect to see their calls."""
+        return (
+            fast_lora_enabled()
+            and x.dtype in FAST_DTYPES
+            and self.lora_A.weight.dtype in FAST_DTYPES
+            and type(self.lora_A) is nn.Linear
+            and type(self.lora_B) is nn.Linear
+            and not _has_hooks(self.lora_A, self.lora_B, self.dropout)
+        )
+
+    def low_rank_factors(self) -> tuple[Tensor, Tensor, float] | None:
+        """(A, B, s) when this adapter adds exactly ``s·B·A·x`` (forward not overridden, no dropout
+        active, no hooks), else None; mixed batches stack such adapters (:mod:`peftkit.ops.multi_lora`)."""
+        dropping = isinstance(self.dropout, nn.Dropout) and self.dropout.training
+        if (
+            type(self).forward is not LoraLinear.forward
+            or dropping
+            or not self._fast_path_applies(self.lora_A.weight)
+        ):
+            return None
+        return self.lora_A.weight, self.lora_B.weight, self.scaling
 
     def delta_weight(self) -> Tensor:
         """ΔW in the base weight's layout: (out, in), or (in, out) for ``Conv1D``."""
@@ -347,3 +381,12 @@ def _factory_kwargs(weight: Tensor) -> dict[str, Any]:
     if dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
     return {"device": weight.device, "dtype": dtype}
+
+
+def _has_hooks(*modules: nn.Module) -> bool:
+    """Whether forward hooks (on these modules or global) would miss calls the fast path skips."""
+    from torch.nn.modules import module as module_state
+
+    if module_state._global_forward_hooks or module_state._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)

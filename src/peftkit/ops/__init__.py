@@ -1,0 +1,24 @@
+"""Fast paths, each with a plain-PyTorch reference twin that the tests compare it to.
+
+The fast LoRA path is on by default; turn it off for a block with ``with peftkit.ops.fast_lora(False):``,
+for the whole process with ``peftkit.ops.set_fast_lora(False)``, or before start-up with the
+environment variable ``PEFTKIT_FAST_LORA=0``.
+"""
+
+from peftkit.ops.lora_linear import (
+    dropout_mask,
+    fast_lora,
+    fast_lora_enabled,
+    lora_linear,
+    lora_linear_reference,
+    set_fast_lora,
+)
+
+__all__ = [
+    "dropout_mask",
+    "fast_lora",
+    "fast_lora_enabled",
+    "lora_linear",
+    "lora_linear_reference",
+    "set_fast_lora",
+]

@@ -1,0 +1,148 @@
+"""Mixed-adapter batches: the stacked LoRA path against each row computed alone.
+
+References: a per-row loop written here (``y_i + s_k·B_k·A_k·x_i``), and, at model level, each row run
+alone with its adapter set (the behaviour before the stacked path). Tolerance: float32 atol 1e-5.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+import peftkit
+from peftkit import layers as layers_module
+from peftkit.ops import fast_lora
+from peftkit.ops import multi_lora as multi_lora_module
+from peftkit.ops.multi_lora import multi_lora, multi_lora_reference, stack_lora
+
+ATOL = 1e-5
+IN, OUT = 12, 10
+
+
+def adapters(ranks: tuple[int, ...], seed: int = 0) -> list[tuple[Tensor, Tensor, float]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(r, IN, generator=generator) * 0.3, torch.randn(OUT, r, generator=generator) * 0.3, 8 / r)
+        for r in ranks
+    ]
+
+
+def per_row(x: Tensor, y: Tensor, factors, slot_of_row: list[int]) -> Tensor:
+    rows = []
+    for i, slot in enumerate(slot_of_row):
+        if slot == 0:
+            rows.append(y[i])
+        else:
+            A, B, s = factors[slot - 1]
+            rows.append(y[i] + (s * (x[i].float() @ A.T @ B.T)).to(y.dtype))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("tokens", [1, 200], ids=["masked-path", "bmm-path"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-base"])
+def test_multi_lora_equals_each_row_alone(tokens: int, dtype: torch.dtype) -> None:
+    factors = adapters((2, 4, 3))
+    slot_of_row = [2, 0, 1, 3, 2, 0, 1]  # rows of one adapter are not contiguous; two rows have none
+    rows = [torch.tensor([i for i, s in enumerate(slot_of_row) if s == k]) for k in (1, 2, 3)]
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(len(slot_of_row), tokens, IN, generator=generator).to(dtype)
+    y = torch.randn(len(slot_of_row), tokens, OUT, generator=generator).to(dtype)
+    stacked = stack_lora(factors, rows, len(slot_of_row))
+    small = len(slot_of_row) * tokens * 4 <= multi_lora_module.MASKED_PATH_MAX_PAIRS
+    assert small == (tokens == 1)  # each case takes the path it is named after
+    expected = per_row(x, y, factors, slot_of_row)
+    atol = ATOL if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(multi_lora(x, y, stacked), expected, atol=atol, rtol=0)
+    torch.testing.assert_close(multi_lora_reference(x, y, factors, rows), expected, atol=atol, rtol=0)
+
+
+def test_stack_lora_refuses_mismatched_groups() -> None:
+    with pytest.raises(ValueError, match="one row group per adapter"):
+        stack_lora(adapters((2,)), [], 3)
+
+
+def tiny_llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def three_adapters() -> peftkit.PeftModel:
+    model = peftkit.wrap(tiny_llama(), peftkit.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    model.add_adapter("b", peftkit.LoraConfig(r=4, lora_alpha=16, target_modules="all-linear"))
+    model.add_adapter("c", peftkit.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".adapters." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return model
+
+
+NAMES = ["b", "__base__", "default", "c", "b", "default"]
+
+
+def rows_alone(model: peftkit.PeftModel, ids: Tensor) -> Tensor:
+    outputs = []
+    for row, name in enumerate(NAMES):
+        with torch.no_grad():
+            if name == "__base__":
+                with model.disable_adapters():
+                    outputs.append(model(input_ids=ids[row : row + 1]).logits)
+            else:
+                model.set_adapter(name)
+                outputs.append(model(input_ids=ids[row : row + 1]).logits)
+    return torch.cat(outputs)
+
+
+@pytest.mark.parametrize("seq", [3, 300], ids=["masked-path", "bmm-path"])
+def test_mixed_batch_forward_equals_rows_alone(seq: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = three_adapters()
+    ids = torch.randint(0, 64, (len(NAMES), seq), generator=torch.Generator().manual_seed(4))
+    expected = rows_alone(model, ids)
+    calls: list[int] = []
+    real = layers_module.multi_lora
+    monkeypatch.setattr(layers_module, "multi_lora", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=NAMES).logits
+    torch.testing.assert_close(mixed, expected, atol=ATOL, rtol=0)
+    assert len(calls) == 2 * 7  # every adapted linear layer took the stacked path
+    with torch.no_grad(), fast_lora(False):  # switched off: the per-group path, same numbers
+        torch.testing.assert_close(
+            model(input_ids=ids, adapter_names=NAMES).logits, expected, atol=ATOL, rtol=0
+        )
+    assert len(calls) == 2 * 7
+    mixed_with_graph = model(input_ids=ids, adapter_names=NAMES).logits  # adapters train: per-group path
+    assert mixed_with_graph.requires_grad and len(calls) == 2 * 7
+    torch.testing.assert_close(mixed_with_graph.detach(), expected, atol=ATOL, rtol=0)
+
+
+def test_mixed_generate_reuses_the_stacks_and_equals_rows_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = three_adapters()
+    ids = torch.randint(1, 64, (len(NAMES), 5), generator=torch.Generator().manual_seed(5))
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    built: list[int] = []
+    real = layers_module.stack_lora
+    monkeypatch.setattr(layers_module, "stack_lora", lambda *a: built.append(1) or real(*a))
+    mixed = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=NAMES, **kwargs)
+    assert len(built) == 2 * 7  # once per layer for the whole generate call, not once per step
+    for row, name in enumerate(NAMES):
+        one = ids[row : row + 1]
+        if name == "__base__":
+            with model.disable_adapters():
+                alone = model.generate(input_ids=one, attention_mask=torch.ones_like(one), **kwargs)
+        else:
+            model.set_adapter(name)
+            alone = model.generate(input_ids=one, attention_mask=torch.ones_like(one), **kwargs)
+        assert torch.equal(mixed[row : row + 1], alone), f"row {row} ({name})"
