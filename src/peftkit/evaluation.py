@@ -1,0 +1,207 @@
+"""Scoring a model on held-out rows: loss/perplexity, exact match, ROUGE-1/2/L, accuracy.
+
+The loss is the mean cross-entropy over answer tokens (prompt tokens masked). Generation tasks are also
+scored on what the model writes greedily for each prompt: exact match (after stripping surrounding
+whitespace, against any reference) and ROUGE F1 (``rouge-score``, stemmed; the best over the
+references, as in DialogSum's evaluation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from peftkit.data import IGNORE_INDEX, collate, median_words
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "evaluate",
+    "exact_match",
+    "generate_answers",
+    "headline_metric",
+    "loss_sum",
+    "rouge",
+    "token_loss_sum",
+]
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+SHORT_ANSWER_WORDS = 16  # "auto" scores answers of up to this many words (median) by exact match
+
+
+def token_loss_sum(logits: Tensor, labels: Tensor, task: str) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy and the number of scored targets.
+
+    Args:
+        logits: (batch, seq, vocab) for language models, (batch, classes) for ``seq-cls``. A causal
+            model may return more positions than ``labels`` has (virtual tokens prepended by prompt
+            tuning); the last ``seq`` are used.
+        labels: (batch, seq) with -100 where nothing is scored, or (batch,) class indices.
+        task: ``causal-lm`` (position t predicts token t+1), ``seq2seq-lm`` or ``seq-cls``.
+
+    Returns:
+        ``(loss_sum, count)``: 0-dim tensors; ``loss_sum / count`` is the mean.
+    """
+    logits = logits.float()
+    if task == "causal-lm":
+        logits = logits[:, -labels.shape[1] :][:, :-1]  # (batch, seq-1, vocab): predicts tokens 1..
+        labels = labels[:, 1:]  # (batch, seq-1)
+    flat_logits = logits.reshape(-1, logits.shape[-1])  # (rows, vocab)
+    flat_labels = labels.reshape(-1)  # (rows,)
+    loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (flat_labels != IGNORE_INDEX).sum()
+
+
+def loss_sum(model: nn.Module, batch: dict[str, Tensor], task: str) -> tuple[Tensor, Tensor]:
+    """Run ``model`` on a collated batch and return :func:`token_loss_sum` of its logits."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if task == "seq2seq-lm":
+        inputs["labels"] = batch["labels"]  # the model shifts them into its decoder inputs
+    logits = model(**inputs).logits
+    return token_loss_sum(logits, batch["labels"], task)
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """The fraction of predictions equal to one of their references (surrounding whitespace ignored)."""
+    if not predictions:
+        return 0.0
+    hits = sum(
+        p.strip() in {r.strip() for r in refs} for p, refs in zip(predictions, references, strict=True)
+    )
+    return hits / len(predictions)
+
+
+def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 (stemmed), each row scored against its best reference."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, refs in zip(predictions, references, strict=True):
+        scores = scorer.score_multi(list(refs), prediction)
+        for name in ROUGE_TYPES:
+            totals[name] += scores[name].fmeasure
+    return {name: total / max(len(predictions), 1) for name, total in totals.items()}
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    task: str,
+    max_new_tokens: int,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers to tokenized prompts (left-padded for decoder-only models)."""
+    pad_id = pad_token_id(tokenizer)
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[start : start + batch_size]]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, ids in enumerate(chunk):
+            if task == "seq2seq-lm":  # the encoder reads right-padded input
+                input_ids[i, : len(ids)], attention_mask[i, : len(ids)] = torch.tensor(ids), 1
+            else:  # a decoder continues from the last position, so pad on the left
+                input_ids[i, width - len(ids) :], attention_mask[i, width - len(ids) :] = torch.tensor(ids), 1
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            use_cache=True,
+        )  # (batch, width + new) for decoders, (batch, new) for encoder-decoders
+        new_tokens = output if task == "seq2seq-lm" else output[:, width:]
+        answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+    return answers
+
+
+def headline_metric(metric: str, task: str, references: Sequence[Sequence[str]]) -> str:
+    """Resolve ``metric="auto"``: accuracy for ``seq-cls``, exact match for short answers, else rougeL."""
+    if metric != "auto":
+        return metric
+    if task == "seq-cls":
+        return "accuracy"
+    return "exact_match" if median_words(references) <= SHORT_ANSWER_WORDS else "rougeL"
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: datasets.Dataset,
+    task: str,
+    examples: int = 50,
+    max_new_tokens: int = 0,
+    batch_size: int = 8,
+    generate: bool = True,
+) -> dict[str, Any]:
+    """Loss and perplexity on all ``rows``; accuracy (``seq-cls``) or, on the first ``examples`` rows,
+    exact match and ROUGE of greedy answers.
+
+    Args:
+        rows: tokenized validation rows (``input_ids``, ``labels``, ``prompt_ids``, ``references``).
+        max_new_tokens: 0 → the longest reference's token count + 16.
+        generate: False skips generation (loss only).
+
+    Returns:
+        ``{"loss", "perplexity", ...}``; ``"samples"`` holds up to three (prompt, answer, reference)s.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer)
+    total = count = 0.0
+    correct = 0
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows.select(range(start, min(start + batch_size, len(rows))))
+            batch = {k: v.to(device) for k, v in collate(list(chunk), pad_id).items()}
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            if task == "seq2seq-lm":
+                inputs["labels"] = batch["labels"]
+            logits = model(**inputs).logits
+            batch_loss, batch_count = token_loss_sum(logits, batch["labels"], task)
+            total += batch_loss.item()
+            count += batch_count.item()
+            if task == "seq-cls":
+                correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+        mean = total / max(count, 1)
+        result: dict[str, Any] = {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+        if task == "seq-cls":
+            result["accuracy"] = correct / max(len(rows), 1)
+        elif generate and examples > 0:
+            scored = rows.select(range(min(examples, len(rows))))
+            references = scored["references"]
+            if max_new_tokens <= 0:
+                longest = max(len(tokenizer(r[0], add_special_tokens=False)["input_ids"]) for r in references)
+                max_new_tokens = longest + 16
+            answers = generate_answers(model, tokenizer, scored["prompt_ids"], task, max_new_tokens)
+            result["exact_match"] = exact_match(answers, references)
+            result.update(rouge(answers, references))
+            result["scored"] = len(answers)
+            result["samples"] = [
+                {"answer": a, "reference": r[0]} for a, r in zip(answers[:3], references[:3], strict=True)
+            ]
+    finally:
+        model.train(was_training)
+    return result
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -1,0 +1,160 @@
+"""What a training run reports: the trainable-parameter table, ``metrics.jsonl``, TensorBoard events,
+``loss.png`` and the final summary table."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from peftkit.io import atomic_write
+
+__all__ = ["MetricsLog", "format_table", "human", "plot_losses", "read_metrics", "trainable_table"]
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+def human(count: float) -> str:
+    """``1234567`` → ``1.23M``."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.2f}{unit}"
+    return f"{count:.0f}"
+
+
+def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
+    """Rows as left-aligned text columns (numbers right-aligned), two spaces apart."""
+    all_rows = [list(map(str, header))] if header else []
+    all_rows += [[f"{c:,}" if isinstance(c, int) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in all_rows if i < len(row)) for i in range(len(all_rows[0]))]
+    numeric = [
+        all(_is_number(r[i]) for r in all_rows[1 if header else 0 :] if i < len(r))
+        for i in range(len(widths))
+    ]
+    lines = []
+    for row in all_rows:
+        cells = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric, strict=False)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def trainable_table(model: nn.Module) -> str:
+    """The trainable parameters grouped by module (layer indices folded into ``*``), with totals.
+
+    Example row: ``model.layers.*.self_attn.q_proj   30   92,160``.
+    """
+    from peftkit.model import PeftModel
+
+    strip = "model." if isinstance(model, PeftModel) else ""  # PeftModel keeps the base as .model
+    groups: dict[str, list[int]] = {}
+    trainable = total = 0
+    seen: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        if not param.requires_grad:
+            continue
+        trainable += param.numel()
+        module = name.split(".adapters.")[0] if ".adapters." in name else name.rsplit(".", 1)[0]
+        key = re.sub(r"\.\d+(?=\.|$)", ".*", module.removeprefix(strip))
+        entry = groups.setdefault(key, [0, 0])
+        entry[0] += 1
+        entry[1] += param.numel()
+    rows: list[list[Any]] = [[key, n, p] for key, (n, p) in groups.items()]
+    share = 100 * trainable / max(total, 1)
+    rows.append(["total trainable", "", trainable])
+    rows.append(["total parameters", "", total])
+    body = format_table(rows, header=["module", "tensors", "params"])
+    return (
+        f"{body}\ntrainable: {trainable:,} ({human(trainable)}) of {total:,} ({human(total)}), {share:.2f}%"
+    )
+
+
+class MetricsLog:
+    """Appends records to ``metrics.jsonl`` (and TensorBoard when installed), flushing each one.
+
+    Args:
+        directory: the run's output directory.
+        tensorboard: write TensorBoard events to ``directory/tensorboard`` if tensorboard is installed.
+    """
+
+    def __init__(self, directory: Path, tensorboard: bool = True) -> None:
+        self.path = directory / METRICS_FILE
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self._writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                pass
+            else:
+                self._writer = SummaryWriter(str(directory / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Log one record: ``{"step": int, "split": "train" | "eval", name: number, ...}``."""
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for name, value in record.items():
+                if (
+                    name not in ("step", "split")
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                ):
+                    self._writer.add_scalar(f"{record['split']}/{name}", value, record["step"])
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (none if it does not exist)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records after ``last_step`` (a resumed run rewrites what followed its checkpoint)."""
+    kept = [r for r in read_metrics(path) if r["step"] <= last_step]
+    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+
+
+def plot_losses(records: Iterable[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Draw the training loss per step and the evaluation loss per evaluation into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = list(records)
+    train = [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+    evals = [(r["step"], r["loss"]) for r in records if r["split"] == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def _is_number(text: str) -> bool:
+    return bool(re.fullmatch(r"-?[\d,.]+%?|", text))

@@ -1,0 +1,630 @@
+"""The training loop of ``peftkit train``, on ``accelerate`` (one process, or DDP under ``torchrun``).
+
+Each optimizer step takes a global batch of ``batch_size x grad_accum x processes`` rows from a seeded
+per-epoch permutation; every process takes its own micro-batches of it. The loss is summed over answer
+tokens and divided by the global batch's answer-token count (known from the data before the step), so
+any split of the batch over processes and micro-batches gives the same gradient as one process.
+
+Evaluation (loss/perplexity and generation metrics) runs before training, every ``eval_every`` steps
+and after training; checkpoints every ``save_every`` steps allow ``--resume`` to continue exactly.
+Ctrl-C finishes the current step, saves a checkpoint and stops; a non-finite loss or gradient stops
+before the update, so the last checkpoint stays good.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from peftkit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from peftkit.data import PreparedData, collate, prepare_data
+from peftkit.errors import UsageError
+from peftkit.evaluation import evaluate, headline_metric, loss_sum, pad_token_id
+from peftkit.method_names import build_method_config
+from peftkit.reporting import (
+    METRICS_FILE,
+    PLOT_FILE,
+    MetricsLog,
+    format_table,
+    human,
+    plot_losses,
+    read_metrics,
+    trainable_table,
+    truncate_metrics,
+)
+from peftkit.train_config import TrainConfig, with_task_defaults
+
+__all__ = ["CONFIG_FILE", "TrainResult", "load_base_model", "lr_factor", "train"]
+
+CONFIG_FILE = "train_config.yaml"
+SUMMARY_FILE = "summary.json"
+# Keys that may change between a run and its --resume; any other change would make it another run.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "resume",
+        "overwrite",
+        "max_steps",
+        "epochs",
+        "eval_every",
+        "eval_examples",
+        "max_new_tokens",
+        "save_every",
+        "keep_checkpoints",
+        "log_every",
+        "output_dir",
+    }
+)
+
+
+@dataclass
+class TrainResult:
+    """What a run did. ``losses[i]`` is the training loss of step ``first_step + i + 1``."""
+
+    output_dir: Path
+    steps: int
+    first_step: int
+    losses: list[float]
+    metric: str
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+    trainable: int = 0
+    total: int = 0
+    tokens_per_s: float = 0.0
+    wall_time_s: float = 0.0
+    peak_memory_bytes: int = 0
+    stopped: str | None = None  # None (finished), "interrupted" or "non-finite"
+    checkpoint: Path | None = None
+    model: nn.Module | None = field(default=None, repr=False)  # the trained model (unwrapped)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """The learning-rate multiplier before update ``step + 1``: linear warm-up, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def load_base_model(config: TrainConfig) -> tuple[nn.Module, Any]:
+    """The base model and tokenizer of ``config`` (``UsageError`` when it cannot be found)."""
+    from peftkit.models import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, load_model
+
+    name = DEFAULT_MODEL if config.model == DEFAULT_MODEL_HUB_ID else config.model
+    try:
+        model, tokenizer = load_model(name, task=config.task, dtype=config.dtype)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot load model {config.model!r}: {first}") from e
+    if tokenizer is None:
+        raise UsageError(f"model {config.model!r} has no tokenizer files; add them to that directory")
+    return model, tokenizer
+
+
+class _StopFlag:
+    """Ctrl-C asks the loop to stop after the current step; a second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again aborts now)",
+            file=sys.stderr,
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def train(config: TrainConfig, on_step: Callable[[int, float, nn.Module], None] | None = None) -> TrainResult:
+    """Run the training job ``config`` describes and write its outputs to ``config.output_dir``.
+
+    Args:
+        config: the run's settings.
+        on_step: called after every optimizer step with ``(step, loss, model)`` (for tests/tools).
+
+    Raises:
+        UsageError: bad input (data file, column, model, method option, an existing output_dir
+            without ``overwrite``…), found before anything is written.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate runs several CPU processes (gloo) only when told to use the CPU
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=multi_cpu)
+    try:
+        return _Run(with_task_defaults(config), accelerator, on_step).run()
+    finally:
+        if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        AcceleratorState._reset_state(reset_partial_state=True)  # allow another run in this process
+
+
+class _Run:
+    """One training run; ``run()`` goes through the stages in order."""
+
+    def __init__(self, config: TrainConfig, accelerator: Any, on_step: Callable | None) -> None:
+        self.config = config
+        self.acc = accelerator
+        self.on_step = on_step
+        self.out = Path(config.output_dir)
+        self.main = accelerator.is_main_process
+        self.world = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.start = time.perf_counter()
+
+    def say(self, text: str = "") -> None:
+        if self.main:
+            print(text, flush=True)
+
+    # ------------------------------------------------------------------ set-up (nothing written yet)
+    def run(self) -> TrainResult:
+        from accelerate.utils import set_seed
+
+        config = self.config
+        self._check_output_dir()
+        method_config = build_method_config(config.method, config.method_options, config.task)
+        self.say(f"peftkit train: {config.method} on {config.model} ({config.task}, {config.dtype})")
+        model, tokenizer = load_base_model(config)
+        self.tokenizer = tokenizer
+        data = prepare_data(config, tokenizer)
+        set_seed(config.seed)  # adapter initialisation
+        model = self._apply_method(model, method_config)
+        global_batch = config.batch_size * config.grad_accum * self.world
+        steps_per_epoch = len(data.train) // global_batch
+        if steps_per_epoch == 0:
+            raise UsageError(
+                f"{len(data.train)} training rows are fewer than one global batch ({global_batch} = "
+                f"batch_size {config.batch_size} x grad_accum {config.grad_accum} x {self.world} processes); "
+                "lower batch_size"
+            )
+        total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+        references = data.validation["references"] if data.validation is not None else []
+        metric = headline_metric(config.metric, config.task, references)
+        self._make_output_dir()
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in trainable if p.ndim >= 2]
+        no_decay = [p for p in trainable if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=config.lr,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, config.warmup_steps, total_steps)
+        )
+        wrapped, optimizer = self.acc.prepare(model, optimizer)
+        self._report_setup(model, data, total_steps, steps_per_epoch, metric)
+        with _autocast_safe_lora(config.bf16):
+            return self._loop(
+                model, wrapped, optimizer, scheduler, data, total_steps, steps_per_epoch, metric
+            )
+
+    def _check_output_dir(self) -> None:
+        out, config = self.out, self.config
+        if config.resume:
+            if latest_checkpoint(out) is None:
+                raise UsageError(
+                    f"--resume: no checkpoint in {out}/checkpoints; train with save_every > 0 first"
+                )
+            saved = out / CONFIG_FILE
+            if saved.is_file():
+                before = yaml.safe_load(saved.read_text()) or {}
+                now = config.to_dict()
+                changed = [k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k]]
+                if changed:
+                    key = changed[0]
+                    raise UsageError(
+                        f"--resume: {key} was {before.get(key)!r} in {saved} but is {now[key]!r} now; "
+                        "resume with the same settings (or start over with --overwrite)"
+                    )
+        elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.overwrite:
+            raise UsageError(
+                f"output_dir {out} exists and is not empty; pass --overwrite to replace it, --resume to "
+                "continue it, or choose another --output-dir"
+            )
+
+    def _apply_method(self, model: nn.Module, method_config: Any) -> nn.Module:
+        import peftkit
+
+        if method_config is None:  # full fine-tuning
+            model.requires_grad_(True)
+        else:
+            try:
+                model = peftkit.wrap(model, method_config)
+            except ValueError as e:
+                raise UsageError(f"method {self.config.method!r}: {e}") from e
+        if self.config.gradient_checkpointing:
+            if isinstance(model, peftkit.PeftModel):
+                model.gradient_checkpointing_enable()
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+            model.config.use_cache = False  # no KV cache while training
+        return model
+
+    def _make_output_dir(self) -> None:
+        if self.main:
+            if self.config.overwrite and self.out.exists():
+                shutil.rmtree(self.out) if self.out.is_dir() else self.out.unlink()
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not self.config.resume:
+                (self.out / CONFIG_FILE).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        self.acc.wait_for_everyone()
+
+    def _report_setup(
+        self, model: nn.Module, data: PreparedData, total: int, per_epoch: int, metric: str
+    ) -> None:
+        stats = data.stats
+        lines = [f"data: {stats['examples']} training examples"]
+        if stats.get("truncated"):
+            lines.append(
+                f"  {stats['truncated']} truncated to max_length={self.config.max_length}"
+                + (
+                    f", {stats['dropped']} of them dropped (no answer token left)"
+                    if stats.get("dropped")
+                    else ""
+                )
+            )
+        if "packed_rows" in stats:
+            lines.append(
+                f"  packed into {stats['packed_rows']} rows of up to {self.config.max_length} tokens"
+            )
+        validation = len(data.validation) if data.validation is not None else 0
+        lines.append(f"  {validation} held-out rows; headline metric: {metric}")
+        batch = self.config.batch_size * self.config.grad_accum * self.world
+        lines.append(
+            f"steps: {total} of {batch} rows ({total / per_epoch:.2f} epochs), {self.world} process(es)"
+        )
+        self.say("\n".join(lines))
+        self.say(trainable_table(model))
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(
+        self, model, wrapped, optimizer, scheduler, data, total_steps, steps_per_epoch, metric
+    ) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        config, acc = self.config, self.acc
+        start_step, before, rng, train_time, tokens_seen = 0, {}, None, 0.0, 0
+        checkpoint: Path | None = None
+        if config.resume:
+            checkpoint = latest_checkpoint(self.out)
+            state, rng = load_checkpoint(checkpoint, model, optimizer, scheduler, self.rank)
+            start_step, before = state["step"], state["before"]
+            train_time, tokens_seen = state["train_time"], state["tokens_seen"]
+            if self.main:
+                truncate_metrics(self.out / METRICS_FILE, start_step)
+            self.say(f"resuming from {checkpoint} (step {start_step})")
+        log = MetricsLog(self.out) if self.main else None
+        if not config.resume:
+            before = self._evaluate(model, data, 0, log, "before training")
+        trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total_count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+        targets = data.train["targets"]
+        train_rows = data.train.select_columns(["input_ids", "labels"]).to_list()
+        permutations: dict[int, list[int]] = {}
+        pad_id = pad_token_id(self.tokenizer)
+        params = [p for p in model.parameters() if p.requires_grad]
+        losses: list[float] = []
+        stopped = None
+        if rng is not None:
+            restore_rng(rng)
+        last_rng = rng_state()
+        progress = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="training",
+            unit="step",
+            disable=not self.main,
+            dynamic_ncols=True,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+        )
+        wrapped.train()
+        step = start_step
+        with _StopFlag() as stop:
+            while step < total_steps:
+                tick = time.perf_counter()
+                indices = self._global_batch(step, steps_per_epoch, len(data.train), permutations)
+                n_targets = sum(targets[i] for i in indices)
+                local_loss = torch.zeros((), device=acc.device)
+                local_tokens = torch.zeros((), device=acc.device)
+                for j, rows in enumerate(self._micro_batches(indices)):
+                    batch = {
+                        k: v.to(acc.device) for k, v in collate([train_rows[i] for i in rows], pad_id).items()
+                    }
+                    sync = j == config.grad_accum - 1
+                    with contextlib.nullcontext() if sync else acc.no_sync(wrapped):
+                        summed, _ = loss_sum(wrapped, batch, config.task)
+                        acc.backward(summed * self.world / n_targets)  # DDP averages over processes
+                    local_loss += summed.detach()
+                    local_tokens += batch["attention_mask"].sum()
+                norm = acc.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+                loss = (acc.reduce(local_loss, "sum") / n_targets).item()
+                tokens = int(acc.reduce(local_tokens, "sum").item())
+                if not (math.isfinite(loss) and math.isfinite(float(norm))):
+                    stopped = "non-finite"
+                    self._report_non_finite(step + 1, loss, float(norm))
+                    break
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                last_rng = rng_state()
+                train_time += time.perf_counter() - tick
+                tokens_seen += tokens
+                losses.append(loss)
+                lr = scheduler.get_last_lr()[0]
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / max(train_time, 1e-9):.0f}")
+                if log is not None and (step % config.log_every == 0 or step == total_steps):
+                    log.write(
+                        {
+                            "step": step,
+                            "split": "train",
+                            "loss": loss,
+                            "lr": lr,
+                            "grad_norm": float(norm),
+                            "tokens_per_s": tokens / max(time.perf_counter() - tick, 1e-9),
+                        }
+                    )
+                if self.on_step is not None and self.main:
+                    self.on_step(step, loss, model)
+                run_state = {"before": before, "train_time": train_time, "tokens_seen": tokens_seen}
+                if self._should_stop(stop.requested):
+                    checkpoint = self._save(model, optimizer, scheduler, step, last_rng, run_state)
+                    stopped = "interrupted"
+                    break
+                if config.save_every and (step % config.save_every == 0 or step == total_steps):
+                    checkpoint = self._save(model, optimizer, scheduler, step, last_rng, run_state)
+                if config.eval_every and step % config.eval_every == 0 and step < total_steps:
+                    self._evaluate(model, data, step, log, f"step {step}", progress)
+        progress.close()
+        after: dict[str, Any] = {}
+        if stopped is None:
+            self._save_final(model)
+            after = self._evaluate(model, data, step, log, "after training")
+        if log is not None:
+            log.close()
+            plot_losses(read_metrics(self.out / METRICS_FILE), self.out / PLOT_FILE, title=self._title())
+        peak = _peak_memory()
+        result = TrainResult(
+            self.out,
+            step,
+            start_step,
+            losses,
+            metric,
+            before,
+            after,
+            trainable_count,
+            total_count,
+            tokens_seen / max(train_time, 1e-9),
+            time.perf_counter() - self.start,
+            peak,
+            stopped,
+            checkpoint,
+            model,
+        )
+        if stopped == "interrupted":
+            self.say(
+                f"interrupted at step {step}; checkpoint saved to {checkpoint}. Continue with the same "
+                "command plus --resume"
+            )
+        elif stopped is None:
+            self._summary(result, train_time)
+        return result
+
+    def _global_batch(self, step: int, per_epoch: int, rows: int, cache: dict[int, list[int]]) -> list[int]:
+        """Row indices of step ``step``'s global batch: a slice of the epoch's seeded permutation."""
+        epoch, position = divmod(step, per_epoch)
+        if epoch not in cache:
+            generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+            cache.clear()
+            cache[epoch] = torch.randperm(rows, generator=generator).tolist()
+        size = self.config.batch_size * self.config.grad_accum * self.world
+        return cache[epoch][position * size : (position + 1) * size]
+
+    def _micro_batches(self, indices: list[int]) -> list[list[int]]:
+        """This process's micro-batches of a global batch: micro-batch j of rank r is slice j*world + r."""
+        b = self.config.batch_size
+        return [
+            indices[(j * self.world + self.rank) * b : (j * self.world + self.rank + 1) * b]
+            for j in range(self.config.grad_accum)
+        ]
+
+    def _should_stop(self, requested: bool) -> bool:
+        """Whether any process saw Ctrl-C (all processes must stop at the same step)."""
+        if self.world == 1:
+            return requested
+        flag = torch.tensor([1.0 if requested else 0.0], device=self.acc.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _report_non_finite(self, step: int, loss: float, norm: float) -> None:
+        last = latest_checkpoint(self.out)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (set save_every)"
+        print(
+            f"peftkit train: stopped: the loss is {loss} (gradient norm {norm}) at step {step}; the update "
+            f"was not applied and {kept}. Lower --lr, keep --max-grad-norm on, or try --dtype float32.",
+            file=sys.stderr,
+        )
+
+    # ------------------------------------------------------------------ saving, evaluation, reports
+    def _save(self, model, optimizer, scheduler, step: int, rng: dict, state: dict) -> Path:
+        save_model = None
+        if hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
+            save_model = model.save_pretrained
+        return save_checkpoint(
+            self.out,
+            step,
+            model,
+            optimizer,
+            scheduler,
+            rng,
+            state,
+            self.config.keep_checkpoints,
+            self.acc.wait_for_everyone,
+            self.rank,
+            save_model,
+        )
+
+    def _save_final(self, model: nn.Module) -> None:
+        if self.main:
+            model.save_pretrained(self.out)
+            if not hasattr(model, "peft_config"):  # full fine-tuning: a complete model directory
+                self.tokenizer.save_pretrained(self.out)
+        self.acc.wait_for_everyone()
+
+    def _evaluate(
+        self, model, data: PreparedData, step: int, log: MetricsLog | None, when: str, progress: Any = None
+    ) -> dict[str, Any]:
+        """Score on the held-out rows (main process; the others wait), leaving the random state as it was."""
+        result: dict[str, Any] = {}
+        if self.main and data.validation is not None and len(data.validation) > 0:
+            with torch.random.fork_rng(devices=[]):
+                result = evaluate(
+                    model,
+                    self.tokenizer,
+                    data.validation,
+                    self.config.task,
+                    examples=self.config.eval_examples,
+                    max_new_tokens=self.config.max_new_tokens,
+                    batch_size=self.config.batch_size,
+                )
+            shown = {k: v for k, v in result.items() if isinstance(v, float)}
+            text = f"eval ({when}): " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
+            if result.get("samples"):
+                sample = result["samples"][0]
+                text += f"\n  e.g. answer {sample['answer']!r}, reference {sample['reference']!r}"
+            (progress.write if progress is not None else print)(text)
+            if log is not None:
+                log.write({"step": step, "split": "eval", **shown})
+        self.acc.wait_for_everyone()
+        return result
+
+    def _title(self) -> str:
+        return f"{self.config.method} on {Path(self.config.model).name}, data {Path(self.config.data).name}"
+
+    def _summary(self, result: TrainResult, train_time: float) -> None:
+        if not self.main:
+            return
+        metric = result.metric
+        share = 100 * result.trainable / max(result.total, 1)
+        rows: list[list[Any]] = [
+            [
+                "trainable params",
+                f"{result.trainable:,} of {human(result.total)} ({share:.2f}%)",
+            ],
+            ["steps", f"{result.steps}"],
+            ["wall time", f"{_duration(result.wall_time_s)} (training {_duration(train_time)})"],
+            ["tokens/s", f"{result.tokens_per_s:.0f} (training, all processes)"],
+            ["peak memory", _memory_text(result.peak_memory_bytes)],
+        ]
+        if result.before or result.after:
+            for name in dict.fromkeys([metric, "loss"]):
+                if name in result.before or name in result.after:
+                    rows.append(
+                        [
+                            f"{name} (held-out)",
+                            f"{_num(result.before.get(name))} -> {_num(result.after.get(name))}",
+                        ]
+                    )
+        rows.append(["output", str(self.out)])
+        summary = {
+            "metric": metric,
+            "before": _plain(result.before),
+            "after": _plain(result.after),
+            "trainable": result.trainable,
+            "total": result.total,
+            "steps": result.steps,
+            "wall_time_s": result.wall_time_s,
+            "train_time_s": train_time,
+            "tokens_per_s": result.tokens_per_s,
+            "peak_memory_bytes": result.peak_memory_bytes,
+        }
+        (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        self.say("\nsummary\n" + format_table(rows))
+        self.say(_try_it(self.config, self.out))
+
+
+def _autocast_safe_lora(autocast: bool) -> contextlib.AbstractContextManager:
+    """Under bf16 autocast, LoRA takes the plain autograd path: the fast path (peftkit.ops.lora_linear)
+    does not handle autocast yet (its backward mixes float32 and bfloat16)."""
+    if not autocast:
+        return contextlib.nullcontext()
+    from peftkit.ops import fast_lora
+
+    return fast_lora(False)
+
+
+def _try_it(config: TrainConfig, out: Path) -> str:
+    from peftkit.tasks import builtin_task
+
+    task = builtin_task(config.data)
+    example = task.example if task else "<your prompt>"
+    merged = out.with_name(out.name + "-merged")
+    return (
+        "\nTry it:\n"
+        f"  peftkit generate {out} {json.dumps(example)}\n"
+        f"  peftkit eval {out}\n"
+        f"  peftkit merge {out} {merged}    # a plain transformers model, no peftkit needed\n"
+        f"Files: {out}/{METRICS_FILE}, {out}/{PLOT_FILE}, {out}/{CONFIG_FILE}"
+    )
+
+
+def _peak_memory() -> int:
+    """Peak accelerator memory (CUDA) or this process's peak resident memory (CPU), in bytes."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _memory_text(size: int) -> str:
+    where = "CUDA, allocated" if torch.cuda.is_available() else "process RSS"
+    return f"{size / 2**30:.2f} GiB ({where})"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

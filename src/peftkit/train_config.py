@@ -1,0 +1,269 @@
+"""``TrainConfig``: every setting of ``peftkit train``, from one YAML file and/or command-line flags.
+
+Each key of :class:`TrainConfig` is a YAML key and a flag (``max_steps:`` ↔ ``--max-steps``). The
+options of the chosen method's config class (``r``, ``lora_alpha``, ``target_modules`` … for LoRA) go
+under ``method_options:`` in YAML and are flags too (``--r 16``). A key that is neither is an error that
+suggests the closest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftkit.errors import UsageError
+from peftkit.models import DEFAULT_MODEL, TASKS
+
+__all__ = [
+    "METRICS",
+    "TrainConfig",
+    "apply_overrides",
+    "closest",
+    "load_config",
+    "parse_value",
+    "with_task_defaults",
+]
+
+METRICS = ("auto", "exact_match", "rouge1", "rouge2", "rougeL", "accuracy", "loss")
+DTYPES = ("float32", "bfloat16")
+DATA_FORMATS = ("auto", "prompt_completion", "instruction", "messages")
+
+
+def _key(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with an immutable default and its help text (shown by ``--help``)."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run. Defaults give the default job (LoRA on the bundled task)."""
+
+    # --- model and method
+    model: str = _key(
+        DEFAULT_MODEL, "base model: Hugging Face id, local directory, .gguf file, or the bundled default"
+    )
+    task: str = _key("causal-lm", "model head", choices=tuple(TASKS))
+    dtype: str = _key("float32", "dtype of the base weights", choices=DTYPES)
+    method: str = _key("lora", "lora, dora, ia3, prompt, prefix, adapter, selective or full")
+    method_options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "options of the method's config class, e.g. {r: 8}"}
+    )
+    # --- data
+    data: str = _key("person-json", "training file (.jsonl/.json/.csv/.parquet) or a bundled task name")
+    validation_data: str | None = _key(None, "held-out file; default: split off validation_split of data")
+    validation_split: float = _key(0.1, "fraction of data held out when validation_data is unset")
+    data_format: str = _key("auto", "row layout", choices=DATA_FORMATS)
+    prompt_column: str = _key("prompt", "prompt_completion: the prompt column")
+    completion_column: str = _key("completion", "prompt_completion: the answer column")
+    instruction_column: str = _key("instruction", "instruction format: the instruction column")
+    input_column: str = _key("input", "instruction format: the (optional) input column")
+    output_column: str = _key("output", "instruction format: the answer column")
+    messages_column: str = _key("messages", "messages format: the column of chat turns")
+    prompt_template: str | None = _key(
+        None, "Python format string over a row's columns, e.g. 'Summarize:\\n{dialogue}'"
+    )
+    system_prompt: str | None = _key(None, "system message added to every chat")
+    reference_columns: list[str] | None = field(
+        default=None, metadata={"help": "extra reference answers for ROUGE, e.g. [summary2, summary3]"}
+    )
+    max_length: int = _key(512, "longest tokenized example; longer ones are truncated (counted)")
+    packing: bool = _key(False, "pack several short examples into each row")
+    # --- optimisation
+    max_steps: int = _key(60, "optimizer steps; 0: run `epochs` epochs")
+    epochs: float = _key(1.0, "epochs when max_steps is 0")
+    batch_size: int = _key(8, "examples per device per micro-batch")
+    grad_accum: int = _key(1, "micro-batches per optimizer step")
+    lr: float = _key(2e-3, "peak learning rate (AdamW)")
+    weight_decay: float = _key(0.0, "AdamW weight decay")
+    warmup_steps: int = _key(6, "linear warm-up steps before the cosine decay")
+    max_grad_norm: float = _key(1.0, "gradient clipping norm; 0: off")
+    seed: int = _key(0, "seed for initialisation, data order and dropout")
+    bf16: bool = _key(False, "bfloat16 autocast (mixed precision)")
+    gradient_checkpointing: bool = _key(False, "recompute activations in backward to save memory")
+    # --- evaluation
+    metric: str = _key(
+        "auto", "headline metric; auto: exact_match for short answers, rougeL for long", choices=METRICS
+    )
+    eval_every: int = _key(0, "evaluate every N steps (always before and after); 0: only before and after")
+    eval_examples: int = _key(50, "held-out rows scored by generation (loss uses all of them)")
+    max_new_tokens: int = _key(0, "generation length for scoring; 0: longest reference + 16")
+    # --- output
+    output_dir: str = _key("out/train", "where the adapter, metrics, plots and checkpoints go")
+    save_every: int = _key(0, "checkpoint every N steps; 0: only at the end")
+    keep_checkpoints: int = _key(2, "how many recent checkpoints to keep")
+    log_every: int = _key(1, "log the training loss every N steps")
+    overwrite: bool = _key(False, "replace an existing output_dir")
+    resume: bool = _key(False, "continue from the last checkpoint in output_dir")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain YAML-ready data."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied (validated)."""
+        return apply_overrides(self, changes, source="replace()")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def closest(word: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the nearest candidate, or ``""`` when none is near."""
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def parse_value(text: str) -> Any:
+    """A flag's text as YAML (``16`` → 16, ``true`` → True, ``[q, v]`` → list); commas make a list."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and "," in value and "{" not in value and " " not in value.strip():
+        return [part for part in value.split(",") if part]
+    return value if value is not None or text.strip().lower() in ("null", "none", "~") else text
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML file (or start from the defaults when ``path`` is None) and apply ``overrides``.
+
+    Raises:
+        UsageError: a missing or malformed file, an unknown key (with the closest known one), or a bad
+            value.
+    """
+    config = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UsageError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(data, dict):
+            raise UsageError(f"{path} must hold a mapping of keys to values, not {type(data).__name__}")
+        config = apply_overrides(config, data, source=str(path))
+    return with_task_defaults(apply_overrides(config, overrides or {}, source="the command line"))
+
+
+def with_task_defaults(config: TrainConfig) -> TrainConfig:
+    """Apply a bundled task's settings (``peftkit.tasks``) to the keys still at their defaults."""
+    from peftkit.tasks import builtin_task
+
+    task = builtin_task(config.data)
+    if task is None:
+        return config
+    changes = {
+        key: value for key, value in task.settings.items() if getattr(config, key) == FIELDS[key].default
+    }
+    return dataclasses.replace(config, **changes)
+
+
+def apply_overrides(config: TrainConfig, changes: Mapping[str, Any], source: str) -> TrainConfig:
+    """A copy of ``config`` with ``changes``; ``method_options`` dicts are merged key by key.
+
+    Raises:
+        UsageError: an unknown key or a bad value, naming ``source``.
+    """
+    values = config.to_dict()
+    for key, value in changes.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise UsageError(f"unknown key {key!r} in {source}{closest(name, FIELDS)}")
+        value = _coerce(name, value, source)
+        if name == "method_options":
+            value = {**values["method_options"], **value}
+        values[name] = value
+    result = TrainConfig(**values)
+    _validate(result, source)
+    return result
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    kind = str(FIELDS[name].type)
+    optional = "None" in kind
+    if value is None:
+        if optional:
+            return None
+        raise UsageError(f"{name} in {source} cannot be empty")
+    bad = UsageError(f"{name}={value!r} in {source} must be {kind.replace(' | None', '')}")
+    if kind.startswith("bool"):
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if not isinstance(value, bool):
+            raise bad
+    elif kind.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad
+        try:
+            number = float(value)
+        except ValueError:
+            raise bad from None
+        if number != int(number):
+            raise bad
+        return int(number)
+    elif kind.startswith("float"):
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    elif kind.startswith("str"):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise bad
+        return str(value)
+    elif kind.startswith("list"):
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise bad
+        return list(value)
+    elif kind.startswith("dict") and not isinstance(value, Mapping):
+        raise UsageError(f"{name} in {source} must be a mapping such as {{r: 8}}, not {value!r}")
+    return value
+
+
+# (field, test, what it must be): checked after every change
+_RULES = (
+    ("lr", lambda v: v > 0, "a positive number, e.g. 2e-4"),
+    ("batch_size", lambda v: v >= 1, "at least 1"),
+    ("grad_accum", lambda v: v >= 1, "at least 1"),
+    ("max_steps", lambda v: v >= 0, "0 (use epochs) or more"),
+    ("epochs", lambda v: v > 0, "positive"),
+    ("warmup_steps", lambda v: v >= 0, "0 or more"),
+    ("weight_decay", lambda v: v >= 0, "0 or more"),
+    ("max_grad_norm", lambda v: v >= 0, "0 (no clipping) or more"),
+    ("validation_split", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("max_length", lambda v: v >= 8, "at least 8"),
+    ("eval_every", lambda v: v >= 0, "0 or more"),
+    ("eval_examples", lambda v: v >= 0, "0 or more"),
+    ("max_new_tokens", lambda v: v >= 0, "0 (automatic) or more"),
+    ("save_every", lambda v: v >= 0, "0 or more"),
+    ("keep_checkpoints", lambda v: v >= 1, "at least 1"),
+    ("log_every", lambda v: v >= 1, "at least 1"),
+)
+
+
+def _validate(config: TrainConfig, source: str) -> None:
+    for name, ok, meaning in _RULES:
+        value = getattr(config, name)
+        if not ok(value):
+            raise UsageError(f"{name}={value!r} (from {source}) must be {meaning}")
+    for name, f in FIELDS.items():
+        choices = f.metadata.get("choices")
+        if choices and getattr(config, name) not in choices:
+            value = getattr(config, name)
+            raise UsageError(
+                f"{name}={value!r} (from {source}) must be one of {list(choices)}"
+                f"{closest(str(value), choices)}"
+            )
+    if config.resume and config.overwrite:
+        raise UsageError(
+            "resume and overwrite exclude each other: resume keeps output_dir, overwrite replaces it"
+        )

@@ -1,0 +1,29 @@
+"""Run by tests/test_train.py under torchrun: train with DDP, then save each rank's trainable parameters.
+
+Usage: ``torchrun --nproc_per_node=2 tests/ddp_worker.py '<JSON of TrainConfig keys>'``; each rank writes
+``<output_dir>/rank-<rank>.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from peftkit.checkpoint import trainable_state
+from peftkit.train import train
+from peftkit.train_config import load_config
+
+
+def main() -> None:
+    config = load_config(None, json.loads(sys.argv[1]))
+    result = train(config)
+    rank = int(os.environ.get("RANK", "0"))
+    save_file(trainable_state(result.model), str(Path(config.output_dir) / f"rank-{rank}.safetensors"))
+
+
+if __name__ == "__main__":
+    main()
