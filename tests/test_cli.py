@@ -1,0 +1,339 @@
+"""The ``peftkit`` command: --help everywhere, config keys as flags, bad input (exit 2, one stderr line,
+output untouched), and train → generate / eval / merge / inspect on a tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import peftkit
+from peftkit import method_names
+from peftkit.cli import EXIT_INTERRUPTED, build_parser, main, parse_train_args
+from peftkit.errors import UsageError
+from peftkit.method_names import MethodSpec, build_method_config
+from peftkit.tasks import BUILTIN_TASKS
+from peftkit.train import train
+from peftkit.train_config import FIELDS, TrainConfig, load_config
+from tiny_lm import save_tiny_lm
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = BUILTIN_TASKS["person-json"].settings["prompt_template"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("\n".join(BUILTIN_TASKS["person-json"].train.read_text().splitlines()[:24]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, data_file: Path):
+    """A tiny LoRA run on the person-json format (10 steps)."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    config = load_config(
+        None,
+        {
+            "model": str(model_dir),
+            "data": str(data_file),
+            "validation_split": 0.25,
+            "prompt_template": TEMPLATE,
+            "output_dir": str(out),
+            "max_steps": 10,
+            "batch_size": 4,
+            "lr": 1e-2,
+            "eval_examples": 2,
+            "max_new_tokens": 4,
+            "threads": 1,
+        },
+    )
+    return train(config)
+
+
+def parse(argv: list[str]) -> TrainConfig:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return parse_train_args(subparsers.choices["train"], argv)[1]
+
+
+# ------------------------------------------------------------------------------------------ help
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["generate"], ["merge"], ["inspect"]])
+def test_help_everywhere(command: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: peftkit {' '.join(command)}".rstrip())
+    if command == ["train"]:
+        assert "--max-steps" in out and "--lr" in out and "--method" in out
+
+
+def test_console_entry_point_runs() -> None:
+    done = subprocess.run(["peftkit", "--help"], capture_output=True, text=True, timeout=120)
+    if done.returncode == 127:
+        pytest.skip("peftkit is not installed as a command here")
+    assert done.returncode == 0 and "train" in done.stdout
+
+
+# ------------------------------------------------------------------------------------------ config and flags
+def _other_value(name: str, field: dataclasses.Field):
+    kind, default = str(field.type), getattr(TrainConfig(), name)
+    if "choices" in field.metadata:
+        return next(c for c in field.metadata["choices"] if c != default)
+    if kind.startswith("bool"):
+        return not default
+    if kind.startswith("int"):
+        return default + 1
+    if kind.startswith("float"):
+        return {"validation_split": 0.3, "lr": 1e-4}.get(name, default + 0.5)
+    if kind.startswith("list"):
+        return ["a", "b"]
+    if kind.startswith("dict"):
+        return {"r": 4}
+    return f"{name}-value"
+
+
+@pytest.mark.parametrize("name", [n for n in FIELDS if n not in ("resume",)])
+def test_every_config_key_is_a_flag(name: str) -> None:
+    value = _other_value(name, FIELDS[name])
+    if isinstance(value, bool):
+        argv = [f"--{name.replace('_', '-')}" if value else f"--no-{name.replace('_', '-')}"]
+    else:
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        argv = [f"--{name.replace('_', '-')}", text]
+    assert getattr(parse(argv), name) == value
+
+
+def test_underscore_flags_and_method_options_as_flags() -> None:
+    config = parse(
+        ["--max_steps", "7", "--r", "16", "--lora-alpha", "32", "--target-modules", "q_proj,v_proj"]
+    )
+    assert config.max_steps == 7
+    assert config.method_options == {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]}
+    lora = build_method_config(config.method, config.method_options, config.task)
+    assert (lora.r, lora.lora_alpha, lora.target_modules) == (16, 32, ("q_proj", "v_proj"))
+
+
+def test_flags_override_the_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("lr: 1.0e-4\nmax_steps: 5\nmethod_options:\n  r: 4\n")
+    config = parse([str(path), "--lr", "3e-4", "--lora-alpha", "8"])
+    assert (config.lr, config.max_steps) == (3e-4, 5)
+    assert config.method_options == {"r": 4, "lora_alpha": 8}
+
+
+def test_documented_example_is_the_default_job() -> None:
+    example = load_config(REPO / "examples" / "train.yaml")
+    default = load_config(None)
+    assert dataclasses.replace(example, method_options={}) == default
+    assert build_method_config("lora", example.method_options, "causal-lm") == build_method_config(
+        "lora", {}, "causal-lm"
+    )
+    assert set(yaml.safe_load((REPO / "examples" / "train.yaml").read_text())) == set(FIELDS)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("max_step: 5\n", "unknown key 'max_step' .*did you mean 'max_steps'"),
+        ("learning_rate: 1\n", "unknown key 'learning_rate'"),
+        ("lr: -1\n", r"lr=-1.0 .* must be a positive number"),
+        ("batch_size: 2.5\n", "batch_size=2.5 .* must be int"),
+        ("task: causal\n", "task='causal' .* must be one of .*did you mean 'causal-lm'"),
+        ("- a list\n", "must hold a mapping"),
+        ("lr: [1\n", "is not valid YAML"),
+    ],
+)
+def test_bad_yaml_files(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=message):
+        load_config(path)
+
+
+def test_misspelt_flags_suggest_the_closest() -> None:
+    with pytest.raises(UsageError, match=r"unknown setting --max-step: .*did you mean '--max-steps'"):
+        parse(["--max-step", "3"])
+    with pytest.raises(UsageError, match="did you mean '--lora-alpha'"):
+        parse(["--lora-alfa", "32"])
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _bad_cases(tmp_path: Path, model_dir: Path, data_file: Path) -> list[tuple[list[str], str]]:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    tiny = ["--model", str(model_dir)]
+    return [
+        ([*tiny, "--data", str(tmp_path / "missing.jsonl")], "data file not found"),
+        ([*tiny, "--data", str(empty)], "is empty"),
+        ([*tiny, "--data", str(data_file), "--completion-column", "answr"], "column 'answr' not found"),
+        (["--model", str(tmp_path / "no" / "such" / "model")], "cannot load model"),
+        (["--method", "lorra"], "unknown method 'lorra'.*did you mean 'lora'"),
+        (["--r", "0"], "r=0 must be a positive integer"),
+        (["--lr", "-1"], r"lr=-1.0 .*must be a positive number"),
+        (["--method", "full", "--r", "8"], "unknown setting --r"),
+    ]
+
+
+def test_bad_input_one_stderr_line_exit_2_and_output_untouched(
+    tmp_path, model_dir, data_file, capsys
+) -> None:
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    for argv, message in _bad_cases(tmp_path, model_dir, data_file):
+        for out, extra in ((existing, ["--overwrite"]), (tmp_path / "fresh", [])):
+            code = main(["train", *argv, "--output-dir", str(out), *extra])
+            captured = capsys.readouterr()
+            lines = captured.err.strip().splitlines()
+            assert code == 2, (argv, captured.err)
+            assert len(lines) == 1 and lines[0].startswith("peftkit train: error: "), captured.err
+            assert re.search(message, lines[0]), (message, lines[0])
+            assert sorted(p.name for p in existing.iterdir()) == ["keep.txt"]
+            assert not (tmp_path / "fresh").exists()
+
+
+def test_existing_output_dir_needs_overwrite(tmp_path, model_dir, data_file, capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    base = ["train", "--model", str(model_dir), "--data", str(data_file), "--output-dir", str(out)]
+    base += ["--max-steps", "1", "--batch-size", "4", "--eval-examples", "0", "--validation-split", "0.25"]
+    assert main(base) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main([*base, "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_overwrite_refuses_the_working_directory(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("mine")
+    assert main(["train", "--output-dir", ".", "--overwrite"]) == 2
+    assert "--overwrite would delete" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_unavailable_method_says_so(monkeypatch, capsys) -> None:
+    monkeypatch.setitem(method_names.METHOD_SPECS, "adapter", MethodSpec(("NoSuchConfig",), ("NO_SUCH",)))
+    assert main(["train", "--method", "adapter"]) == 2
+    err = capsys.readouterr().err
+    assert "method 'adapter' is not available in this version of peftkit" in err and "available: lora" in err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, model_dir, data_file) -> None:
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "peftkit", "train", "--model", str(model_dir), "--data", str(data_file)]
+    command += [
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "100000",
+        "--batch-size",
+        "4",
+        "--eval-examples",
+        "0",
+    ]
+    command += ["--validation-split", "0.25"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and '"split": "train"' in metrics.read_text():
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    assert process.returncode == EXIT_INTERRUPTED, stderr[-2000:]
+    checkpoints = sorted((out / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and "interrupted at step" in stdout and "--resume" in stdout
+    step = json.loads((checkpoints[0] / "state.json").read_text())["step"]
+    assert checkpoints[0].name == f"step-{step:06d}"
+
+
+# ------------------------------------------------------------------------------------------ using a run
+def test_generate_applies_the_runs_template_and_chat(trained_run, capsys) -> None:
+    sentence = "Meet Lena Berg, 41, a pilot based in Oslo."
+    assert main(["generate", str(trained_run.output_dir), sentence, "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out.strip()
+    # reference: transformers' generate on the trained model, the prompt built by hand
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(load_config(trained_run.output_dir / "train_config.yaml").model)
+    messages = [{"role": "user", "content": TEMPLATE.format(prompt=sentence)}]
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        output = trained_run.model.generate(**ids, max_new_tokens=6, do_sample=False)
+    expected = tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert printed == expected
+
+
+def test_eval_reports_the_runs_held_out_loss(trained_run, capsys) -> None:
+    assert main(["eval", str(trained_run.output_dir), "--examples", "2", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    loss = float(next(line.split()[1] for line in out.splitlines() if line.strip().startswith("loss ")))
+    assert loss == pytest.approx(trained_run.after["loss"], abs=1e-4)
+    assert main(["eval", str(trained_run.output_dir), "--base", "--examples", "0"]) == 0
+    base_loss = float(
+        next(line.split()[1] for line in capsys.readouterr().out.splitlines() if "loss " in line)
+    )
+    assert base_loss == pytest.approx(trained_run.before["loss"], abs=1e-4)
+
+
+def test_merge_writes_a_model_transformers_loads_alone(trained_run, tmp_path, capsys) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(trained_run.output_dir), str(out)]) == 0
+    assert not (out / "adapter_config.json").exists() and (out / "config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, trained_run.model(input_ids=ids).logits, atol=1e-5, rtol=0
+        )
+    assert not any(isinstance(m, peftkit.layers.AdapterLayer) for m in merged.modules())
+    assert main(["merge", str(trained_run.output_dir), str(out)]) == 2  # exists: needs --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_inspect_lists_modules_targets_and_trainable_table(model_dir, capsys) -> None:
+    assert main(["inspect", "--model", str(model_dir), "--filter", r"layers\.0\.self_attn"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"model\.layers\.0\.self_attn\.q_proj\s+Linear\s+32x32\s+1,024", out)
+    assert "model.layers.1." not in out.split("LoraConfig")[0]  # the filter applies to the module list
+    assert "LoraConfig adapts 8 modules" in out
+    assert "trainable: 3,584" in out
+    assert main(["inspect", "--model", str(model_dir), "--method", "full", "--no-modules"]) == 0
+    assert "every parameter trains" in capsys.readouterr().out
