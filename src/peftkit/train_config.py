@@ -84,6 +84,7 @@ class TrainConfig:
     warmup_steps: int = _key(6, "linear warm-up steps before the cosine decay")
     max_grad_norm: float = _key(1.0, "gradient clipping norm; 0: off")
     seed: int = _key(0, "seed for initialisation, data order and dropout")
+    threads: int = _key(0, "CPU threads per process; 0: the cores other processes leave free (rechecked)")
     bf16: bool = _key(False, "bfloat16 autocast (mixed precision)")
     gradient_checkpointing: bool = _key(False, "recompute activations in backward to save memory")
     # --- evaluation
@@ -92,7 +93,7 @@ class TrainConfig:
     )
     eval_every: int = _key(0, "evaluate every N steps (always before and after); 0: only before and after")
     eval_examples: int = _key(50, "held-out rows scored by generation (loss uses all of them)")
-    max_new_tokens: int = _key(0, "generation length for scoring; 0: longest reference + 16")
+    max_new_tokens: int = _key(0, "generation length for scoring; 0: longest reference + 8")
     # --- output
     output_dir: str = _key("out/train", "where the adapter, metrics, plots and checkpoints go")
     save_every: int = _key(0, "checkpoint every N steps; 0: only at the end")
@@ -247,6 +248,7 @@ _RULES = (
     ("save_every", lambda v: v >= 0, "0 or more"),
     ("keep_checkpoints", lambda v: v >= 1, "at least 1"),
     ("log_every", lambda v: v >= 1, "at least 1"),
+    ("threads", lambda v: v >= 0, "0 (automatic) or more"),
 )
 
 
