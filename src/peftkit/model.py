@@ -159,7 +159,26 @@ class PeftModel(nn.Module):
                 f"adapters {self.merged_adapters} are merged into the weights; call unmerge_adapter() "
                 "before set_adapter()"
             )
+        self._check_input_scalings(names)
         self._apply_state(names)
+
+    def _check_input_scalings(self, names: list[str]) -> None:
+        """Refuse two input-scaling adapters (IA³ on a feed-forward layer) active on one layer: applied
+        unmerged their scalings would add up, where the maths (and merging) multiplies them."""
+        for path, wrapper in self._wrappers():
+            if not isinstance(wrapper, AdapterLayer):
+                continue
+            scaling = [
+                n
+                for n in names
+                if n in wrapper.adapters and getattr(wrapper.adapters[n], "scales_input", False)
+            ]
+            if len(scaling) > 1:
+                raise ValueError(
+                    f"adapters {scaling} both scale the input of {path} (IA³ feed-forward) and cannot be "
+                    f"active together unmerged; activate one at a time, or fold them into the weights "
+                    f"with merge_adapter({scaling})"
+                )
 
     @property
     def active_adapters(self) -> list[str]:

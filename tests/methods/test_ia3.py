@@ -205,3 +205,25 @@ def test_files_have_same_keys_and_shapes(model_name: str, tmp_path: Path) -> Non
             shapes[name] = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
     assert shapes["ours"] == shapes["hf"]
     assert any(shape[0] == 1 for shape in shapes["ours"].values()), "no feed-forward (1, in) vector"
+
+
+def test_two_feedforward_scalings_on_one_layer_cannot_be_active_together() -> None:
+    """Unmerged they would add ((l1 + l2 - 1) x) where merging multiplies (l1 l2 x): refused instead."""
+    from collections import OrderedDict
+
+    config = peftkit.IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"])
+    model = peftkit.wrap(nn.Sequential(OrderedDict(down_proj=nn.Linear(6, 4))), config)
+    model.add_adapter("b", config)
+    with pytest.raises(ValueError, match=r"both scale the input of down_proj"):
+        model.set_adapter(["default", "b"])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ia3_l" in name:
+                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=generator))
+    x = torch.randn(3, 6, generator=generator)
+    l1 = model.model.down_proj.adapters["default"].ia3_l.detach()
+    l2 = model.model.down_proj.adapters["b"].ia3_l.detach()
+    expected = model.model.down_proj.base(x * l1 * l2)
+    model.merge_adapter(["default", "b"])
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)

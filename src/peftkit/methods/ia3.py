@@ -108,6 +108,11 @@ class IA3Linear(nn.Module):
             nn.init.ones_(self.ia3_l)
         self.feedforward = feedforward
 
+    @property
+    def scales_input(self) -> bool:
+        """Whether this adapter scales the layer's input (one such adapter per layer may be active)."""
+        return self.feedforward
+
     def forward(self, base: nn.Module, x: Tensor, base_output: Tensor) -> Tensor:
         """x: (..., in); base_output: (..., out) → (..., out).
 
