@@ -73,9 +73,9 @@ def expected_and_grads(t: dict[str, Tensor], scaling: float, mask: Tensor | None
 def test_outputs_and_gradients_equal_plain_pytorch(function, p: float, dtype: torch.dtype) -> None:
     t = leaves(dtype)
     torch.manual_seed(3)
-    mask = dropout_mask(t["x"], p) if p > 0 else None
-    out, grads = outputs_and_grads(function, t, 2.5, mask, 1 - p)
-    expected, expected_grads = expected_and_grads(t, 2.5, mask, 1 - p)
+    mask, keep = dropout_mask(t["x"], p) if p > 0 else (None, 1.0)
+    out, grads = outputs_and_grads(function, t, 2.5, mask, keep)
+    expected, expected_grads = expected_and_grads(t, 2.5, mask, keep)
     atol = ATOL[dtype]
     assert out.dtype == dtype
     torch.testing.assert_close(out, expected, atol=atol, rtol=0)
@@ -93,15 +93,21 @@ def test_no_gradient_needed_gives_the_same_output_without_a_graph() -> None:
     torch.testing.assert_close(out, expected, atol=ATOL[torch.float32], rtol=0)
 
 
-def test_dropout_mask_is_the_one_nn_dropout_draws() -> None:
-    """On CPU the bool mask draws as ``nn.Dropout`` does: seeded runs drop the same elements."""
-    x = torch.ones(3, 17, 40)
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_mask_keeps_the_stated_share(p: float) -> None:
+    """Kept share within 5 binomial standard deviations of the returned keep probability, which is
+    ``1 - p`` to 1/65536; seeded draws repeat, later draws differ."""
+    x = torch.empty(1000, 999)  # a size that is not a multiple of 4 (four masks per 64-bit draw)
     torch.manual_seed(11)
-    dropped = nn.Dropout(0.25).train()(x)
+    mask, keep = dropout_mask(x, p)
+    assert mask.dtype == torch.bool and mask.shape == x.shape
+    assert abs(keep - (1 - p)) <= 0.5 / 65536
+    sigma = (keep * (1 - keep) / mask.numel()) ** 0.5
+    assert abs(mask.float().mean().item() - keep) < 5 * sigma
     torch.manual_seed(11)
-    mask = dropout_mask(x, 0.25)
-    assert mask.dtype == torch.bool
-    assert torch.equal(mask, dropped != 0)
+    assert torch.equal(dropout_mask(x, p)[0], mask)
+    assert not torch.equal(dropout_mask(x, p)[0], mask)
+    assert dropout_mask(x, 0.0)[0].all()
     with pytest.raises(ValueError, match=r"p=1\.0"):
         dropout_mask(x, 1.0)
 
@@ -110,7 +116,7 @@ def test_saves_x_once_and_a_bool_mask() -> None:
     """Saved bytes (unique storages) of the fast path vs. autograd's plain dropout path."""
     t = leaves(torch.float32)
     tokens = 2 * 5
-    mask = dropout_mask(t["x"], 0.3)
+    mask, _ = dropout_mask(t["x"], 0.3)
 
     def saved_bytes(fn) -> int:
         storages: dict[int, int] = {}
@@ -151,7 +157,13 @@ def wrapped(base: nn.Module, dropout: float, dtype: torch.dtype = torch.float32)
     return peft_model.train()
 
 
-def layer_step(model: peftkit.PeftModel, x: Tensor, fast: bool) -> tuple[Tensor, dict[str, Tensor]]:
+def layer_step(
+    model: peftkit.PeftModel, x: Tensor, fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor, float] | None]:
+    """Output, gradients, and the (mask, keep) the fast path drew (None on the plain path)."""
+    drawn: list[tuple[Tensor, float]] = []
+    real = lora_module.dropout_mask
+    monkeypatch.setattr(lora_module, "dropout_mask", lambda *a: drawn.append(real(*a)) or drawn[-1])
     x = x.detach().clone().requires_grad_()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(5)
@@ -159,39 +171,69 @@ def layer_step(model: peftkit.PeftModel, x: Tensor, fast: bool) -> tuple[Tensor,
         out = model(x)
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(out.dtype))
     grads = {"x": x.grad} | {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    return out, grads
+    monkeypatch.setattr(lora_module, "dropout_mask", real)
+    return out, grads, drawn[0] if drawn else None
 
 
+def plain_layer(model: peftkit.PeftModel, x: Tensor, mask: Tensor | None, keep: float):
+    """``W x + b + s·B·A·(x ⊙ mask / keep)`` with autograd on fresh leaves: (output, gradients)."""
+    layer = model.model.proj
+    adapter = layer.adapters["default"]
+    weight = layer.base.weight.detach()
+    weight = weight if isinstance(layer.base, nn.Linear) else weight.T  # Conv1D stores (in, out)
+    leaves = {
+        "x": x.detach().clone().requires_grad_(),
+        "model.proj.base.bias": layer.base.bias.detach().clone().requires_grad_(),
+        "model.proj.adapters.default.lora_A.weight": adapter.lora_A.weight.detach().clone().requires_grad_(),
+        "model.proj.adapters.default.lora_B.weight": adapter.lora_B.weight.detach().clone().requires_grad_(),
+    }
+    x_, b, A, B = leaves.values()
+    dropped = x_ if mask is None else x_ * mask / keep
+    out = x_ @ weight.T + b + adapter.scaling * (dropped @ A.T @ B.T)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(6)))
+    return out, {name: leaf.grad for name, leaf in leaves.items()}
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("layer", ["linear", "conv1d"])
-def test_lora_linear_layer_fast_on_and_off_agree(layer: str, dropout: float) -> None:
-    """The same seed drops the same elements on both paths, so outputs and gradients (x, A, B and the
-    base bias, trained with ``bias="all"``) must agree."""
+def test_lora_linear_layer_equals_plain_pytorch(
+    layer: str, dropout: float, fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outputs and gradients (x, A, B and the base bias, trained with ``bias="all"``) against the maths
+    written out, with the mask each path drew: the fast path's recorded bool mask, or, on the plain
+    path, ``nn.Dropout``'s (``bernoulli_`` on the same seed draws it again on CPU)."""
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
     base = nn.Linear(IN, OUT) if layer == "linear" else Conv1D(OUT, IN)
     model = wrapped(base, dropout)
     x = torch.randn(3, 6, IN)
-    fast_out, fast_grads = layer_step(model, x, fast=True)
-    plain_out, plain_grads = layer_step(model, x, fast=False)
-    assert set(fast_grads) == {"x", "model.proj.base.bias"} | {
-        f"model.proj.adapters.default.lora_{ab}.weight" for ab in "AB"
-    }
-    torch.testing.assert_close(fast_out, plain_out, atol=1e-5, rtol=0)
-    for name, grad in fast_grads.items():
-        torch.testing.assert_close(grad, plain_grads[name], atol=1e-5, rtol=0, msg=f"grad of {name}")
+    out, grads, drawn = layer_step(model, x, fast, monkeypatch)
+    assert (drawn is not None) == (fast and dropout > 0)
+    if drawn is not None:
+        mask, keep = drawn
+    elif dropout:
+        torch.manual_seed(5)
+        mask, keep = torch.empty_like(x).bernoulli_(1 - dropout) != 0, 1 - dropout
+    else:
+        mask, keep = None, 1.0
+    expected, expected_grads = plain_layer(model, x, mask, keep)
+    assert set(grads) == set(expected_grads)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=0, msg=f"grad of {name}")
     if dropout:  # dropout really acted: the output differs from the same model in eval mode
         with torch.no_grad():
-            assert not torch.allclose(model.eval()(x), fast_out.detach(), atol=1e-4)
+            assert not torch.allclose(model.eval()(x), out.detach(), atol=1e-4)
 
 
-def test_bf16_base_layer_fast_on_and_off_agree() -> None:
+def test_bf16_base_layer_fast_on_and_off_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    model = wrapped(nn.Linear(IN, OUT), 0.2, torch.bfloat16)
+    model = wrapped(nn.Linear(IN, OUT), 0.0, torch.bfloat16)
     x = torch.randn(3, 6, IN).to(torch.bfloat16)
-    fast_out, fast_grads = layer_step(model, x, fast=True)
-    plain_out, plain_grads = layer_step(model, x, fast=False)
+    fast_out, fast_grads, _ = layer_step(model, x, True, monkeypatch)
+    plain_out, plain_grads, _ = layer_step(model, x, False, monkeypatch)
     assert fast_out.dtype == torch.bfloat16
     torch.testing.assert_close(fast_out, plain_out, atol=ATOL[torch.bfloat16], rtol=0)
     for name, grad in fast_grads.items():

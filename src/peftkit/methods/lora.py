@@ -230,9 +230,9 @@ class LoraLinear(_AdditiveLora):
         """
         if self._fast_path_applies(x):
             p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
-            mask = dropout_mask(x, p) if p > 0 else None
+            mask, keep = dropout_mask(x, p) if p > 0 else (None, 1.0)
             A, B = self.lora_A.weight, self.lora_B.weight
-            return lora_linear(x, base_output, A, B, self.scaling, mask, 1.0 - p)
+            return lora_linear(x, base_output, A, B, self.scaling, mask, keep)
         x = x.to(self.lora_A.weight.dtype)
         update = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling  # (..., out_features)
         return base_output + update.to(base_output.dtype)
