@@ -116,9 +116,14 @@ def lora_linear_reference(
 
 
 def _masked(x2: Tensor, mask2: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """x with dropped elements zeroed (not yet divided by keep_prob), in the adapter dtype: (N, in)."""
-    kept = x2 if mask2 is None else x2 * mask2
-    return kept.to(dtype)
+    """x with dropped elements zeroed (not yet divided by keep_prob), in the adapter dtype: (N, in).
+
+    ``mask2`` is the bool mask, or the same as 0./1. floats of ``dtype``: float x float multiplies are
+    vectorised, float x bool ones are about three times slower on CPU.
+    """
+    if mask2 is None:
+        return x2.to(dtype)
+    return x2 * (mask2 if mask2.dtype == dtype else mask2.to(dtype))
 
 
 def _forward(
@@ -178,7 +183,7 @@ class _LoraLinearFunction(torch.autograd.Function):
             if mask is not None:
                 grad_h = grad_h.mul_(1.0 / keep_prob)
             x2 = x.reshape(-1, x.shape[-1])
-            mask2 = None if mask is None else mask.reshape(x2.shape)
+            mask2 = None if mask is None else mask.reshape(x2.shape).to(lora_A.dtype)  # used twice
             if needs_A:
                 grad_A = grad_h.T @ _masked(x2, mask2, lora_A.dtype)  # (r, in)
             if needs_x:
