@@ -202,6 +202,10 @@ def test_gradient_checkpointing_same_losses_and_bf16_close(tmp_path, model_dir, 
     assert checkpointed.losses == pytest.approx(plain.losses, abs=1e-5)
     bf16 = train(config_for(tmp_path / "c", model_dir, small_data, max_steps=3, eval_examples=0, bf16=True))
     assert bf16.losses == pytest.approx(plain.losses, abs=0.05)
+    half = config_for(tmp_path / "d", model_dir, small_data, max_steps=3, eval_examples=0, dtype="bfloat16")
+    half_base = train(half)
+    assert half_base.losses == pytest.approx(plain.losses, abs=0.05)
+    assert all(p.dtype == torch.float32 for p in half_base.model.parameters() if p.requires_grad)
 
 
 def test_full_finetuning_writes_a_plain_model(tmp_path, model_dir, small_data) -> None:
