@@ -11,9 +11,10 @@ Bad input (a ``UsageError``) prints one line on stderr and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -320,7 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``peftkit`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_libraries()
+    with _quiet_libraries():
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is None:
@@ -343,12 +348,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _quiet_libraries() -> None:
-    """No weight-loading bars or library warnings: peftkit prints what happens itself."""
-    import transformers
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """No weight-loading bars or library warnings while a command runs: peftkit reports itself."""
+    import datasets
+    from transformers.utils import logging
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    data_verbosity, data_bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        datasets.logging.set_verbosity(data_verbosity)
+        if bars:
+            logging.enable_progress_bar()
+        if data_bars:
+            datasets.enable_progress_bars()
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> Any:

@@ -113,8 +113,6 @@ def load_table(path: str | Path) -> datasets.Dataset:
         raise UsageError(f"data file {path} has unsupported type {path.suffix!r}; use {', '.join(BUILDERS)}")
     if not path.read_bytes()[:4096].strip():
         raise UsageError(f"data file {path} is empty; it needs at least one example")
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
     try:
         table = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
     except Exception as e:  # datasets wraps the parser's error; show the innermost one
