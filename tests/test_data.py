@@ -258,12 +258,19 @@ def test_bundled_task_prepares_with_template_and_held_out_split(tokenizer) -> No
     assert headline_metric(config.metric, config.task, data.validation["references"]) == "exact_match"
 
 
-def test_validation_split_is_seeded(tmp_path: Path, tokenizer) -> None:
+def test_validation_split_is_seeded_and_validation_rows_a_fixed_prefix(tmp_path: Path, tokenizer) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)])
     config = load_config(None, {"data": str(path), "validation_split": 0.25, "seed": 3})
     first, second = prepare_data(config, tokenizer), prepare_data(config, tokenizer)
     assert len(first.validation) == 5 and len(first.train) == 15
     assert first.validation["references"] == second.validation["references"]
+    held_out = {refs[0] for refs in first.validation["references"]}
+    trained = {tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) for labels in first.train["labels"]}
+    assert {answer.removesuffix("<|im_end|>\n") for answer in trained} == {
+        f"a{i}" for i in range(20)
+    } - held_out
+    fixed = prepare_data(config.replace(validation_data=str(path), validation_rows=3), tokenizer)
+    assert fixed.validation["references"] == [["a0"], ["a1"], ["a2"]]
 
 
 @pytest.mark.skipif(not DIALOGSUM.is_dir(), reason="shared/data/dialogsum not present")
@@ -272,7 +279,7 @@ def test_dialogsum_prepares_as_summarization_with_three_references(tokenizer) ->
     config = config.replace(data=str(DIALOGSUM / "dev.jsonl"), validation_data=str(DIALOGSUM / "test.jsonl"))
     data = prepare_data(config, tokenizer)
     assert data.stats["examples"] == 500
-    assert len(data.validation) == 500
+    assert len(data.validation) == 100  # validation_rows: the fixed first 100 test dialogues
     first = json.loads((DIALOGSUM / "test.jsonl").read_text().splitlines()[0])
     assert data.validation[0]["references"] == [first["summary1"], first["summary2"], first["summary3"]]
     assert "Summarize the following dialogue" in tokenizer.decode(data.validation[0]["prompt_ids"])

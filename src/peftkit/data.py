@@ -437,6 +437,8 @@ def prepare_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
             raise UsageError(f"{train_path} has {len(table)} example; validation_split needs at least 2")
         split = table.train_test_split(test_size=config.validation_split, seed=config.seed)
         table, validation = split["train"], split["test"]
+    if validation is not None and config.validation_rows:
+        validation = validation.select(range(min(config.validation_rows, len(validation))))
 
     if config.task == "seq-cls":
         train, stats, names = tokenize_classification(

@@ -8,6 +8,7 @@ references, as in DialogSum's evaluation).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,8 @@ def token_loss_sum(logits: Tensor, labels: Tensor, task: str) -> tuple[Tensor, T
     Args:
         logits: (batch, seq, vocab) for language models, (batch, classes) for ``seq-cls``. A causal
             model may return more positions than ``labels`` has (virtual tokens prepended by prompt
-            tuning); the last ``seq`` are used.
+            tuning: the last ``seq`` are used) or fewer (``logits_to_keep``: they are the last ones,
+            and must cover every scored position).
         labels: (batch, seq) with -100 where nothing is scored, or (batch,) class indices.
         task: ``causal-lm`` (position t predicts token t+1), ``seq2seq-lm`` or ``seq-cls``.
 
@@ -53,8 +55,10 @@ def token_loss_sum(logits: Tensor, labels: Tensor, task: str) -> tuple[Tensor, T
     """
     logits = logits.float()
     if task == "causal-lm":
-        logits = logits[:, -labels.shape[1] :][:, :-1]  # (batch, seq-1, vocab): predicts tokens 1..
-        labels = labels[:, 1:]  # (batch, seq-1)
+        seq = labels.shape[1]
+        kept = min(logits.shape[1], seq)  # logits of the last `kept` positions (all, or logits_to_keep)
+        logits = logits[:, -kept:][:, :-1]  # (batch, kept-1, vocab): position t predicts token t+1
+        labels = labels[:, seq - kept + 1 :]  # (batch, kept-1)
     flat_logits = logits.reshape(-1, logits.shape[-1])  # (rows, vocab)
     flat_labels = labels.reshape(-1)  # (rows,)
     loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -62,13 +66,31 @@ def token_loss_sum(logits: Tensor, labels: Tensor, task: str) -> tuple[Tensor, T
 
 
 def forward_logits(model: nn.Module, batch: dict[str, Tensor], task: str) -> Tensor:
-    """The model's logits for a collated batch (teacher forcing; no KV cache)."""
+    """The model's logits for a collated batch (teacher forcing; no KV cache).
+
+    A causal model whose forward takes ``logits_to_keep`` computes the output head only from the
+    position before the batch's first answer token on: prompts are often most of a row (a dialogue
+    and its summary), and the vocabulary-sized logits are the largest tensors of a step.
+    """
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if task == "seq2seq-lm":
         inputs["labels"] = batch["labels"]  # the model shifts them into its decoder inputs
     if task != "seq-cls":
         inputs["use_cache"] = False
+    if task == "causal-lm" and takes_logits_to_keep(model):
+        scored = (batch["labels"] != IGNORE_INDEX).any(dim=0).nonzero()  # positions with a target
+        if len(scored) > 0:
+            inputs["logits_to_keep"] = batch["labels"].shape[1] - int(scored[0]) + 1
     return model(**inputs).logits
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the (wrapped) model's forward accepts transformers' ``logits_to_keep``."""
+    while hasattr(model, "module"):  # DistributedDataParallel and similar wrappers
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def loss_sum(model: nn.Module, batch: dict[str, Tensor], task: str) -> tuple[Tensor, Tensor]:

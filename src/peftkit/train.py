@@ -63,6 +63,7 @@ RESUMABLE_CHANGES = frozenset(
         "epochs",
         "eval_every",
         "eval_examples",
+        "validation_rows",
         "max_new_tokens",
         "save_every",
         "keep_checkpoints",

@@ -58,6 +58,7 @@ class TrainConfig:
     data: str = _key("person-json", "training file (.jsonl/.json/.csv/.parquet) or a bundled task name")
     validation_data: str | None = _key(None, "held-out file; default: split off validation_split of data")
     validation_split: float = _key(0.1, "fraction of data held out when validation_data is unset")
+    validation_rows: int = _key(0, "use only the first N held-out rows (a fixed subset); 0: all")
     data_format: str = _key("auto", "row layout", choices=DATA_FORMATS)
     prompt_column: str = _key("prompt", "prompt_completion: the prompt column")
     completion_column: str = _key("completion", "prompt_completion: the answer column")
@@ -243,6 +244,7 @@ _RULES = (
     ("validation_split", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("max_length", lambda v: v >= 8, "at least 8"),
     ("eval_every", lambda v: v >= 0, "0 or more"),
+    ("validation_rows", lambda v: v >= 0, "0 (all) or more"),
     ("eval_examples", lambda v: v >= 0, "0 or more"),
     ("max_new_tokens", lambda v: v >= 0, "0 (automatic) or more"),
     ("save_every", lambda v: v >= 0, "0 or more"),
