@@ -347,26 +347,30 @@ def test_sequence_classification_task_reports_accuracy(tmp_path) -> None:
     ]
     data = tmp_path / "cls.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = train(
-        load_config(
-            None,
-            {
-                "model": str(tmp_path / "cls"),
-                "task": "seq-cls",
-                "data": str(data),
-                "prompt_column": "text",
-                "completion_column": "label",
-                "validation_split": 0.25,
-                "output_dir": str(tmp_path / "run"),
-                "max_steps": 30,
-                "batch_size": 8,
-                "lr": 1e-2,
-                "method_options": {"target_modules": ["q_proj", "v_proj"]},
-            },
-        )
+    settings = load_config(
+        None,
+        {
+            "model": str(tmp_path / "cls"),
+            "task": "seq-cls",
+            "data": str(data),
+            "prompt_column": "text",
+            "completion_column": "label",
+            "validation_split": 0.25,
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 30,
+            "batch_size": 8,
+            "lr": 1e-2,
+            "method_options": {"target_modules": ["q_proj", "v_proj"]},
+            "threads": 1,
+        },
     )
+    result = train(settings)
     assert result.metric == "accuracy"
     assert result.after["accuracy"] == 1.0  # "good"/"bad" is separable
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(json.dumps({"text": f"t{i}", "label": f"l{i % 3}"}) + "\n" for i in range(12)))
+    with pytest.raises(UsageError, match=r"the data has 3 labels .* a 2-label classification head"):
+        train(settings.replace(data=str(three), output_dir=str(tmp_path / "run3")))
 
 
 @pytest.mark.skipif(not DIALOGSUM.is_dir(), reason="shared/data/dialogsum not present")

@@ -49,6 +49,7 @@ __all__ = [
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 IGNORE_INDEX = -100
 KEEP_TOKENS = 16  # truncation keeps a prompt's first and last this many tokens
+Encoded = tuple[list[int], list[int], list[int]]  # (input_ids, labels, prompt_ids)
 
 
 @dataclass(frozen=True)
@@ -178,9 +179,7 @@ def to_chats(table: datasets.Dataset, fmt: DataFormat, source: str = "the data")
     return table.map(convert, remove_columns=columns, keep_in_memory=True)
 
 
-def encode(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]
-) -> tuple[list[int], list[int], list[int]]:
+def encode(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> Encoded:
     """Tokenize a chat: ``(input_ids, labels, prompt_ids)``.
 
     ``labels`` equal ``input_ids`` on assistant turns (with their end-of-turn tokens) and -100
@@ -195,7 +194,7 @@ def encode(
     return _encode_plain(tokenizer, list(messages))
 
 
-def _encode_templated(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple:
+def _encode_templated(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> Encoded:
     def render(turns: list[dict[str, str]], generation_prompt: bool) -> list[int]:
         out = tokenizer.apply_chat_template(turns, add_generation_prompt=generation_prompt, return_dict=True)
         return list(out["input_ids"])
@@ -217,7 +216,7 @@ def _encode_templated(tokenizer: PreTrainedTokenizerBase, messages: list[dict[st
     return input_ids, labels, prompt_ids
 
 
-def _encode_plain(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple:
+def _encode_plain(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> Encoded:
     """No chat template: turns are joined by blank lines; each answer ends with the EOS token."""
     input_ids: list[int] = []
     if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):

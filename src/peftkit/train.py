@@ -214,6 +214,13 @@ class _Run:
         model, tokenizer = load_base_model(config)
         self.tokenizer = tokenizer
         data = prepare_data(config, tokenizer)
+        labels = getattr(model.config, "num_labels", None)
+        if data.label_names is not None and len(data.label_names) != labels:
+            raise UsageError(
+                f"the data has {len(data.label_names)} labels {data.label_names} but {config.model} has a "
+                f"{labels}-label classification head; use data with {labels} labels or a model with "
+                f"{len(data.label_names)} (config.json num_labels)"
+            )
         set_seed(config.seed)  # adapter initialisation
         model = self._apply_method(model, method_config)
         global_batch = config.batch_size * config.grad_accum * self.world
