@@ -162,7 +162,8 @@ def train(config: TrainConfig, on_step: Callable[[int, float, nn.Module], None] 
 
     Args:
         config: the run's settings.
-        on_step: called after every optimizer step with ``(step, loss, model)`` (for tests/tools).
+        on_step: called on the main process after every optimizer step with ``(step, loss, model)``
+            (the unwrapped model), before that step's checkpoint; for tools and tests.
 
     Raises:
         UsageError: bad input (data file, column, model, method option, an existing output_dir
