@@ -252,10 +252,7 @@ class _Run:
         )
         wrapped, optimizer = self.acc.prepare(model, optimizer)
         self._report_setup(model, data, total_steps, steps_per_epoch, metric)
-        with _autocast_safe_lora(config.bf16):
-            return self._loop(
-                model, wrapped, optimizer, scheduler, data, total_steps, steps_per_epoch, metric
-            )
+        return self._loop(model, wrapped, optimizer, scheduler, data, total_steps, steps_per_epoch, metric)
 
     def _set_threads(self, running: int = 0) -> None:
         """Fix the CPU thread count: ``threads``, else ``OMP_NUM_THREADS``, else :func:`auto_threads`."""
@@ -587,16 +584,6 @@ class _Run:
         (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
         self.say(text)
         self.say(_try_it(self.config, self.out))
-
-
-def _autocast_safe_lora(autocast: bool) -> contextlib.AbstractContextManager:
-    """Under bf16 autocast, LoRA takes the plain autograd path: the fast path (peftkit.ops.lora_linear)
-    does not handle autocast yet (its backward mixes float32 and bfloat16)."""
-    if not autocast:
-        return contextlib.nullcontext()
-    from peftkit.ops import fast_lora
-
-    return fast_lora(False)
 
 
 def _try_it(config: TrainConfig, out: Path) -> str:

@@ -266,3 +266,24 @@ def test_switch_and_hooks_decide_the_path(monkeypatch: pytest.MonkeyPatch) -> No
         set_fast_lora(True)
     model(x)
     assert calls == [1, 1]
+
+
+def test_training_step_under_bf16_autocast_takes_the_plain_path() -> None:
+    """Under CPU bf16 autocast the fast path stands aside: the step runs and its gradients equal the
+    plain path's exactly (both are the plain path)."""
+    grads = {}
+    for enabled in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential()
+        model.add_module("proj", nn.Linear(IN, OUT))
+        wrapped = peftkit.wrap(
+            model, peftkit.LoraConfig(r=RANK, target_modules=["proj"], init_lora_weights=False)
+        )
+        x = torch.randn(3, IN)
+        with fast_lora(enabled), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = wrapped(x).float().pow(2).mean()
+        loss.backward()
+        grads[enabled] = {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for name in grads[True]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], atol=0, rtol=0)

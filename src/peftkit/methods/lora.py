@@ -238,9 +238,11 @@ class LoraLinear(_AdditiveLora):
         return base_output + update.to(base_output.dtype)
 
     def _fast_path_applies(self, x: Tensor) -> bool:
-        """float32/bfloat16, plain ``nn.Linear`` factors, and no hooks that expect to see their calls."""
+        """float32/bfloat16, no autocast (its per-op casts would mix dtypes in the hand-written backward),
+        plain ``nn.Linear`` factors, and no hooks that expect to see their calls."""
         return (
             fast_lora_enabled()
+            and not torch.is_autocast_enabled(x.device.type)
             and x.dtype in FAST_DTYPES
             and self.lora_A.weight.dtype in FAST_DTYPES
             and type(self.lora_A) is nn.Linear
