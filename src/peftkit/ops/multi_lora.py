@@ -35,13 +35,18 @@ class StackedLora:
         lora_A: (slots, r, in_features); slot 0 is zeros (rows without an adapter).
         lora_B: (slots, out_features, r), each adapter's scaling folded in.
         row_slot: (batch,) the slot of each row.
-        row_onehot: (batch, slots) the same as a one-hot float mask in the adapters' dtype.
+        all_A: (in_features, n·r): the n adapters' A side by side (slot 0 left out), for few tokens.
+        all_B: (n·r, out_features): their B likewise (row-major K x N: small matmuls are faster so).
+        row_columns: (batch, 1, n·r): 1 where a column of ``all_A`` belongs to the row's adapter, else 0
+            (all 0 for a row without one).
     """
 
     lora_A: Tensor
     lora_B: Tensor
     row_slot: Tensor
-    row_onehot: Tensor
+    all_A: Tensor
+    all_B: Tensor
+    row_columns: Tensor
 
 
 def stack_lora(
@@ -70,8 +75,12 @@ def stack_lora(
         stacked_A[slot, : lora_A.shape[0]] = lora_A
         stacked_B[slot, :, : lora_B.shape[1]] = lora_B * scaling
         row_slot[indices.to(row_slot.device)] = slot
-    row_onehot = F.one_hot(row_slot, slots).to(first_A.dtype)  # (batch, slots)
-    return StackedLora(stacked_A, stacked_B, row_slot, row_onehot)
+    # Side-by-side copies for the few-token path, made once per model call.
+    all_A = stacked_A[1:].reshape((slots - 1) * rank, -1).T.contiguous()  # (in, n·r)
+    all_B = stacked_B[1:].transpose(1, 2).reshape((slots - 1) * rank, -1)  # (n·r, out)
+    row_onehot = F.one_hot(row_slot, slots)[:, 1:].to(first_A.dtype)  # (batch, n)
+    row_columns = row_onehot.repeat_interleave(rank, dim=1).unsqueeze(1)  # (batch, 1, n·r)
+    return StackedLora(stacked_A, stacked_B, row_slot, all_A, all_B, row_columns)
 
 
 def multi_lora(x: Tensor, base_output: Tensor, stacked: StackedLora) -> Tensor:
@@ -85,16 +94,18 @@ def multi_lora(x: Tensor, base_output: Tensor, stacked: StackedLora) -> Tensor:
     Returns:
         (batch, ..., out_features) in ``base_output``'s dtype.
     """
-    slots, rank, in_features = stacked.lora_A.shape
+    slots, _, in_features = stacked.lora_A.shape
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, in_features).to(stacked.lora_A.dtype)  # (batch, tokens, in)
     tokens = x3.shape[1]
     out_features = base_output.shape[-1]
-    if batch * tokens * slots <= MASKED_PATH_MAX_PAIRS:
-        h = x3 @ stacked.lora_A.reshape(slots * rank, in_features).T  # (batch, tokens, slots·r)
-        h = h.view(batch, tokens, slots, rank) * stacked.row_onehot[:, None, :, None]
-        all_B = stacked.lora_B.permute(1, 0, 2).reshape(out_features, slots * rank)  # (out, slots·r)
-        delta = h.view(batch, tokens, slots * rank) @ all_B.T  # (batch, tokens, out)
+    if batch * tokens * slots <= MASKED_PATH_MAX_PAIRS:  # few ops: decoding runs this per layer and token
+        h2 = torch.mm(x3.reshape(batch * tokens, in_features), stacked.all_A)  # (batch·tokens, n·r)
+        h2.view(batch, tokens, -1).mul_(stacked.row_columns)  # other adapters' columns to zero
+        base2 = base_output.reshape(batch * tokens, out_features)
+        if base2.dtype == h2.dtype:
+            return torch.addmm(base2, h2, stacked.all_B).view(base_output.shape)
+        delta = h2 @ stacked.all_B  # (batch·tokens, out)
     else:
         row_A = stacked.lora_A.index_select(0, stacked.row_slot)  # (batch, r, in)
         row_B = stacked.lora_B.index_select(0, stacked.row_slot)  # (batch, out, r)
