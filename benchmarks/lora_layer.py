@@ -1,0 +1,81 @@
+"""One LoRA linear layer, forward + backward, at SmolLM2-135M's shapes: where a LoRA step's time goes.
+
+    python benchmarks/lora_layer.py --tokens 1024 --rounds 30
+
+Variants per shape (in -> out, rank 16, float32, the frozen base weight's matmul included in all):
+the frozen base layer alone; autograd LoRA as Hugging Face PEFT and peftkit's plain path compute it
+(``nn.Dropout`` on the adapter input); peftkit's fast path (``peftkit.ops.lora_linear``). Interleaved,
+medians; "LoRA cost" is the time over the frozen layer alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from common import Variant, interleaved, machine, table
+
+from peftkit.ops import dropout_mask, lora_linear
+
+SHAPES = {
+    "q/o (576->576)": (576, 576),
+    "k/v (576->192)": (576, 192),
+    "gate/up (576->1536)": (576, 1536),
+    "down (1536->576)": (1536, 576),
+}
+
+
+def layer_variants(d_in: int, d_out: int, p: float, r: int, tokens: int) -> list[Variant]:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(d_out, d_in, generator=generator) / d_in**0.5
+    lora_A = (torch.randn(r, d_in, generator=generator) / d_in**0.5).requires_grad_()
+    lora_B = (torch.randn(d_out, r, generator=generator) * 0.01).requires_grad_()
+    x_value = torch.randn(tokens, d_in, generator=generator)
+    upstream = torch.randn(tokens, d_out, generator=generator)
+
+    def base_only() -> None:
+        x = x_value.clone().requires_grad_()
+        F.linear(x, weight).backward(upstream)
+
+    def autograd_lora() -> None:
+        x = x_value.clone().requires_grad_()
+        update = F.linear(F.linear(F.dropout(x, p, training=True), lora_A), lora_B) * 2.0
+        (F.linear(x, weight) + update).backward(upstream)
+
+    def fast_lora() -> None:
+        x = x_value.clone().requires_grad_()
+        mask, keep = dropout_mask(x, p) if p else (None, 1.0)
+        lora_linear(x, F.linear(x, weight), lora_A, lora_B, 2.0, mask, keep).backward(upstream)
+
+    return [
+        Variant("frozen layer alone", base_only),
+        Variant("autograd LoRA (HF PEFT's maths)", autograd_lora),
+        Variant("peftkit fast path", fast_lora),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=1024, help="batch x seq")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--r", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(machine())
+    rows = []
+    for label, (d_in, d_out) in SHAPES.items():
+        for p in (0.0, 0.05):
+            variants = layer_variants(d_in, d_out, p, args.r, args.tokens)
+            interleaved(variants, args.rounds, warmup=3, verbose=False)
+            base = variants[0].median
+            for variant in variants:
+                cost = "" if variant is variants[0] else f"{(variant.median - base) * 1e3:.2f} ms"
+                rows.append([label, f"{p}", variant.name, f"{variant.median * 1e3:.2f} ms", cost])
+    print(table([f"{args.tokens} tokens", "dropout", "variant", "fwd+bwd median", "LoRA cost"], rows))
+    print(machine())
+
+
+if __name__ == "__main__":
+    main()
