@@ -143,8 +143,9 @@ class PeftModel(nn.Module):
         the original values put back when it stops being active.
 
         Raises:
-            ValueError: an unknown name, adapters are merged (unmerge first), or more than one
-                model-level adapter (soft prompt, selective) among the names.
+            ValueError: an unknown name, adapters are merged (unmerge first), more than one
+                model-level adapter (soft prompt, selective) among the names, or two adapters that
+                scale the same layer's input (IA³ feed-forward).
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_known(names)
