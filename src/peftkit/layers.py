@@ -131,8 +131,8 @@ class AdapterLayer(_Wrapper):
             return y
         if not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
             stacked = self._stacked_lora(used)
-            if stacked is not None:
-                return multi_lora(x, y, stacked)
+            if stacked is not None:  # y is the base layer's fresh output: updated in place
+                return multi_lora(x, y, stacked, in_place=True)
         out = y.clone()
         for name, rows in used:
             adapted = self.adapters[name](self.base, x.index_select(0, rows), y.index_select(0, rows))

@@ -54,6 +54,10 @@ def test_multi_lora_equals_each_row_alone(tokens: int, dtype: torch.dtype) -> No
     expected = per_row(x, y, factors, slot_of_row)
     atol = ATOL if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(multi_lora(x, y, stacked), expected, atol=atol, rtol=0)
+    y_copy = y.clone()
+    out = multi_lora(x, y_copy, stacked, in_place=True)
+    torch.testing.assert_close(out, expected, atol=atol, rtol=0)
+    assert (out.data_ptr() == y_copy.data_ptr()) == (dtype == torch.float32)  # in place where dtypes match
     torch.testing.assert_close(multi_lora_reference(x, y, factors, rows), expected, atol=atol, rtol=0)
 
 
@@ -113,7 +117,7 @@ def test_mixed_batch_forward_equals_rows_alone(seq: int, monkeypatch: pytest.Mon
     expected = rows_alone(model, ids)
     calls: list[int] = []
     real = layers_module.multi_lora
-    monkeypatch.setattr(layers_module, "multi_lora", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(layers_module, "multi_lora", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         mixed = model(input_ids=ids, adapter_names=NAMES).logits
     torch.testing.assert_close(mixed, expected, atol=ATOL, rtol=0)
