@@ -126,10 +126,14 @@ class AdapterLayer(_Wrapper):
         """
         assert self.routing is not None
         self._check_batch(x)
+        no_graph = not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))
+        stacked = self.routing.stacked.get(id(self)) if no_graph else None
+        if stacked is not None:  # the decoding steps of generate: the stacks of the first step, reused
+            return multi_lora(x, y, stacked, in_place=True)
         used = [(name, rows) for name, rows in self.routing.groups if name in self.adapters]
         if not used:
             return y
-        if not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
+        if no_graph:
             stacked = self._stacked_lora(used)
             if stacked is not None:  # y is the base layer's fresh output: updated in place
                 return multi_lora(x, y, stacked, in_place=True)

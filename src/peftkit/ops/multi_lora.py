@@ -1,7 +1,8 @@
 """Many LoRA adapters in one batch: every row gets its own adapter in two batched matmuls per layer.
 
-A layer's adapters are stacked once per model call (:func:`stack_lora`): slot 0 is "no adapter"
-(zeros), ranks are zero-padded to the largest, and each adapter's scaling is folded into its B.
+A layer's adapters are stacked once per model call (:func:`stack_lora`, each layout on first use):
+slot 0 is "no adapter" (zeros), ranks are zero-padded to the largest, and each adapter's scaling is
+folded into its B.
 :func:`multi_lora` then computes ``y + s_k·B_k·A_k·x`` for every row with its own ``k``:
 
 - few tokens (``generate``'s decoding steps): one matmul against all adapters' A rows side by side,
@@ -17,7 +18,6 @@ A layer's adapters are stacked once per model call (:func:`stack_lora`): slot 0 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,28 +27,66 @@ from torch import Tensor
 MASKED_PATH_MAX_PAIRS = 4096
 
 
-@dataclass(frozen=True)
 class StackedLora:
-    """One layer's adapters, stacked for a mixed batch.
+    """One layer's adapters, stacked for a mixed batch; each layout is built on first use.
 
     Attributes:
-        lora_A: (slots, in_features, r): each adapter's Aᵀ; slot 0 is zeros (rows without an adapter).
-        lora_B: (slots, r, out_features): each adapter's s·Bᵀ (the scaling folded in). Both are stored
-            transposed so that the per-row matmuls read contiguous (K, N) matrices: ``bmm`` copies
-            transposed operands one batch entry at a time.
+        slots: adapters + 1: slot 0 is "no adapter".
+        rank, in_features, out_features, dtype: of the stacks (ranks zero-padded to the largest).
         row_slot: (batch,) the slot of each row.
-        all_A: (in_features, n·r): the n adapters' A side by side (slot 0 left out), for few tokens.
-        all_B: (n·r, out_features): their B likewise (row-major K x N: small matmuls are faster so).
-        row_columns: (batch, 1, n·r): 1 where a column of ``all_A`` belongs to the row's adapter, else 0
-            (all 0 for a row without one).
     """
 
-    lora_A: Tensor
-    lora_B: Tensor
-    row_slot: Tensor
-    all_A: Tensor
-    all_B: Tensor
-    row_columns: Tensor
+    def __init__(
+        self, factors: Sequence[tuple[Tensor, Tensor, float]], rows: Sequence[Tensor], batch_size: int
+    ) -> None:
+        if not factors or len(factors) != len(rows):
+            raise ValueError(
+                f"need one row group per adapter, got {len(factors)} adapters, {len(rows)} groups"
+            )
+        self._factors = list(factors)
+        first_A, first_B, _ = factors[0]
+        self.dtype = first_A.dtype
+        self._like = {"dtype": first_A.dtype, "device": first_A.device}
+        self.rank = max(A.shape[0] for A, _, _ in factors)
+        self.in_features, self.out_features = first_A.shape[1], first_B.shape[0]
+        self.slots = len(factors) + 1
+        self.row_slot = torch.zeros(batch_size, dtype=torch.long, device=first_A.device)
+        for slot, indices in enumerate(rows, start=1):
+            self.row_slot[indices.to(self.row_slot.device)] = slot
+        self._per_row: tuple[Tensor, Tensor] | None = None
+        self._side_by_side: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def per_row(self) -> tuple[Tensor, Tensor]:
+        """(slots, in, r) of Aᵀ and (slots, r, out) of s·Bᵀ, slot 0 zeros, for the many-token path.
+
+        Transposed so that the per-row matmuls read contiguous (K, N) matrices: ``bmm`` copies
+        transposed operands one batch entry at a time.
+        """
+        if self._per_row is None:
+            stacked_A = torch.zeros(self.slots, self.in_features, self.rank, **self._like)
+            stacked_B = torch.zeros(self.slots, self.rank, self.out_features, **self._like)
+            for slot, (lora_A, lora_B, scaling) in enumerate(self._factors, start=1):
+                stacked_A[slot, :, : lora_A.shape[0]] = lora_A.T
+                stacked_B[slot, : lora_B.shape[1]] = lora_B.T * scaling
+            self._per_row = stacked_A, stacked_B
+        return self._per_row
+
+    def side_by_side(self) -> tuple[Tensor, Tensor, Tensor]:
+        """For the few-token path: all adapters' Aᵀ side by side (in, n·r), their s·Bᵀ stacked
+        (n·r, out), row-major K x N as small matmuls like them, and per row a (batch, 1, n·r) mask of
+        1 on its adapter's columns (all 0 for a row without one)."""
+        if self._side_by_side is None:
+            width = (self.slots - 1) * self.rank
+            all_A = torch.zeros(self.in_features, width, **self._like)
+            all_B = torch.zeros(width, self.out_features, **self._like)
+            for index, (lora_A, lora_B, scaling) in enumerate(self._factors):
+                start = index * self.rank
+                all_A[:, start : start + lora_A.shape[0]] = lora_A.T
+                all_B[start : start + lora_B.shape[1]] = lora_B.T * scaling
+            onehot = F.one_hot(self.row_slot, self.slots)[:, 1:].to(all_A.dtype)  # (batch, n)
+            row_columns = onehot.repeat_interleave(self.rank, dim=1).unsqueeze(1)  # (batch, 1, n·r)
+            self._side_by_side = all_A, all_B, row_columns
+        return self._side_by_side
 
 
 def stack_lora(
@@ -64,25 +102,7 @@ def stack_lora(
     Raises:
         ValueError: no adapters, or ``factors`` and ``rows`` of different lengths.
     """
-    if not factors or len(factors) != len(rows):
-        raise ValueError(f"need one row group per adapter, got {len(factors)} adapters, {len(rows)} groups")
-    first_A, first_B, _ = factors[0]
-    rank = max(A.shape[0] for A, _, _ in factors)
-    slots = len(factors) + 1
-    kwargs = {"dtype": first_A.dtype, "device": first_A.device}
-    stacked_A = torch.zeros(slots, first_A.shape[1], rank, **kwargs)  # (slots, in, r)
-    stacked_B = torch.zeros(slots, rank, first_B.shape[0], **kwargs)  # (slots, r, out)
-    row_slot = torch.zeros(batch_size, dtype=torch.long, device=first_A.device)
-    for slot, ((lora_A, lora_B, scaling), indices) in enumerate(zip(factors, rows, strict=True), start=1):
-        stacked_A[slot, :, : lora_A.shape[0]] = lora_A.T
-        stacked_B[slot, : lora_B.shape[1]] = lora_B.T * scaling
-        row_slot[indices.to(row_slot.device)] = slot
-    # Side-by-side copies for the few-token path, made once per model call.
-    all_A = stacked_A[1:].permute(1, 0, 2).reshape(first_A.shape[1], (slots - 1) * rank)  # (in, n·r)
-    all_B = stacked_B[1:].reshape((slots - 1) * rank, -1)  # (n·r, out)
-    row_onehot = F.one_hot(row_slot, slots)[:, 1:].to(first_A.dtype)  # (batch, n)
-    row_columns = row_onehot.repeat_interleave(rank, dim=1).unsqueeze(1)  # (batch, 1, n·r)
-    return StackedLora(stacked_A, stacked_B, row_slot, all_A, all_B, row_columns)
+    return StackedLora(factors, rows, batch_size)
 
 
 def multi_lora(x: Tensor, base_output: Tensor, stacked: StackedLora, in_place: bool = False) -> Tensor:
@@ -98,26 +118,27 @@ def multi_lora(x: Tensor, base_output: Tensor, stacked: StackedLora, in_place: b
     Returns:
         (batch, ..., out_features) in ``base_output``'s dtype.
     """
-    slots, in_features, _ = stacked.lora_A.shape
+    slots, in_features, out_features = stacked.slots, stacked.in_features, stacked.out_features
     batch = x.shape[0]
-    x3 = x.reshape(batch, -1, in_features).to(stacked.lora_A.dtype)  # (batch, tokens, in)
+    x3 = x.reshape(batch, -1, in_features).to(stacked.dtype)  # (batch, tokens, in)
     tokens = x3.shape[1]
-    out_features = base_output.shape[-1]
-    fused = base_output.dtype == stacked.lora_A.dtype
+    fused = base_output.dtype == stacked.dtype
     in_place = in_place and fused and base_output.is_contiguous()
     if batch * tokens * slots <= MASKED_PATH_MAX_PAIRS:  # few ops: decoding runs this per layer and token
-        h2 = torch.mm(x3.reshape(batch * tokens, in_features), stacked.all_A)  # (batch·tokens, n·r)
-        h2.view(batch, tokens, -1).mul_(stacked.row_columns)  # other adapters' columns to zero
+        all_A, all_B, row_columns = stacked.side_by_side()
+        h2 = torch.mm(x3.reshape(batch * tokens, in_features), all_A)  # (batch·tokens, n·r)
+        h2.view(batch, tokens, -1).mul_(row_columns)  # other adapters' columns to zero
         base2 = base_output.reshape(batch * tokens, out_features)
         if in_place:
-            base2.addmm_(h2, stacked.all_B)
+            base2.addmm_(h2, all_B)
             return base_output
         if fused:
-            return torch.addmm(base2, h2, stacked.all_B).view(base_output.shape)
-        delta = h2 @ stacked.all_B  # (batch·tokens, out)
+            return torch.addmm(base2, h2, all_B).view(base_output.shape)
+        delta = h2 @ all_B  # (batch·tokens, out)
     else:
-        row_A = stacked.lora_A.index_select(0, stacked.row_slot)  # (batch, in, r)
-        row_B = stacked.lora_B.index_select(0, stacked.row_slot)  # (batch, r, out)
+        stacked_A, stacked_B = stacked.per_row()
+        row_A = stacked_A.index_select(0, stacked.row_slot)  # (batch, in, r)
+        row_B = stacked_B.index_select(0, stacked.row_slot)  # (batch, r, out)
         base3 = base_output.reshape(batch, tokens, out_features)
         h = torch.bmm(x3, row_A)  # (batch, tokens, r)
         if in_place:
