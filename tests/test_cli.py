@@ -81,7 +81,9 @@ def parse(argv: list[str]) -> TrainConfig:
 
 
 # ------------------------------------------------------------------------------------------ help
-@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["generate"], ["merge"], ["inspect"]])
+@pytest.mark.parametrize(
+    "command", [[], ["train"], ["eval"], ["generate"], ["merge"], ["inspect"], ["estimate"]]
+)
 def test_help_everywhere(command: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])

@@ -1,6 +1,7 @@
 """peftkit: parameter-efficient fine-tuning for any PyTorch model and Hugging Face transformers models."""
 
 from peftkit.config import AdapterConfig
+from peftkit.memory import estimate, measure_training_step
 from peftkit.methods import (
     BottleneckConfig,
     HoulsbyConfig,
@@ -34,7 +35,9 @@ __all__ = [
     "SelectiveConfig",
     "__version__",
     "convert_to_lora",
+    "estimate",
     "load",
     "lora_plus_optimizer",
+    "measure_training_step",
     "wrap",
 ]

@@ -1,9 +1,8 @@
-"""The ``peftkit`` command: ``train``, ``eval``, ``generate``, ``merge``, ``inspect``.
+"""The ``peftkit`` command: ``train``, ``eval``, ``generate``, ``merge``, ``inspect``, ``estimate``.
 
 Each subcommand is one ``register_<name>(subparsers)`` function that adds its parser and sets
 ``handler=<function(args, argv) -> exit code>``; :data:`COMMANDS` lists them. To add a subcommand
-(``estimate``, ``compare``…), write its register function next to its code and append it to
-:data:`COMMANDS`.
+(``compare``…), write its register function next to its code and append it to :data:`COMMANDS`.
 
 Bad input (a ``UsageError``) prints one line on stderr and exits with code 2.
 """
@@ -133,10 +132,64 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from peftkit.train import train
 
     _, config = parse_train_args(args.parser, argv)
+    if config.estimate_only:
+        print(estimate_run(config))
+        return 0
     result = train(config)
     if result.stopped == "interrupted":
         return EXIT_INTERRUPTED
     return 1 if result.stopped else 0
+
+
+def estimate_run(config: TrainConfig) -> str:
+    """The predicted memory of a ``peftkit train`` run, from its settings alone (``--estimate-only``).
+
+    ``batch_size`` rows of ``max_length`` tokens (the longest a batch can be), the run's ``dtype`` and
+    ``gradient_checkpointing``, AdamW. The table has full fine-tuning next to the run's LoRA; for method
+    ``full`` the LoRA column is ``peftkit train``'s default LoRA, for comparison.
+
+    Raises:
+        UsageError: a method other than ``lora`` and ``full`` (DoRA included), a task other than
+            ``causal-lm``, or a model whose config cannot be read or is not a decoder LM.
+    """
+    import peftkit
+    from peftkit.memory import estimate, format_estimate
+    from peftkit.method_names import build_method_config
+
+    refusal = "--estimate-only models full fine-tuning and LoRA only"
+    if config.task != "causal-lm":
+        raise UsageError(f"{refusal}, on decoder language models: task {config.task!r} is not modelled")
+    if config.method == "full":
+        lora = build_method_config("lora", {}, config.task)
+        this_run = "this run: full fine-tuning (the LoRA column is peftkit train's default LoRA, to compare)"
+    else:
+        lora = build_method_config(config.method, config.method_options, config.task)
+        this_run = "this run: the LoRA column (full fine-tuning shown to compare)"
+    if type(lora) is not peftkit.LoraConfig or lora.use_dora:
+        raise UsageError(
+            f"{refusal}: method {config.method!r} is not modelled; use --method lora or --method full"
+        )
+    try:
+        result = estimate(
+            config.model,
+            method=lora,
+            batch=config.batch_size,
+            seq=config.max_length,
+            dtype=config.dtype,
+            grad_checkpointing=config.gradient_checkpointing,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    notes = [this_run]
+    if config.bf16:
+        notes.append("bf16 autocast is not modelled: the estimate assumes arithmetic in the weights' dtype")
+    return "\n".join([format_estimate(result), *notes])
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """The RUN positional and ``--model`` that eval, generate and merge share."""
+    parser.add_argument("run_dir", metavar="RUN", help=what)
+    parser.add_argument("--model", help="base model, if not the one the run records")
 
 
 def register_eval(subparsers: Any) -> None:
@@ -147,9 +200,8 @@ def register_eval(subparsers: Any) -> None:
         description="Loss, perplexity and the generation metrics (exact match, ROUGE-1/2/L; accuracy for "
         "seq-cls) of a trained run on its held-out rows or on --data.",
     )
-    parser.add_argument("run_dir", metavar="RUN", help="output_dir of peftkit train, or an adapter directory")
+    _add_run_arguments(parser, "output_dir of peftkit train, or an adapter directory")
     parser.add_argument("--data", help="score on this file (all rows) instead of the run's held-out rows")
-    parser.add_argument("--model", help="base model, if not the one the run records")
     parser.add_argument(
         "--examples", type=int, help="rows scored by generation (default: the run's eval_examples)"
     )
@@ -193,11 +245,8 @@ def register_generate(subparsers: Any) -> None:
         "so pass just the input (e.g. the sentence for person-json). '-' reads prompts from stdin, "
         "one a line.",
     )
-    parser.add_argument(
-        "run_dir", metavar="RUN", help="output_dir of peftkit train, an adapter or a model dir"
-    )
+    _add_run_arguments(parser, "output_dir of peftkit train, an adapter or a model dir")
     parser.add_argument("prompts", nargs="+", help="prompts ('-': one a line from stdin)")
-    parser.add_argument("--model", help="base model, if not the one the run records")
     parser.add_argument(
         "--max-new-tokens", type=int, default=64, help="longest answer in tokens (default: 64)"
     )
@@ -241,9 +290,8 @@ def register_merge(subparsers: Any) -> None:
         description="Merge the adapter into the base weights and save_pretrained the result (with the "
         "tokenizer): transformers loads it with from_pretrained, no peftkit needed.",
     )
-    parser.add_argument("run_dir", metavar="RUN", help="output_dir of peftkit train, or an adapter directory")
+    _add_run_arguments(parser, "output_dir of peftkit train, or an adapter directory")
     parser.add_argument("out", help="directory for the merged model")
-    parser.add_argument("--model", help="base model, if not the one the run records")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty OUT")
     parser.set_defaults(handler=run_merge)
 
@@ -294,13 +342,44 @@ def run_inspect(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def register_estimate(subparsers: Any) -> None:
+    """``peftkit estimate [MODEL] [--r 16 --batch 4 --seq 256 ...]``."""
+    from peftkit.memory import add_estimate_arguments
+
+    parser = subparsers.add_parser(
+        "estimate",
+        help="predict a training step's peak memory: full fine-tuning next to LoRA",
+        description="Predict the memory of one training step from the model's config.json alone (the "
+        "model is built on the meta device; no weights are read): weights, gradients, optimizer states, "
+        "activations and the peak, full fine-tuning next to LoRA. Models decoder LMs (Llama, Mistral, "
+        "Qwen2, SmolLM2; GPT-2 approximately); not the runtime's own memory (CUDA context, allocator "
+        "cache). For a run's settings: peftkit train ... --estimate-only.",
+    )
+    add_estimate_arguments(parser)
+    parser.set_defaults(handler=run_estimate)
+
+
+def run_estimate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import json
+
+    from peftkit.memory import estimate_from_args, format_estimate
+
+    try:
+        result = estimate_from_args(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_estimate(result))
+    return 0
+
+
 COMMANDS: list[Callable[[Any], None]] = [
     register_train,
     register_eval,
     register_generate,
     register_merge,
     register_inspect,
-    # estimate (peftkit.memory) and compare add their register functions here
+    register_estimate,
+    # compare (peftkit.compare) adds its register function here
 ]
 
 
@@ -309,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     from peftkit import __version__
 
     parser = _Parser(
-        prog="peftkit", description="Parameter-efficient fine-tuning: train, evaluate, use, merge."
+        prog="peftkit",
+        description="Parameter-efficient fine-tuning: train, evaluate, use, merge; estimate memory.",
     )
     parser.add_argument("--version", action="version", version=f"peftkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

@@ -1,9 +1,9 @@
 """Memory of a training step: predicted from a model's config (:func:`estimate`) and measured
 (:func:`measure_training_step`).
 
-``python -m peftkit.memory MODEL --r 16 --batch 4 --seq 256`` prints full fine-tuning and LoRA side
-by side; :func:`main` is that command, :func:`add_estimate_arguments` / :func:`estimate_from_args`
-let another command line reuse it.
+``peftkit estimate MODEL --r 16 --batch 4 --seq 256`` (or ``python -m peftkit.memory …``) prints full
+fine-tuning and LoRA side by side; :func:`add_estimate_arguments`, :func:`estimate_from_args` and
+:func:`format_estimate` are its parts, which ``peftkit.cli`` puts together.
 
 The model behind :func:`estimate`
 ---------------------------------
@@ -53,7 +53,6 @@ besides tensors (CUDA context, allocator caching, kernel scratch).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import weakref
@@ -529,6 +528,13 @@ def _lora_config(
     method: str | LoraConfig, r: int, targets: str | Sequence[str], alpha: float | None, dropout: float
 ) -> LoraConfig:
     if isinstance(method, LoraConfig):
+        if method.use_dora:
+            raise ValueError("use_dora=True: estimate models plain LoRA, not DoRA's magnitude and norms")
+        if method.modules_to_save:
+            raise ValueError(
+                f"modules_to_save={list(method.modules_to_save)}: estimate does not model full copies of "
+                "modules; leave it unset"
+            )
         return method
     if method != "lora":
         raise ValueError(f"method={method!r}: estimate models 'lora' (or pass a LoraConfig)")
@@ -557,10 +563,11 @@ def _load_config(model_or_config: Any) -> Any:
         source = str(default_model_dir()) if model_or_config == DEFAULT_MODEL else model_or_config
         try:
             return AutoConfig.from_pretrained(source)
-        except OSError as error:
+        except (OSError, ValueError) as error:
+            reason = " ".join(str(error).split())  # transformers' messages span lines; errors here are one
             raise ValueError(
                 f"no config.json for {model_or_config!r}: give a local model directory, a cached Hub id, "
-                f"or {DEFAULT_MODEL!r} ({error})"
+                f"or {DEFAULT_MODEL!r} ({reason})"
             ) from error
     raise ValueError(
         f"cannot estimate {type(model_or_config).__name__}; pass a config, model, path or Hub id"
@@ -845,17 +852,10 @@ def estimate_from_args(args: argparse.Namespace) -> MemoryEstimate:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m peftkit.memory MODEL [options]``: print the estimate; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="peftkit estimate", description=__doc__.split("\n")[0])
-    add_estimate_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        result = estimate_from_args(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(result.to_dict(), indent=2) if args.json else format_estimate(result))
-    return 0
+    """``python -m peftkit.memory MODEL [options]``: ``peftkit estimate``; returns the exit status."""
+    from peftkit.cli import main as cli_main
+
+    return cli_main(["estimate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -102,6 +102,12 @@ class TrainConfig:
     log_every: int = _key(1, "log the training loss every N steps")
     overwrite: bool = _key(False, "replace an existing output_dir")
     resume: bool = _key(False, "continue from the last checkpoint in output_dir")
+    estimate_only: bool = _key(
+        False,
+        "print the predicted memory of this run (full fine-tuning vs the method) and exit; nothing is "
+        "loaded or trained. Models full fine-tuning and LoRA (with method full, the LoRA column is the "
+        "default LoRA, for comparison); batch_size rows of max_length tokens",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain YAML-ready data."""
