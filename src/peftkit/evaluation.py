@@ -31,6 +31,7 @@ __all__ = [
     "headline_metric",
     "loss_sum",
     "rouge",
+    "text_loss",
     "token_loss_sum",
 ]
 
@@ -224,6 +225,44 @@ def evaluate(
     finally:
         model.train(was_training)
     return result
+
+
+@torch.no_grad()
+def text_loss(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    max_length: int = 256,
+    batch_size: int = 8,
+) -> float:
+    """Mean next-token loss of a causal language model over a plain ``text``.
+
+    The text is tokenized once (no special tokens) and cut into rows of ``max_length`` tokens (the last
+    one shorter); every token but each row's first is predicted. ``peftkit compare`` measures forgetting
+    with it: the change of this loss on general text the task did not train on.
+
+    Raises:
+        ValueError: a text of fewer than two tokens.
+    """
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    if len(ids) < 2:
+        raise ValueError("text_loss needs a text of at least two tokens")
+    rows = [ids[start : start + max_length] for start in range(0, len(ids), max_length)]
+    rows = [row for row in rows if len(row) >= 2]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = count = 0.0
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = [{"input_ids": row, "labels": row} for row in rows[start : start + batch_size]]
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id(tokenizer)).items()}
+            summed, counted = loss_sum(model, batch, "causal-lm")
+            total += summed.item()
+            count += counted.item()
+    finally:
+        model.train(was_training)
+    return total / count
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

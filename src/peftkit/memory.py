@@ -78,6 +78,7 @@ __all__ = [
     "estimate",
     "estimate_from_args",
     "format_estimate",
+    "load_model_config",
     "main",
     "measure_training_step",
 ]
@@ -236,7 +237,7 @@ def estimate(
         raise ValueError(f"optimizer={optimizer!r} must be one of {list(OPTIMIZERS)}")
     torch_dtype = _parse_dtype(dtype)
     lora_config = _lora_config(method, r, targets, lora_alpha, lora_dropout)
-    config = _load_config(model_or_config)
+    config = load_model_config(model_or_config)
     model = _meta_model(config)
     arch = _analyse(model, config)
     setting = _Setting(
@@ -544,7 +545,12 @@ def _lora_config(
     )
 
 
-def _load_config(model_or_config: Any) -> Any:
+def load_model_config(model_or_config: Any) -> Any:
+    """The transformers config of a config, model, local directory, Hub id or the bundled default.
+
+    Raises:
+        ValueError: no config can be found (the message says what to pass).
+    """
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(model_or_config, PretrainedConfig):

@@ -69,6 +69,7 @@ RESUMABLE_CHANGES = frozenset(
         "keep_checkpoints",
         "log_every",
         "output_dir",
+        "estimate_only",
     }
 )
 
@@ -92,6 +93,8 @@ class TrainResult:
     stopped: str | None = None  # None (finished), "interrupted" or "non-finite"
     checkpoint: Path | None = None
     model: nn.Module | None = field(default=None, repr=False)  # the trained model (unwrapped)
+    tokenizer: Any = field(default=None, repr=False)
+    train_time_s: float = 0.0  # time spent in optimizer steps (no evaluation, no saving)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -157,13 +160,19 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def train(config: TrainConfig, on_step: Callable[[int, float, nn.Module], None] | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    on_step: Callable[[int, float, nn.Module], None] | None = None,
+    evaluate_before: bool = True,
+) -> TrainResult:
     """Run the training job ``config`` describes and write its outputs to ``config.output_dir``.
 
     Args:
         config: the run's settings.
         on_step: called on the main process after every optimizer step with ``(step, loss, model)``
             (the unwrapped model), before that step's checkpoint; for tools and tests.
+        evaluate_before: score the held-out rows before training (``peftkit compare`` scores the base
+            model once instead of once per method).
 
     Raises:
         UsageError: bad input (data file, column, model, method option, an existing output_dir
@@ -172,11 +181,16 @@ def train(config: TrainConfig, on_step: Callable[[int, float, nn.Module], None] 
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    if config.estimate_only:
+        raise UsageError(
+            "estimate_only is for the command line (peftkit train --estimate-only); in Python call "
+            "peftkit.estimate(model, method=..., batch=..., seq=...)"
+        )
     # accelerate runs several CPU processes (gloo) only when told to use the CPU
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=multi_cpu)
     try:
-        return _Run(with_task_defaults(config), accelerator, on_step).run()
+        return _Run(with_task_defaults(config), accelerator, on_step, evaluate_before).run()
     finally:
         if accelerator.num_processes > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
@@ -187,8 +201,11 @@ def train(config: TrainConfig, on_step: Callable[[int, float, nn.Module], None] 
 class _Run:
     """One training run; ``run()`` goes through the stages in order."""
 
-    def __init__(self, config: TrainConfig, accelerator: Any, on_step: Callable | None) -> None:
+    def __init__(
+        self, config: TrainConfig, accelerator: Any, on_step: Callable | None, evaluate_before: bool
+    ) -> None:
         self.config = config
+        self.evaluate_before = evaluate_before
         self.acc = accelerator
         self.on_step = on_step
         self.out = Path(config.output_dir)
@@ -366,7 +383,7 @@ class _Run:
                 truncate_metrics(self.out / METRICS_FILE, start_step)
             self.say(f"resuming from {checkpoint} (step {start_step})")
         log = MetricsLog(self.out) if self.main else None
-        if not config.resume:
+        if not config.resume and self.evaluate_before:
             before = self._evaluate(model, data, 0, log, "before training")
         trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total_count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -476,6 +493,8 @@ class _Run:
             stopped,
             checkpoint,
             model,
+            self.tokenizer,
+            train_time,
         )
         if stopped == "interrupted":
             self.say(
