@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from peftkit.compare.command import register_compare
 from peftkit.errors import UsageError
 from peftkit.train_config import FIELDS, TrainConfig, closest, load_config, parse_value
 
@@ -379,7 +380,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     register_merge,
     register_inspect,
     register_estimate,
-    # compare (peftkit.compare) adds its register function here
+    register_compare,
 ]
 
 

@@ -1,0 +1,84 @@
+"""``peftkit compare [CONFIG.yaml] [--methods …] [--ranks …] [--dry-run] [--key value …]``."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from peftkit.errors import UsageError
+
+__all__ = ["register_compare", "run_compare_command"]
+
+
+def register_compare(subparsers: Any) -> None:
+    """Add the ``compare`` subcommand."""
+    from peftkit.cli import add_config_flags
+    from peftkit.compare.plan import DEFAULT_METHODS, PRESETS
+
+    parser = subparsers.add_parser(
+        "compare",
+        help="train several methods on the same model, data and budget, and report them side by side",
+        description="Run full fine-tuning, selective, LoRA (several ranks), DoRA, IA3, bottleneck adapters "
+        "and soft prompts on the same model, data, step budget and seed, and write report.md, report.json "
+        "and charts: trainable parameters, file sizes, estimated and measured memory, time per step, the "
+        "task metric before and after, and forgetting (loss change on a general text). Rerunning skips "
+        "finished methods. CONFIG.yaml holds peftkit train keys plus methods, ranks, rank_sweep and "
+        f"general_text. Presets: {', '.join(PRESETS)}, last-N-layers. Default methods: "
+        f"{', '.join(DEFAULT_METHODS)}.",
+    )
+    add_config_flags(parser)
+    parser.add_argument("--methods", help="comma-separated presets, overriding the file's methods list")
+    parser.add_argument("--ranks", help="LoRA rank sweep, e.g. 1,2,4,8,16,32,64")
+    parser.add_argument("--general-text", help="text file for the forgetting probe (default: shipped)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan with rough time and memory")
+    parser.set_defaults(handler=run_compare_command, parser=parser, own_flags=True)
+
+
+def run_compare_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from peftkit.compare.dry_run import check_plan, dry_run_table, planned_costs
+    from peftkit.compare.plan import load_plan
+    from peftkit.compare.report import REPORT_MD
+    from peftkit.compare.runner import run_compare
+    from peftkit.train_config import FIELDS
+
+    parsed = args.parser.parse_args(list(argv))
+    overrides = {name: getattr(parsed, name) for name in FIELDS if hasattr(parsed, name)}
+    for key in ("methods", "ranks", "general_text"):
+        if getattr(parsed, key) is not None:
+            overrides[key] = getattr(parsed, key)
+    start_over = overrides.pop("overwrite", False)
+    if overrides.pop("resume", False):
+        print("peftkit compare: reruns always continue (finished methods are skipped); --resume is implied")
+    plan = load_plan(parsed.config, overrides)
+    counts = check_plan(plan)
+    if parsed.dry_run:
+        print(dry_run_table(plan, planned_costs(plan, counts, _tokenizer(plan.shared.model))))
+        return 0
+    if start_over and plan.output_dir.exists():
+        _remove_report(plan.output_dir)
+    run_compare(plan)
+    print(f"\nreport: {plan.output_dir / REPORT_MD}")
+    return 0
+
+
+def _remove_report(directory: Path) -> None:
+    protected = {Path.cwd().resolve(), Path.home().resolve(), *Path.cwd().resolve().parents}
+    if directory.resolve() in protected:
+        raise UsageError(f"--overwrite would delete {directory.resolve()}; choose an output_dir of its own")
+    shutil.rmtree(directory)
+
+
+def _tokenizer(model: str) -> Any:
+    """The model's tokenizer alone (no weights), or None when it cannot be had without them."""
+    from transformers import AutoTokenizer
+
+    from peftkit.models import DEFAULT_MODEL, default_model_dir
+
+    source = str(default_model_dir()) if model == DEFAULT_MODEL else model
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        return None

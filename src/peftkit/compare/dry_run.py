@@ -1,0 +1,191 @@
+"""Checking a plan before anything trains, and ``peftkit compare --dry-run``'s table.
+
+Every method is applied to the model built on the ``meta`` device (shapes only: no weights are read),
+which finds a method that selects nothing or a bad option in a second instead of an hour into a run,
+and counts its trainable parameters.
+
+The time column is rough by design: a step is taken as ``6·N·tokens`` floating-point operations for
+full fine-tuning and ``4·N·tokens`` for methods that freeze the base (forward, and the backward to the
+inputs only), run at :data:`TRAINING_EFFICIENCY` of the speed this machine reaches on a large float32
+matrix product (measured in a fraction of a second); generation for scoring at
+:data:`GENERATION_EFFICIENCY` of it (decoding moves the weights for every token).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from peftkit.compare.plan import ComparePlan, PlannedRun, describe
+from peftkit.errors import UsageError
+
+__all__ = ["PlannedCost", "check_plan", "dry_run_table", "machine_flops"]
+
+TRAINING_EFFICIENCY = 0.3  # share of peak matmul speed a CPU training step reaches (see docs)
+GENERATION_EFFICIENCY = 0.05
+MATMUL_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class PlannedCost:
+    """What a run is expected to cost: parameters, memory (where estimated) and time."""
+
+    name: str
+    trainable: int
+    total: int
+    estimated_peak: int | None
+    seconds: float | None
+
+
+def check_plan(plan: ComparePlan) -> dict[str, tuple[int, int]]:
+    """Apply every method to a meta-device copy of the model; ``{name: (trainable, total)}``.
+
+    Raises:
+        UsageError: a method that cannot be applied (selects nothing, a bad option…), naming it.
+    """
+    counts = {}
+    for run in plan.runs:
+        counts[run.name] = _count(run)
+    return counts
+
+
+def _count(run: PlannedRun) -> tuple[int, int]:
+    import peftkit
+    from peftkit.method_names import build_method_config
+
+    config = run.config
+    method = build_method_config(config.method, config.method_options, config.task)
+    model = _meta_model(config.model, config.task)
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if method is None:
+        return total, total
+    try:
+        wrapped = peftkit.wrap(model, method)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"method {run.name!r} ({describe(run)}): {e}") from e
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def _meta_model(name: str, task: str) -> Any:
+    import transformers
+
+    from peftkit.memory import load_model_config
+    from peftkit.models import TASKS
+
+    try:
+        config = load_model_config(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    with torch.device("meta"):
+        return getattr(transformers, TASKS[task]).from_config(config)
+
+
+def machine_flops(seconds: float = 0.3) -> float:
+    """Floating-point operations per second of a float32 ``MATMUL_SIZE``² matrix product here."""
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    a @ b  # warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * MATMUL_SIZE**3 * count / (time.perf_counter() - start)
+
+
+def planned_costs(
+    plan: ComparePlan, counts: dict[str, tuple[int, int]], tokenizer: Any = None
+) -> list[PlannedCost]:
+    """Expected memory and time per run (time needs ``tokenizer`` to measure the data's lengths)."""
+    from peftkit.compare.runner import estimated_peak
+
+    lengths = _lengths(plan, tokenizer) if tokenizer is not None else None
+    flops = machine_flops() if lengths is not None else None
+    costs = []
+    for run in plan.runs:
+        trainable, total = counts[run.name]
+        seq = int(lengths["train_max"]) if lengths else run.config.max_length
+        shape = (run.config.batch_size, seq)
+        seconds = None
+        if lengths is not None and flops:
+            seconds = _seconds(run, total, lengths, flops)
+        costs.append(PlannedCost(run.name, trainable, total, estimated_peak(run, shape), seconds))
+    return costs
+
+
+def _lengths(plan: ComparePlan, tokenizer: Any) -> dict[str, float]:
+    from peftkit.data import prepare_data
+
+    data = prepare_data(plan.shared, tokenizer)
+    train = [len(ids) for ids in data.train["input_ids"]]
+    validation = data.validation if data.validation is not None else None
+    prompts = [len(ids) for ids in validation["prompt_ids"]] if validation is not None else [0]
+    answers = [len(ids) for ids in validation["input_ids"]] if validation is not None else [0]
+    return {
+        "train_rows": len(train),
+        "train_mean": sum(train) / len(train),
+        "train_max": max(train),
+        "validation_mean": sum(answers) / len(answers),
+        "validation_rows": len(answers),
+        "prompt_mean": sum(prompts) / len(prompts),
+    }
+
+
+def _seconds(run: PlannedRun, total: int, lengths: dict[str, float], flops: float) -> float:
+    config = run.config
+    rows = config.batch_size * config.grad_accum
+    steps = config.max_steps or math.ceil(config.epochs * (lengths["train_rows"] // rows))
+    tokens = rows * lengths["train_mean"]
+    per_token = 6 if config.method == "full" else 4
+    training = steps * per_token * total * tokens / (flops * TRAINING_EFFICIENCY)
+    loss_pass = (
+        2 * total * lengths["validation_rows"] * lengths["validation_mean"] / (flops * TRAINING_EFFICIENCY)
+    )
+    new_tokens = config.max_new_tokens or 64
+    scored = min(config.eval_examples, int(lengths["validation_rows"]))
+    generation = 2 * total * scored * (lengths["prompt_mean"] + new_tokens) / (flops * GENERATION_EFFICIENCY)
+    return training + loss_pass + generation
+
+
+def dry_run_table(plan: ComparePlan, costs: list[PlannedCost]) -> str:
+    """The plan as a table: method, what it trains, expected memory and time."""
+    from peftkit.reporting import format_table, human
+
+    rows = []
+    for run, cost in zip(plan.runs, costs, strict=True):
+        rows.append(
+            [
+                run.name,
+                describe(run),
+                f"{human(cost.trainable)} ({100 * cost.trainable / max(cost.total, 1):.3g}%)",
+                "–" if cost.estimated_peak is None else f"{cost.estimated_peak / 1024**2:,.0f} MiB",
+                "–" if cost.seconds is None else _duration(cost.seconds),
+            ]
+        )
+    known = [c.seconds for c in costs if c.seconds is not None]
+    lines = [
+        format_table(rows, ["method", "settings", "trainable", "est. peak", "est. time"]),
+        f"{len(plan.runs)} runs"
+        + (
+            f", about {_duration(sum(known))} in all (rough: FLOPs at this machine's matmul speed)"
+            if known
+            else ""
+        )
+        + f"; report in {plan.output_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes = seconds / 60
+    return (
+        f"{minutes / 60:.1f} h"
+        if minutes >= 90
+        else f"{minutes:.0f} min"
+        if minutes >= 1
+        else f"{seconds:.0f} s"
+    )
