@@ -23,6 +23,7 @@ from peftkit.errors import UsageError
 from peftkit.method_names import build_method_config
 from peftkit.models import load_model
 from peftkit.tasks import BUILTIN_TASKS
+from peftkit.train import TrainResult
 from tiny_lm import save_tiny_lm
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -164,6 +165,22 @@ def test_rerun_skips_finished_methods_and_retrains_changed_ones(finished, monkey
     path.write_text(json.dumps(changed))
     run_compare(load_plan(path), say=lambda text: None)
     assert trained == ["prompt"]
+
+
+def test_an_interrupted_method_is_not_recorded_and_stops_the_comparison(
+    tmp_path, model_dir, monkeypatch
+) -> None:
+    def interrupted_train(config, *args, **kwargs):
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        return TrainResult(Path(config.output_dir), 1, 0, [1.0], "exact_match", stopped="interrupted")
+
+    monkeypatch.setattr(peftkit.train, "train", interrupted_train)
+    path = compare_file(tmp_path, model_dir, methods=["lora", "prompt"], ranks=None)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(load_plan(path), say=lambda text: None)
+    assert not (tmp_path / "report" / "runs" / "lora" / "compare.json").exists()
+    report = json.loads((tmp_path / "report" / REPORT_JSON).read_text())
+    assert report["methods"] == [] and report["pending"] == ["lora", "prompt"]
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, model_dir, capsys) -> None:

@@ -42,8 +42,12 @@ FORGETTING_ROW_TOKENS = 256  # the general text is scored in rows of this many t
 def run_compare(plan: ComparePlan, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every method of ``plan`` not already done and write the report; returns ``report.json``'s data.
 
+    A method whose loss turned non-finite is a result (its row says so); one interrupted with Ctrl-C
+    is not: nothing is recorded for it and ``KeyboardInterrupt`` is raised after the report is written.
+
     Raises:
         UsageError: bad input found while setting up a method (data, model, method options).
+        KeyboardInterrupt: a method was interrupted.
     """
     from peftkit.compare.report import write_report
 
@@ -56,6 +60,10 @@ def run_compare(plan: ComparePlan, say: Callable[[str], None] = print) -> dict[s
             continue
         say(f"\n[{i}/{len(plan.runs)}] {run.name}")
         row = run_method(run, base, plan)
+        if row["stopped"] == "interrupted":  # not a result: the method starts over on the next run
+            write_report(plan, base, read_rows(plan))
+            say(f"{run.name} was interrupted; rerun the same command to continue from this method")
+            raise KeyboardInterrupt
         _write_json(Path(run.config.output_dir) / ROW_FILE, row)
         write_report(plan, base, read_rows(plan))  # a partial report after every method
     return write_report(plan, base, read_rows(plan))
