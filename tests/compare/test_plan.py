@@ -27,6 +27,7 @@ def test_presets_become_train_configs_under_the_report_directory() -> None:
     assert all(run.config.max_steps == 7 for run in plan.runs)  # shared settings reach every method
     assert lora.config.output_dir == str(Path("out/c/runs/lora"))
     assert plan.general_text == GENERAL_TEXT and plan.sweep == ()
+    assert plan.shared.output_dir == "out/c" and plan.output_dir == Path("out/c")
 
 
 def test_a_mapping_starts_from_a_preset_and_takes_flat_or_nested_options() -> None:

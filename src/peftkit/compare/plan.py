@@ -214,6 +214,7 @@ def make_plan(data: Mapping[str, Any], source: str = "compare", num_layers: int 
             )
     output_dir = Path(str(data.pop("output_dir", DEFAULT_OUTPUT)))
     shared = with_task_defaults(apply_overrides(TrainConfig(), data, source))
+    shared = dataclasses.replace(shared, output_dir=str(output_dir))
     layers = _layer_count(shared, num_layers)
 
     entries = compare.get("methods", list(DEFAULT_METHODS))
