@@ -24,6 +24,7 @@ from common import Variant, interleaved, load_smollm2, machine, random_tokens, s
 from torch import nn
 
 import peftkit
+from peftkit.evaluation import loss_sum
 from peftkit.memory import measure_training_step
 from peftkit.ops import fast_lora
 
@@ -56,7 +57,20 @@ def ia3_configs() -> tuple[object, object]:
     return peftkit.IA3Config(**kwargs), peft.IA3Config(**kwargs)
 
 
-def stepper(model: nn.Module, inputs: dict[str, torch.Tensor], fast: bool = True) -> Callable[[], None]:
+def model_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own loss (transformers: whole logits, then cross-entropy): what Trainer uses."""
+    return model(**inputs).loss
+
+
+def peftkit_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss of ``peftkit train``: ``peftkit.evaluation.loss_sum`` (fused head + cross-entropy), mean."""
+    total, count = loss_sum(model, inputs, "causal-lm")
+    return total / count
+
+
+def stepper(
+    model: nn.Module, inputs: dict[str, torch.Tensor], fast: bool = True, loss_fn: Callable = model_loss
+) -> Callable[[], None]:
     params = [p for p in model.parameters() if p.requires_grad]
     # The floor variant trains nothing: an optimizer over a dummy parameter keeps the loop the same.
     optimizer = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=0.0)
@@ -64,7 +78,7 @@ def stepper(model: nn.Module, inputs: dict[str, torch.Tensor], fast: bool = True
     def step() -> None:
         with fast_lora(fast):
             optimizer.zero_grad(set_to_none=True)
-            model(**inputs).loss.backward()
+            loss_fn(model, inputs).backward()
             optimizer.step()
 
     step.optimizer = optimizer  # type: ignore[attr-defined]
@@ -86,48 +100,50 @@ def main() -> None:
 
     base = load_smollm2()
     ids = random_tokens(args.batch, args.seq, base.config.vocab_size)
-    inputs = {"input_ids": ids, "labels": ids}
-    variants: dict[str, tuple[nn.Module, bool]] = {}  # name -> (model, fast path)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    variants: dict[str, tuple[nn.Module, bool, Callable]] = {}  # name -> (model, fast path, loss)
     full = copy.deepcopy(base).train()
-    variants["full fine-tuning"] = (full, True)
+    variants["full fine-tuning"] = (full, True, model_loss)
     for label, dropout, targets in (
         ("LoRA all-linear r16 dropout 0.05", 0.05, ALL_LINEAR),
         ("LoRA all-linear r16 dropout 0", 0.0, ALL_LINEAR),
         ("LoRA q,v r16 dropout 0.05", 0.05, ["q_proj", "v_proj"]),
     ):
         ours, theirs = lora_configs(args.r, dropout, targets)
-        variants[f"HF PEFT {label}"] = (hf_model(base, theirs), True)
+        variants[f"HF PEFT {label}"] = (hf_model(base, theirs), True, model_loss)
         model = peftkit_model(base, ours)
-        variants[f"peftkit {label}"] = (model, True)
+        variants[f"peftkit {label}"] = (model, True, model_loss)
+        if targets == ALL_LINEAR:
+            variants[f"peftkit {label}, peftkit train's loss"] = (model, True, peftkit_loss)
         if dropout and targets == ALL_LINEAR:
-            variants[f"peftkit {label}, fast path off"] = (model, False)
+            variants[f"peftkit {label}, fast path off"] = (model, False, model_loss)
             checkpointed = peftkit_model(base, ours)
             checkpointed.gradient_checkpointing_enable()
-            variants[f"peftkit {label}, gradient checkpointing"] = (checkpointed, True)
+            variants[f"peftkit {label}, gradient checkpointing"] = (checkpointed, True, model_loss)
     # What any adapter implementation pays at least: the frozen model's forward and its backward to
     # the inputs (no adapter, no weight gradient).
     floor = shared_weights_copy(base).train()
     floor.enable_input_require_grads()
-    variants["floor: frozen model, input gradients only"] = (floor, True)
+    variants["floor: frozen model, input gradients only"] = (floor, True, model_loss)
     ours, theirs = lora_configs(args.r, 0.05, ALL_LINEAR, dora=True)
-    variants["HF PEFT DoRA all-linear r16 dropout 0.05"] = (hf_model(base, theirs), True)
-    variants["peftkit DoRA all-linear r16 dropout 0.05"] = (peftkit_model(base, ours), True)
+    variants["HF PEFT DoRA all-linear r16 dropout 0.05"] = (hf_model(base, theirs), True, model_loss)
+    variants["peftkit DoRA all-linear r16 dropout 0.05"] = (peftkit_model(base, ours), True, model_loss)
     ours, theirs = ia3_configs()
-    variants["HF PEFT IA3 (k, v, down)"] = (hf_model(base, theirs), True)
-    variants["peftkit IA3 (k, v, down)"] = (peftkit_model(base, ours), True)
+    variants["HF PEFT IA3 (k, v, down)"] = (hf_model(base, theirs), True, model_loss)
+    variants["peftkit IA3 (k, v, down)"] = (peftkit_model(base, ours), True, model_loss)
     if args.only:
         keep = [name.strip() for name in args.only.split(",")]
         variants = {k: v for k, v in variants.items() if any(name in k for name in keep)}
 
-    steps = {name: stepper(model, inputs, fast) for name, (model, fast) in variants.items()}
+    steps = {name: stepper(model, inputs, fast, loss) for name, (model, fast, loss) in variants.items()}
     print(f"timing {len(steps)} variants, batch {args.batch} x seq {args.seq}, {args.rounds} rounds")
     timed = [Variant(name, step) for name, step in steps.items()]
     interleaved(timed, args.rounds, args.warmup)
 
     peaks = {}
-    for name, (model, fast) in variants.items():
+    for name, (model, fast, loss) in variants.items():
         with fast_lora(fast):
-            measured = measure_training_step(model, inputs, steps[name].optimizer)
+            measured = measure_training_step(model, inputs, steps[name].optimizer, loss)
         peaks[name] = measured.peak
     print_results(timed, peaks, args)
     print(machine())
@@ -139,8 +155,8 @@ def print_results(timed: list[Variant], peaks: dict[str, int], args: argparse.Na
     rows = []
     for variant in timed:
         name = variant.name
-        twin = name.replace("peftkit ", "HF PEFT ").removesuffix(", fast path off")
-        twin = twin.removesuffix(", gradient checkpointing")
+        twin = "HF PEFT " + name.removeprefix("peftkit ").removesuffix(", fast path off")
+        twin = twin.removesuffix(", gradient checkpointing").removesuffix(", peftkit train's loss")
         vs_hf = medians.get(twin) if name.startswith("peftkit") else None
         peak_hf = peaks.get(twin) if name.startswith("peftkit") else None
         rows.append(

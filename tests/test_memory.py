@@ -221,3 +221,32 @@ def test_estimate_matches_measurement_on_smollm2(lora) -> None:
     estimated = result.full if lora is None else result.peft
     for name in COMPONENTS:
         assert_close(getattr(estimated, name), getattr(measured, name), name)
+
+
+def test_measuring_with_peftkit_train_loss_skips_the_whole_logits() -> None:
+    """``loss_fn``: the fused head + cross-entropy of ``peftkit train`` holds no (tokens, vocab) logits."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.evaluation import loss_sum
+
+    config = tiny_llama_config()
+    config.vocab_size = 4000
+    torch.manual_seed(0)
+    model = peftkit.wrap(
+        AutoModelForCausalLM.from_config(config), peftkit.LoraConfig(r=8, target_modules="all-linear")
+    )
+    ids = torch.randint(0, config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    calls = []
+
+    def train_loss(m, batch):
+        calls.append(1)
+        total, count = loss_sum(m, batch, "causal-lm")
+        return total / count
+
+    plain = measure_training_step(model, inputs)
+    fused = measure_training_step(model, inputs, loss_fn=train_loss)
+    logits_bytes = ids.numel() * config.vocab_size * 4
+    assert len(calls) == 2  # the warm-up step and the measured one
+    assert fused.gradients == plain.gradients and fused.optimizer_states == plain.optimizer_states
+    assert plain.peak - fused.peak > 1.5 * logits_bytes  # here 1.9x: the logits and their gradient

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftkit.data import IGNORE_INDEX, collate, median_words
+from peftkit.ops.linear_cross_entropy import fused_cross_entropy_enabled, linear_cross_entropy
 
 if TYPE_CHECKING:
     import datasets
@@ -30,6 +31,7 @@ __all__ = [
     "generate_answers",
     "headline_metric",
     "loss_sum",
+    "plain_output_head",
     "rouge",
     "text_loss",
     "token_loss_sum",
@@ -38,6 +40,8 @@ __all__ = [
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 ANSWER_MARGIN = 8  # generated tokens beyond the longest reference: room to overshoot, and be scored wrong
 SHORT_ANSWER_WORDS = 16  # "auto" scores answers of up to this many words (median) by exact match
+# Config attributes by which some models transform the head's logits (Gemma 2, Cohere, Granite…)
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def token_loss_sum(logits: Tensor, labels: Tensor, task: str) -> tuple[Tensor, Tensor]:
@@ -95,8 +99,54 @@ def takes_logits_to_keep(model: nn.Module) -> bool:
 
 
 def loss_sum(model: nn.Module, batch: dict[str, Tensor], task: str) -> tuple[Tensor, Tensor]:
-    """Run ``model`` on a collated batch and return :func:`token_loss_sum` of its logits."""
+    """Run ``model`` on a collated batch and return its summed loss and scored-target count.
+
+    For a causal model whose output head is a plain ``nn.Linear`` (not adapted, no bias, no logit
+    scaling or soft-capping in its config) the head and the loss are computed together by
+    :func:`peftkit.ops.linear_cross_entropy`, chunk by chunk, so the vocabulary-sized logits of the
+    whole batch never exist; otherwise (or with ``peftkit.ops.fused_cross_entropy(False)``) this is
+    :func:`token_loss_sum` of :func:`forward_logits`. Both give the same loss and gradients.
+    """
+    if task == "causal-lm" and fused_cross_entropy_enabled():
+        head = plain_output_head(model)
+        if head is not None:
+            return _fused_loss_sum(model, head, batch)
     return token_loss_sum(forward_logits(model, batch, task), batch["labels"], task)
+
+
+def plain_output_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output head when the fused loss can stand in for it, else None."""
+    while hasattr(model, "module"):  # DistributedDataParallel and similar wrappers
+        model = model.module
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if type(head) is not nn.Linear or head.bias is not None or "forward" in vars(head):
+        return None  # adapted, biased, or already hooked (accelerate's device hooks replace forward)
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+def _fused_loss_sum(model: nn.Module, head: nn.Linear, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The model runs with its head replaced by a stub that keeps the head's input; the loss follows."""
+    captured: list[Tensor] = []
+
+    def keep_input(hidden: Tensor) -> Tensor:  # (batch, kept, hidden) -> (batch, kept, 0): no logits
+        captured.append(hidden)
+        return hidden.new_empty((*hidden.shape[:-1], 0))
+
+    head.forward = keep_input
+    try:
+        forward_logits(model, batch, "causal-lm")
+    finally:
+        del head.forward
+    hidden, labels = captured[-1], batch["labels"]
+    seq = labels.shape[1]
+    kept = min(hidden.shape[1], seq)  # as in token_loss_sum: soft prompts add positions in front
+    hidden = hidden[:, -kept:][:, :-1]  # position t predicts token t+1
+    labels = labels[:, seq - kept + 1 :]
+    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1))
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:

@@ -56,7 +56,7 @@ import argparse
 import math
 import sys
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -669,7 +669,10 @@ def _analyse(model: nn.Module, config: Any) -> _Arch:
 
 # ------------------------------------------------------------------------------------------- measure
 def measure_training_step(
-    model: nn.Module, inputs: Mapping[str, Tensor], optimizer: torch.optim.Optimizer | None = None
+    model: nn.Module,
+    inputs: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: Callable[[nn.Module, Mapping[str, Tensor]], Tensor] | None = None,
 ) -> MeasuredMemory:
     """Run two training steps and report what the second one held.
 
@@ -684,11 +687,13 @@ def measure_training_step(
         inputs: e.g. ``{"input_ids": ids, "labels": ids}``.
         optimizer: defaults to ``torch.optim.AdamW`` with learning rate 0 over the trainable parameters
             (its state is allocated, the weights do not change).
+        loss_fn: ``loss_fn(model, inputs)`` gives the loss to back-propagate; default
+            ``model(**inputs).loss``.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if optimizer is None:
         optimizer = torch.optim.AdamW(trainable, lr=0.0)
-    _training_step(model, inputs, optimizer)
+    _training_step(model, inputs, optimizer, loss_fn)
     optimizer.zero_grad(set_to_none=True)
     device = next(model.parameters()).device
     params = _storage_bytes(model.parameters())
@@ -706,11 +711,11 @@ def measure_training_step(
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
-            _training_step(model, inputs, optimizer)
+            _training_step(model, inputs, optimizer, loss_fn)
         peak, source = torch.cuda.max_memory_allocated(device), "cuda"
     else:
         with _LiveTensors() as live, torch.autograd.graph.saved_tensors_hooks(pack, _identity):
-            _training_step(model, inputs, optimizer)
+            _training_step(model, inputs, optimizer, loss_fn)
         peak, source = held + live.peak, "tracked tensors"
     return MeasuredMemory(
         weights=params,
@@ -726,8 +731,13 @@ def _identity(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def _training_step(model: nn.Module, inputs: Mapping[str, Tensor], optimizer: torch.optim.Optimizer) -> None:
-    loss = model(**inputs).loss
+def _training_step(
+    model: nn.Module,
+    inputs: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[nn.Module, Mapping[str, Tensor]], Tensor] | None,
+) -> None:
+    loss = model(**inputs).loss if loss_fn is None else loss_fn(model, inputs)
     loss.backward()
     optimizer.step()
 

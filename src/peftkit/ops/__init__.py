@@ -2,9 +2,16 @@
 
 The fast LoRA path is on by default; turn it off for a block with ``with peftkit.ops.fast_lora(False):``,
 for the whole process with ``peftkit.ops.set_fast_lora(False)``, or before start-up with the
-environment variable ``PEFTKIT_FAST_LORA=0``.
+environment variable ``PEFTKIT_FAST_LORA=0``. The fused output-head cross-entropy of the training loss
+likewise: ``with peftkit.ops.fused_cross_entropy(False):`` or ``PEFTKIT_FUSED_CE=0``.
 """
 
+from peftkit.ops.linear_cross_entropy import (
+    fused_cross_entropy,
+    fused_cross_entropy_enabled,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
 from peftkit.ops.lora_linear import (
     dropout_mask,
     fast_lora,
@@ -18,6 +25,10 @@ __all__ = [
     "dropout_mask",
     "fast_lora",
     "fast_lora_enabled",
+    "fused_cross_entropy",
+    "fused_cross_entropy_enabled",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
     "lora_linear",
     "lora_linear_reference",
     "set_fast_lora",

@@ -1,0 +1,139 @@
+"""The fused output-head cross-entropy against plain PyTorch, alone and as the training loss of models.
+
+The reference is ``F.cross_entropy(reduction="sum")`` of whole float32 logits through autograd.
+Tolerances: float32 atol 1e-5 relative to the loss's size (the same products summed in another order);
+bfloat16 inputs 2e-2 (one bf16 rounding of values of order 1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftkit
+from peftkit.evaluation import loss_sum, plain_output_head
+from peftkit.ops import fused_cross_entropy, fused_cross_entropy_enabled, linear_cross_entropy
+from tiny_lm import build_model
+
+N, HIDDEN, VOCAB = 37, 16, 50
+
+
+def leaves(dtype: torch.dtype = torch.float32, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, HIDDEN, generator=generator).to(dtype).requires_grad_()
+    weight = (torch.randn(VOCAB, HIDDEN, generator=generator) / HIDDEN**0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, VOCAB, (N,), generator=generator)
+    labels[::3] = -100  # a third of the rows are not scored
+    return hidden, weight, labels
+
+
+def plain(hidden, weight, labels):
+    logits = hidden.float() @ weight.float().T
+    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("chunk_elements", [VOCAB, 4 * VOCAB, 10**6])  # 1 row, 4 rows, everything at once
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_and_gradients_equal_plain_cross_entropy(chunk_elements: int, dtype: torch.dtype) -> None:
+    hidden, weight, labels = leaves(dtype)
+    expected = plain(hidden, weight, labels)
+    (expected * 0.37).backward()  # an upstream gradient other than 1
+    expected_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    loss, count = linear_cross_entropy(hidden, weight, labels, chunk_elements)
+    (loss * 0.37).backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert count.item() == (labels != -100).sum().item()
+    assert loss.dtype == torch.float32
+    assert torch.allclose(loss, expected, rtol=tol, atol=tol)
+    assert hidden.grad.dtype == dtype and weight.grad.dtype == dtype
+    assert torch.allclose(hidden.grad.float(), expected_grads[0].float(), atol=tol)
+    assert torch.allclose(weight.grad.float(), expected_grads[1].float(), atol=tol)
+
+
+def test_frozen_head_gets_no_gradient_and_no_grad_mode_matches() -> None:
+    hidden, weight, labels = leaves()
+    weight.requires_grad_(False)
+    loss, _ = linear_cross_entropy(hidden, weight, labels, 4 * VOCAB)
+    loss.backward()
+    assert weight.grad is None and hidden.grad is not None
+    with torch.no_grad():
+        again, _ = linear_cross_entropy(hidden, weight, labels)
+    assert torch.allclose(again, loss) and not again.requires_grad
+
+
+def test_no_scored_row_gives_zero_loss_and_zero_gradients() -> None:
+    hidden, weight, labels = leaves()
+    loss, count = linear_cross_entropy(hidden, weight, torch.full_like(labels, -100))
+    loss.backward()
+    assert loss.item() == 0.0 and count.item() == 0
+    assert not hidden.grad.any() and not weight.grad.any()
+
+
+def test_switch_restores_the_setting() -> None:
+    assert fused_cross_entropy_enabled()
+    with fused_cross_entropy(False):
+        assert not fused_cross_entropy_enabled()
+    assert fused_cross_entropy_enabled()
+
+
+def batch_with_prompts(vocab: int) -> dict[str, torch.Tensor]:
+    """Two rows: the first 5 / 3 positions are prompt (no target), the second row is padded at the end."""
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, vocab, (2, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 10:] = 0
+    labels = input_ids.clone()
+    labels[0, :5] = labels[1, :3] = -100
+    labels[1, 10:] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def wrapped_models():
+    yield "full fine-tuning", build_model(60)
+    yield "lora", peftkit.wrap(build_model(60), peftkit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    yield (
+        "prompt tuning",
+        peftkit.wrap(
+            build_model(60), peftkit.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")
+        ),
+    )
+    yield (
+        "lora on the head",
+        peftkit.wrap(build_model(60), peftkit.LoraConfig(r=4, target_modules=["lm_head"])),
+    )
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_training_loss_of_models_is_unchanged_by_the_fused_path(case: int) -> None:
+    name, model = list(wrapped_models())[case]
+    model.train()
+    batch = batch_with_prompts(60)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(fused: bool):
+        with fused_cross_entropy(fused):
+            total, count = loss_sum(model, batch, "causal-lm")
+        grads = torch.autograd.grad(total, params)
+        return total.detach(), count, grads
+
+    fused, fused_count, fused_grads = loss_and_grads(True)
+    whole, whole_count, whole_grads = loss_and_grads(False)
+    assert fused_count == whole_count == (batch["labels"][:, 1:] != -100).sum()
+    assert torch.allclose(fused, whole, rtol=1e-5, atol=1e-5), name
+    for a, b in zip(fused_grads, whole_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name
+    adapted_head = name == "lora on the head"
+    assert (plain_output_head(model) is None) == adapted_head
+
+
+def test_heads_the_fused_path_must_leave_alone() -> None:
+    model = build_model(60)
+    assert isinstance(plain_output_head(model), nn.Linear)
+    model.config.final_logit_softcapping = 30.0
+    assert plain_output_head(model) is None
+    model.config.final_logit_softcapping = None
+    model.lm_head.forward = model.lm_head.forward  # an instance-level forward, as accelerate's hooks set
+    assert plain_output_head(model) is None
