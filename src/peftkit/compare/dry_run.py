@@ -7,8 +7,9 @@ and counts its trainable parameters.
 The time column is rough by design: a step is taken as ``6·N·tokens`` floating-point operations for
 full fine-tuning and ``4·N·tokens`` for methods that freeze the base (forward, and the backward to the
 inputs only), run at :data:`TRAINING_EFFICIENCY` of the speed this machine reaches on a large float32
-matrix product (measured in a fraction of a second); generation for scoring at
-:data:`GENERATION_EFFICIENCY` of it (decoding moves the weights for every token).
+matrix product (measured in a fraction of a second; on a busy machine it measures the share left);
+scoring reads the prompts at that speed and decodes each new token at :data:`GENERATION_EFFICIENCY`
+of it (decoding moves all the weights for a few rows at a time).
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ def _seconds(run: PlannedRun, total: int, lengths: dict[str, float], flops: floa
     )
     new_tokens = config.max_new_tokens or 64
     scored = min(config.eval_examples, int(lengths["validation_rows"]))
-    generation = 2 * total * scored * (lengths["prompt_mean"] + new_tokens) / (flops * GENERATION_EFFICIENCY)
+    prefill = 2 * total * scored * lengths["prompt_mean"] / (flops * TRAINING_EFFICIENCY)
+    generation = prefill + 2 * total * scored * new_tokens / (flops * GENERATION_EFFICIENCY)
     return training + loss_pass + generation
 
 

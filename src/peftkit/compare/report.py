@@ -6,8 +6,9 @@ Columns (one row per method, the base model first):
 - **saved**: bytes of the ``.safetensors`` files the method wrote (an adapter, or the whole model for
   full fine-tuning), and that size as a fraction of the base model's full checkpoint;
 - **est. / measured peak**: predicted (:func:`peftkit.memory.estimate`, full fine-tuning and LoRA only)
-  and measured peak memory of one training step on the first training batch (tracked tensors on CPU,
-  ``max_memory_allocated`` on CUDA); not the process's resident memory;
+  and measured peak memory of one training step on the first training batch with the model's own
+  loss (whole logits, as the estimate assumes; tracked tensors on CPU, ``max_memory_allocated`` on
+  CUDA); not the process's resident memory;
 - **s/step, tokens/s**: training time only (evaluation and saving excluded);
 - the headline metric before (the base model) and after training, the held-out loss, and
   **forgetting**: the change of the loss on a general text the task did not train on (positive: the
@@ -162,10 +163,11 @@ def _column_notes() -> str:
     return (
         "Columns: *saved* is the size of the method's `.safetensors` files (the whole model for full "
         "fine-tuning); *est. peak* is `peftkit.memory.estimate` for the measured batch's shape (full "
-        "fine-tuning and plain LoRA only); *measured peak* is one training step on the first batch "
-        "(parameters, gradients, optimizer state and live tensors; not the process's RSS); *s/step* and "
-        "*tokens/s* count training steps only; *forgetting* is the loss on the general text after "
-        "training minus the base model's (positive: worse)."
+        "fine-tuning and plain LoRA only); *measured peak* is one training step on the first batch with "
+        "the model's own loss, whole logits as the estimate assumes (parameters, gradients, optimizer "
+        "state and live tensors; not the process's RSS; `peftkit train`'s fused loss holds less); "
+        "*s/step* and *tokens/s* count training steps only; *forgetting* is the loss on the general text "
+        "after training minus the base model's (positive: worse)."
     )
 
 
