@@ -51,13 +51,17 @@ def test_a_method_row_has_its_numbers_in_the_right_columns() -> None:
 def test_no_rouge_column_for_exact_match_and_missing_estimates_show_a_dash() -> None:
     exact = {"metric": "exact_match", "checkpoint_bytes": MIB, "scores": {"loss": 1.0, "exact_match": 0.1}}
     method = row(
-        "prompt", estimated_peak_bytes=None, forgetting=None, scores={"loss": 0.9, "exact_match": 0.5}
+        "prompt",
+        estimated_peak_bytes=None,
+        forgetting=None,
+        saved_bytes=46 * 1024,
+        scores={"loss": 0.9, "exact_match": 0.5},
     )
     lines = format_table(exact, [method]).splitlines()
     header = cells(lines[0])
     assert "ROUGE-1/2/L after" not in header and len(header) == 12
     values = dict(zip(header, cells(lines[2 + 1]), strict=True))
-    assert values["est. peak"] == "–" and values["forgetting"] == "–"
+    assert values["est. peak"] == "–" and values["forgetting"] == "–" and values["saved"] == "46 KiB"
     assert values["exact_match (base → after)"] == "0.1 → 0.5"
 
 

@@ -224,6 +224,7 @@ def _plot_sweep(base: dict[str, Any], sweep: list[dict[str, Any]], path: Path) -
     if estimated:
         axes[1].plot(*zip(*estimated, strict=True), "s--", label="estimate")
     axes[1].set_title("peak memory of a training step (MiB)", fontsize=10)
+    axes[1].set_ylim(bottom=0)  # from zero: the adapter is a small part of the peak
     axes[1].legend(fontsize=8)
     axes[2].plot(ranks, [row["trainable_parameters"] for row in sweep], "o-")
     axes[2].set_yscale("log")
@@ -266,4 +267,6 @@ def _signed(value: Any) -> str:
 def _size(size: Any) -> str:
     if size is None:
         return "–"
-    return f"{size / 1024**3:.2f} GiB" if size >= 1024**3 else f"{size / MIB:.1f} MiB"
+    if size >= 1024**3:
+        return f"{size / 1024**3:.2f} GiB"
+    return f"{size / MIB:.1f} MiB" if size >= MIB else f"{size / 1024:.0f} KiB"
