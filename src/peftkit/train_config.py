@@ -27,6 +27,7 @@ __all__ = [
     "closest",
     "load_config",
     "parse_value",
+    "read_yaml_mapping",
     "with_task_defaults",
 ]
 
@@ -147,17 +148,27 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
     """
     config = TrainConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UsageError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
-        if not isinstance(data, dict):
-            raise UsageError(f"{path} must hold a mapping of keys to values, not {type(data).__name__}")
-        config = apply_overrides(config, data, source=str(path))
+        config = apply_overrides(config, read_yaml_mapping(path, "config file"), source=str(path))
     return with_task_defaults(apply_overrides(config, overrides or {}, source="the command line"))
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds (empty for an empty file).
+
+    Raises:
+        UsageError: the file is missing, is not YAML, or holds something other than a mapping; the
+            message calls it ``what`` ("config file", "compare file").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} must hold a mapping of keys to values, not {type(data).__name__}")
+    return data
 
 
 def with_task_defaults(config: TrainConfig) -> TrainConfig:

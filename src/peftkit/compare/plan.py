@@ -25,11 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from peftkit.errors import UsageError
 from peftkit.method_names import ATTENTION, method_fields
-from peftkit.train_config import FIELDS, TrainConfig, apply_overrides, closest, with_task_defaults
+from peftkit.train_config import (
+    FIELDS,
+    TrainConfig,
+    apply_overrides,
+    closest,
+    read_yaml_mapping,
+    with_task_defaults,
+)
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -179,17 +184,7 @@ def load_plan(
         UsageError: a missing or malformed file, an unknown key or preset (with the closest known one),
             a bad value, duplicate method names.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"compare file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UsageError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
-        if not isinstance(data, dict):
-            raise UsageError(f"{path} must hold a mapping of keys to values, not {type(data).__name__}")
+    data = read_yaml_mapping(path, "compare file") if path is not None else {}
     data = {key.replace("-", "_"): value for key, value in {**data, **(overrides or {})}.items()}
     return make_plan(data, source=str(path) if path else "the command line", num_layers=num_layers)
 
