@@ -1,8 +1,9 @@
-"""The ``peftkit`` command: ``train``, ``eval``, ``generate``, ``merge``, ``inspect``, ``estimate``.
+"""The ``peftkit`` command: ``train``, ``eval``, ``generate``, ``merge``, ``inspect``, ``estimate``,
+``compare`` (its register function lives in ``peftkit.compare.command``).
 
 Each subcommand is one ``register_<name>(subparsers)`` function that adds its parser and sets
-``handler=<function(args, argv) -> exit code>``; :data:`COMMANDS` lists them. To add a subcommand
-(``compare``…), write its register function next to its code and append it to :data:`COMMANDS`.
+``handler=<function(args, argv) -> exit code>``; :data:`COMMANDS` lists them. To add a subcommand,
+write its register function next to its code and append it to :data:`COMMANDS`.
 
 Bad input (a ``UsageError``) prints one line on stderr and exits with code 2.
 """
