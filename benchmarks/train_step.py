@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory measurement")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine())
@@ -132,13 +133,16 @@ def main() -> None:
     variants["HF PEFT IA3 (k, v, down)"] = (hf_model(base, theirs), True, model_loss)
     variants["peftkit IA3 (k, v, down)"] = (peftkit_model(base, ours), True, model_loss)
     if args.only:
-        keep = [name.strip() for name in args.only.split(",")]
+        keep = [name.strip() for name in args.only.split(",") if name.strip()]
         variants = {k: v for k, v in variants.items() if any(name in k for name in keep)}
 
     steps = {name: stepper(model, inputs, fast, loss) for name, (model, fast, loss) in variants.items()}
     print(f"timing {len(steps)} variants, batch {args.batch} x seq {args.seq}, {args.rounds} rounds")
     timed = [Variant(name, step) for name, step in steps.items()]
     interleaved(timed, args.rounds, args.warmup)
+    print_results(timed, {}, args)  # the times first: measuring peaks of big shapes can run out of memory
+    if args.no_peak:
+        return
 
     peaks = {}
     for name, (model, fast, loss) in variants.items():
@@ -167,8 +171,8 @@ def print_results(timed: list[Variant], peaks: dict[str, int], args: argparse.Na
                 f"{variant.cpu_median:.2f} s",
                 f"{variant.median / full:.2f}" if full else "",
                 f"{variant.median / vs_hf:.2f}" if vs_hf else "",
-                f"{peaks[name] / 2**20:.0f} MiB",
-                f"{peaks[name] / peak_hf:.2f}" if peak_hf else "",
+                f"{peaks[name] / 2**20:.0f} MiB" if name in peaks else "",
+                f"{peaks[name] / peak_hf:.2f}" if peak_hf and name in peaks else "",
             ]
         )
     headers = [
