@@ -25,23 +25,12 @@ from peftkit.method_names import MethodSpec, build_method_config
 from peftkit.tasks import BUILTIN_TASKS
 from peftkit.train import train
 from peftkit.train_config import FIELDS, TrainConfig, load_config
-from tiny_lm import save_tiny_lm
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = BUILTIN_TASKS["person-json"].settings["prompt_template"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_lm(tmp_path_factory.mktemp("tiny-llama"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,23 +15,14 @@ from peftkit import memory
 from peftkit.cli import main
 from peftkit.memory import GIB, estimate, format_estimate
 from peftkit.method_names import build_method_config
+from tiny_lm import tiny_llama_config
 
 
 @pytest.fixture(scope="module")
 def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama as config.json only (the estimate reads no weights)."""
-    from transformers import LlamaConfig
-
     path = tmp_path_factory.mktemp("tiny-llama-config")
-    LlamaConfig(
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-        max_position_embeddings=128,
-    ).save_pretrained(path)
+    tiny_llama_config().save_pretrained(path)
     return path
 
 

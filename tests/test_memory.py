@@ -21,23 +21,10 @@ from peftkit.memory import (
     measure_training_step,
 )
 from peftkit.ops import fast_lora
+from tiny_lm import tiny_llama_config
 
 TOLERANCE = 0.15
 COMPONENTS = ("weights", "gradients", "optimizer_states", "activations", "peak")
-
-
-def tiny_llama_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-        max_position_embeddings=128,
-    )
 
 
 def assert_close(estimated: int, measured: int, what: str) -> None:

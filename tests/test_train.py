@@ -25,24 +25,13 @@ from peftkit.method_names import METHOD_NAMES, method_class
 from peftkit.tasks import BUILTIN_TASKS
 from peftkit.train import lr_factor, train
 from peftkit.train_config import load_config
-from tiny_lm import build_model, build_tokenizer, save_tiny_lm
+from tiny_lm import build_model, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices run fastest on one thread (and do not fight the other tests for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_lm(tmp_path_factory.mktemp("tiny-llama"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -78,3 +78,18 @@ def save_tiny_lm(directory: Path, plain: bool = False, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def tiny_llama_config():
+    """The 2-layer Llama config the memory-estimate tests use (vocabulary 300, GQA 4:2)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=128,
+    )

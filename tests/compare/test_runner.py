@@ -24,22 +24,11 @@ from peftkit.method_names import build_method_config
 from peftkit.models import load_model
 from peftkit.tasks import BUILTIN_TASKS
 from peftkit.train import TrainResult
-from tiny_lm import save_tiny_lm
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_lm(tmp_path_factory.mktemp("tiny-llama"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compare_file(tmp_path: Path, model_dir: Path, **changes) -> Path:
