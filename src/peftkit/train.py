@@ -95,6 +95,7 @@ class TrainResult:
     model: nn.Module | None = field(default=None, repr=False)  # the trained model (unwrapped)
     tokenizer: Any = field(default=None, repr=False)
     train_time_s: float = 0.0  # time spent in optimizer steps (no evaluation, no saving)
+    data: PreparedData | None = field(default=None, repr=False)  # the tokenized rows it trained on
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -478,23 +479,24 @@ class _Run:
             plot_losses(read_metrics(self.out / METRICS_FILE), self.out / PLOT_FILE, title=self._title())
         peak = peak_memory()
         result = TrainResult(
-            self.out,
-            step,
-            start_step,
-            losses,
-            metric,
-            before,
-            after,
-            trainable_count,
-            total_count,
-            tokens_seen / max(train_time, 1e-9),
-            time.perf_counter() - self.start,
-            peak,
-            stopped,
-            checkpoint,
-            model,
-            self.tokenizer,
-            train_time,
+            output_dir=self.out,
+            steps=step,
+            first_step=start_step,
+            losses=losses,
+            metric=metric,
+            before=before,
+            after=after,
+            trainable=trainable_count,
+            total=total_count,
+            tokens_per_s=tokens_seen / max(train_time, 1e-9),
+            wall_time_s=time.perf_counter() - self.start,
+            peak_memory_bytes=peak,
+            stopped=stopped,
+            checkpoint=checkpoint,
+            model=model,
+            tokenizer=self.tokenizer,
+            train_time_s=train_time,
+            data=data,
         )
         if stopped == "interrupted":
             self.say(

@@ -48,45 +48,47 @@ class PlannedCost:
 def check_plan(plan: ComparePlan) -> dict[str, tuple[int, int]]:
     """Apply every method to a meta-device copy of the model; ``{name: (trainable, total)}``.
 
+    The counts are those ``peftkit train`` reports: the total includes the adapter's parameters.
+
     Raises:
         UsageError: a method that cannot be applied (selects nothing, a bad option…), naming it.
     """
+    configs: dict[str, Any] = {}  # each model's config is read once
     counts = {}
     for run in plan.runs:
-        counts[run.name] = _count(run)
+        if run.config.model not in configs:
+            configs[run.config.model] = _model_config(run.config.model)
+        counts[run.name] = _count(run, configs[run.config.model])
     return counts
 
 
-def _count(run: PlannedRun) -> tuple[int, int]:
+def _count(run: PlannedRun, model_config: Any) -> tuple[int, int]:
+    import transformers
+
     import peftkit
     from peftkit.method_names import build_method_config
+    from peftkit.models import TASKS
 
     config = run.config
     method = build_method_config(config.method, config.method_options, config.task)
-    model = _meta_model(config.model, config.task)
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    with torch.device("meta"):
+        model = getattr(transformers, TASKS[config.task]).from_config(model_config)
     if method is None:
+        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         return total, total
     try:
-        wrapped = peftkit.wrap(model, method)
+        return peftkit.wrap(model, method).trainable_parameters()
     except (ValueError, TypeError) as e:
         raise UsageError(f"method {run.name!r} ({describe(run)}): {e}") from e
-    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    return trainable, total
 
 
-def _meta_model(name: str, task: str) -> Any:
-    import transformers
-
+def _model_config(name: str) -> Any:
     from peftkit.memory import load_model_config
-    from peftkit.models import TASKS
 
     try:
-        config = load_model_config(name)
+        return load_model_config(name)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    with torch.device("meta"):
-        return getattr(transformers, TASKS[task]).from_config(config)
 
 
 def machine_flops(seconds: float = 0.3) -> float:

@@ -24,13 +24,16 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from peftkit.compare.plan import ComparePlan, PlannedRun, fingerprint
 from peftkit.io import atomic_write
+
+if TYPE_CHECKING:
+    from peftkit.data import PreparedData
 
 __all__ = ["BASE_FILE", "ROW_FILE", "base_scores", "estimated_peak", "read_rows", "run_compare", "run_method"]
 
@@ -147,7 +150,7 @@ def run_method(run: PlannedRun, base: dict[str, Any], plan: ComparePlan) -> dict
     row["general_loss"] = _general_loss(model, tokenizer, plan) if run.config.task == "causal-lm" else None
     if row["general_loss"] is not None and base.get("general_loss") is not None:
         row["forgetting"] = row["general_loss"] - base["general_loss"]
-    batch = _first_batch(run, tokenizer)
+    batch = _first_batch(result.data, run.config.batch_size, tokenizer)
     row["measured_memory"] = _measure(model, batch)
     row["estimated_peak_bytes"] = estimated_peak(run, tuple(batch["input_ids"].shape))
     return row
@@ -190,13 +193,12 @@ def _general_loss(model: nn.Module, tokenizer: Any, plan: ComparePlan) -> float:
         return text_loss(model, tokenizer, plan.general_text.read_text(), FORGETTING_ROW_TOKENS)
 
 
-def _first_batch(run: PlannedRun, tokenizer: Any) -> dict[str, torch.Tensor]:
-    """The run's first micro-batch shape: ``batch_size`` training rows, collated."""
-    from peftkit.data import collate, prepare_data
+def _first_batch(data: PreparedData, batch_size: int, tokenizer: Any) -> dict[str, torch.Tensor]:
+    """The first ``batch_size`` training rows the run tokenized, collated: a micro-batch's shape."""
+    from peftkit.data import collate
     from peftkit.evaluation import pad_token_id
 
-    data = prepare_data(run.config, tokenizer)
-    rows = data.train.select(range(min(run.config.batch_size, len(data.train))))
+    rows = data.train.select(range(min(batch_size, len(data.train))))
     rows = rows.select_columns(["input_ids", "labels"]).to_list()
     return collate(rows, pad_token_id(tokenizer))
 
