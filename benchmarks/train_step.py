@@ -24,7 +24,7 @@ from common import Variant, interleaved, load_smollm2, machine, random_tokens, s
 from torch import nn
 
 import peftkit
-from peftkit.evaluation import loss_sum
+from peftkit.training.evaluation import loss_sum
 from peftkit.memory import measure_training_step
 from peftkit.ops import fast_lora
 
@@ -63,7 +63,7 @@ def model_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tenso
 
 
 def peftkit_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The loss of ``peftkit train``: ``peftkit.evaluation.loss_sum`` (fused head + cross-entropy), mean."""
+    """The loss of ``peftkit train``: ``peftkit.training.evaluation.loss_sum`` (fused head + cross-entropy), mean."""
     total, count = loss_sum(model, inputs, "causal-lm")
     return total / count
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from peftkit.checkpoint import trainable_state
-from peftkit.train import train
-from peftkit.train_config import load_config
+from peftkit.training.checkpoints import trainable_state
+from peftkit.training.config import load_config
+from peftkit.training.loop import train
 
 
 def main() -> None:

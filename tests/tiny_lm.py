@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from peftkit.tasks import BUILTIN_TASKS
+from peftkit.training.tasks import BUILTIN_TASKS
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

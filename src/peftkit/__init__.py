@@ -14,7 +14,7 @@ from peftkit.methods import (
     PromptTuningConfig,
     SelectiveConfig,
 )
-from peftkit.methods.pissa import convert_to_lora
+from peftkit.methods.lora.pissa import convert_to_lora
 from peftkit.model import PeftModel, load, wrap
 from peftkit.optim import lora_plus_optimizer
 

@@ -16,8 +16,8 @@ from peftkit.config import AdapterConfig, config_from_dict, config_to_json
 from peftkit.io import KEY_PREFIX, read_adapter, resolve_adapter_dir, write_adapter
 from peftkit.layers import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSave, Routing, outer_modules
 from peftkit.methods import METHODS
-from peftkit.model_level import ModelAdapter, is_model_level
 from peftkit.targeting import CLASSIFIER_HEAD_NAMES, find_targets, name_matches
+from peftkit.whole_model import ModelAdapter, is_model_level
 
 DEFAULT_ADAPTER_NAME = "default"
 
@@ -29,7 +29,7 @@ class PeftModel(nn.Module):
     original as ``base``. Attributes the wrapper lacks (``config``, ``generation_config``…) are read
     from the base model, so a wrapped transformers model keeps working where one is expected.
     Model-level methods (soft prompts, selective) wrap nothing: their adapters live in
-    ``model_adapters`` and act through the hooks of :class:`~peftkit.model_level.ModelAdapter`; at most
+    ``model_adapters`` and act through the hooks of :class:`~peftkit.whole_model.ModelAdapter`; at most
     one of them is active at a time.
 
     Args:
@@ -350,7 +350,7 @@ class PeftModel(nn.Module):
             adapter_names: one adapter name per row of the batch (``"__base__"``: no adapter) to mix
                 adapters in one batch; each row then gets what it would get alone. Layer adapters only.
 
-        An active soft prompt adds its virtual tokens to the inputs here (see :mod:`peftkit.model_level`).
+        An active soft prompt adds its virtual tokens to the inputs here (see :mod:`peftkit.whole_model`).
         """
         for adapter in self._active_model_adapters():
             args, kwargs = adapter.prepare_inputs(self.model, args, kwargs)

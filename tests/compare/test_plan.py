@@ -8,7 +8,7 @@ import pytest
 
 from peftkit.compare.plan import GENERAL_TEXT, PRESETS, fingerprint, load_plan, make_plan
 from peftkit.errors import UsageError
-from peftkit.method_names import ATTENTION
+from peftkit.training.method_choice import ATTENTION
 
 LAYERS = 30  # SmolLM2-135M's decoder layer count, given so that no model config is read
 

@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 
 import peftkit
-import peftkit.train
+import peftkit.training.loop
 from peftkit.cli import main
 from peftkit.compare.plan import load_plan
 from peftkit.compare.report import CHARTS, REPORT_JSON, REPORT_MD
 from peftkit.compare.runner import BASE_FILE, run_compare
 from peftkit.errors import UsageError
-from peftkit.method_names import build_method_config
 from peftkit.models import load_model
-from peftkit.tasks import BUILTIN_TASKS
-from peftkit.train import TrainResult
+from peftkit.training.loop import TrainResult
+from peftkit.training.method_choice import build_method_config
+from peftkit.training.tasks import BUILTIN_TASKS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -137,13 +137,13 @@ def test_general_loss_equals_plain_cross_entropy(finished, model_dir) -> None:
 def test_rerun_skips_finished_methods_and_retrains_changed_ones(finished, monkeypatch) -> None:
     path, report = finished
     trained: list[str] = []
-    real_train = peftkit.train.train
+    real_train = peftkit.training.loop.train
 
     def counting_train(config, *args, **kwargs):
         trained.append(Path(config.output_dir).name)
         return real_train(config, *args, **kwargs)
 
-    monkeypatch.setattr(peftkit.train, "train", counting_train)
+    monkeypatch.setattr(peftkit.training.loop, "train", counting_train)
     again = run_compare(load_plan(path), say=lambda text: None)
     assert trained == []
     assert [r["measured_memory"] for r in again["methods"]] == [
@@ -163,7 +163,7 @@ def test_an_interrupted_method_is_not_recorded_and_stops_the_comparison(
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         return TrainResult(Path(config.output_dir), 1, 0, [1.0], "exact_match", stopped="interrupted")
 
-    monkeypatch.setattr(peftkit.train, "train", interrupted_train)
+    monkeypatch.setattr(peftkit.training.loop, "train", interrupted_train)
     path = compare_file(tmp_path, model_dir, methods=["lora", "prompt"], ranks=None)
     with pytest.raises(KeyboardInterrupt):
         run_compare(load_plan(path), say=lambda text: None)

@@ -4,7 +4,7 @@
 - :mod:`~peftkit.compare.dry_run`: checking every method on a meta-device model, rough costs;
 - :mod:`~peftkit.compare.runner`: the base model once, then each method, resumably (:func:`run_compare`);
 - :mod:`~peftkit.compare.report`: report.md, report.json, charts;
-- :mod:`~peftkit.compare.command`: the subcommand.
+- :mod:`~peftkit.cli.compare`: the subcommand.
 """
 
 from peftkit.compare.plan import DEFAULT_METHODS, PRESETS, ComparePlan, PlannedRun, load_plan, make_plan

@@ -66,8 +66,8 @@ def _count(run: PlannedRun, model_config: Any) -> tuple[int, int]:
     import transformers
 
     import peftkit
-    from peftkit.method_names import build_method_config
     from peftkit.models import TASKS
+    from peftkit.training.method_choice import build_method_config
 
     config = run.config
     method = build_method_config(config.method, config.method_options, config.task)
@@ -127,7 +127,7 @@ def planned_costs(
 
 
 def _lengths(plan: ComparePlan, tokenizer: Any) -> dict[str, float]:
-    from peftkit.data import prepare_data
+    from peftkit.training.data import prepare_data
 
     data = prepare_data(plan.shared, tokenizer)
     train = [len(ids) for ids in data.train["input_ids"]]
@@ -167,7 +167,7 @@ def _scoring_seconds(run: PlannedRun, total: int, lengths: dict[str, float], flo
 
 def dry_run_table(plan: ComparePlan, costs: list[PlannedCost]) -> str:
     """The plan as a table: method, what it trains, expected memory and time."""
-    from peftkit.reporting import format_table, human
+    from peftkit.training.reports import format_table, human
 
     rows = []
     for run, cost in zip(plan.runs, costs, strict=True):

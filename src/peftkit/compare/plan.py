@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import UsageError
-from peftkit.method_names import ATTENTION, method_fields
-from peftkit.train_config import (
+from peftkit.training.config import (
     FIELDS,
     TrainConfig,
     apply_overrides,
@@ -35,6 +34,7 @@ from peftkit.train_config import (
     read_yaml_mapping,
     with_task_defaults,
 )
+from peftkit.training.method_choice import ATTENTION, method_fields
 
 __all__ = [
     "DEFAULT_METHODS",

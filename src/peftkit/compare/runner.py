@@ -33,7 +33,7 @@ from peftkit.compare.plan import ComparePlan, PlannedRun, fingerprint
 from peftkit.io import atomic_write
 
 if TYPE_CHECKING:
-    from peftkit.data import PreparedData
+    from peftkit.training.data import PreparedData
 
 __all__ = ["BASE_FILE", "ROW_FILE", "base_scores", "estimated_peak", "read_rows", "run_compare", "run_method"]
 
@@ -74,9 +74,9 @@ def run_compare(plan: ComparePlan, say: Callable[[str], None] = print) -> dict[s
 
 def base_scores(plan: ComparePlan, say: Callable[[str], None] = print) -> dict[str, Any]:
     """The base model's held-out scores, general-text loss and size (computed once, kept in base.json)."""
-    from peftkit.data import prepare_data
-    from peftkit.evaluation import evaluate, headline_metric
-    from peftkit.train import load_base_model
+    from peftkit.training.data import prepare_data
+    from peftkit.training.evaluation import evaluate, headline_metric
+    from peftkit.training.loop import load_base_model
 
     shared = plan.shared
     key = _base_fingerprint(plan)
@@ -121,7 +121,7 @@ def base_scores(plan: ComparePlan, say: Callable[[str], None] = print) -> dict[s
 
 def run_method(run: PlannedRun, base: dict[str, Any], plan: ComparePlan) -> dict[str, Any]:
     """Train one method and measure it; returns its report row."""
-    from peftkit.train import train
+    from peftkit.training.loop import train
 
     result = train(run.config.replace(overwrite=True, resume=False), evaluate_before=False)
     row: dict[str, Any] = {
@@ -187,7 +187,7 @@ def _base_fingerprint(plan: ComparePlan) -> str:
 
 
 def _general_loss(model: nn.Module, tokenizer: Any, plan: ComparePlan) -> float:
-    from peftkit.evaluation import text_loss
+    from peftkit.training.evaluation import text_loss
 
     with torch.random.fork_rng(devices=[]):
         return text_loss(model, tokenizer, plan.general_text.read_text(), FORGETTING_ROW_TOKENS)
@@ -195,8 +195,8 @@ def _general_loss(model: nn.Module, tokenizer: Any, plan: ComparePlan) -> float:
 
 def _first_batch(data: PreparedData, batch_size: int, tokenizer: Any) -> dict[str, torch.Tensor]:
     """The first ``batch_size`` training rows the run tokenized, collated: a micro-batch's shape."""
-    from peftkit.data import collate
-    from peftkit.evaluation import pad_token_id
+    from peftkit.training.data import collate
+    from peftkit.training.evaluation import pad_token_id
 
     rows = data.train.select(range(min(batch_size, len(data.train))))
     rows = rows.select_columns(["input_ids", "labels"]).to_list()
@@ -224,8 +224,8 @@ def estimated_peak(run: PlannedRun, shape: tuple[int, int]) -> int | None:
     The estimate models full fine-tuning and plain LoRA (not DoRA) of decoder-only models.
     """
     from peftkit.memory import estimate
-    from peftkit.method_names import build_method_config
     from peftkit.methods.lora import LoraConfig
+    from peftkit.training.method_choice import build_method_config
 
     config = run.config
     method = build_method_config(config.method, config.method_options, config.task)

@@ -223,7 +223,7 @@ def expanded_batch(model: nn.Module, batch: int, kwargs: dict[str, Any]) -> int:
 
 
 class SoftPromptAdapter(nn.Module):
-    """The parts of :class:`~peftkit.model_level.ModelAdapter` every soft prompt shares.
+    """The parts of :class:`~peftkit.whole_model.ModelAdapter` every soft prompt shares.
 
     A soft prompt changes no weight of the base model, so it has nothing to activate, restore or merge.
     Subclasses give :meth:`prompt_embeddings_to_save` and the input preparation.

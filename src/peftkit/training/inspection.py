@@ -8,9 +8,9 @@ from torch import nn
 
 from peftkit.errors import UsageError
 from peftkit.layers import AdapterLayer
-from peftkit.method_names import build_method_config
-from peftkit.reporting import format_table, trainable_table
-from peftkit.train_config import TrainConfig
+from peftkit.training.config import TrainConfig
+from peftkit.training.method_choice import build_method_config
+from peftkit.training.reports import format_table, trainable_table
 
 __all__ = ["inspect_model", "module_table"]
 
@@ -42,7 +42,7 @@ def inspect_model(config: TrainConfig, pattern: str | None = None, list_modules:
             that cannot be loaded.
     """
     import peftkit
-    from peftkit.train import load_base_model
+    from peftkit.training.loop import load_base_model
 
     method_config = build_method_config(config.method, config.method_options, config.task)
     model, _ = load_base_model(config)

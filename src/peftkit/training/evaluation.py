@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.data import IGNORE_INDEX, collate, median_words
 from peftkit.ops.linear_cross_entropy import fused_cross_entropy_enabled, linear_cross_entropy
+from peftkit.training.data import IGNORE_INDEX, collate, median_words
 
 if TYPE_CHECKING:
     import datasets

@@ -30,12 +30,19 @@ import torch
 import yaml
 from torch import nn
 
-from peftkit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
-from peftkit.data import PreparedData, check_data, collate, prepare_data
 from peftkit.errors import UsageError
-from peftkit.evaluation import evaluate, headline_metric, loss_sum, pad_token_id
-from peftkit.method_names import build_method_config
-from peftkit.reporting import (
+from peftkit.training.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
+from peftkit.training.config import TrainConfig, with_task_defaults
+from peftkit.training.data import PreparedData, check_data, collate, prepare_data
+from peftkit.training.evaluation import evaluate, headline_metric, loss_sum, pad_token_id
+from peftkit.training.method_choice import build_method_config
+from peftkit.training.reports import (
     METRICS_FILE,
     PLOT_FILE,
     MetricsLog,
@@ -46,7 +53,6 @@ from peftkit.reporting import (
     trainable_table,
     truncate_metrics,
 )
-from peftkit.train_config import TrainConfig, with_task_defaults
 
 __all__ = ["CONFIG_FILE", "TrainResult", "load_base_model", "lr_factor", "train"]
 
@@ -608,7 +614,7 @@ class _Run:
 
 
 def _try_it(config: TrainConfig, out: Path) -> str:
-    from peftkit.tasks import builtin_task
+    from peftkit.training.tasks import builtin_task
 
     task = builtin_task(config.data)
     example = task.example if task else "<your prompt>"

@@ -1,4 +1,4 @@
-"""peftkit.data: file loading, the three row layouts, prompt masking, truncation, packing, collation."""
+"""peftkit.training.data: file loading, the three row layouts, prompt masking, truncation, packing, collation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftkit.data import (
+from peftkit.errors import UsageError
+from peftkit.training.config import load_config
+from peftkit.training.data import (
     IGNORE_INDEX,
     DataFormat,
     collate,
@@ -20,16 +22,14 @@ from peftkit.data import (
     to_chats,
     tokenize,
 )
-from peftkit.errors import UsageError
-from peftkit.evaluation import headline_metric
-from peftkit.train_config import load_config
+from peftkit.training.evaluation import headline_metric
 from tiny_lm import build_tokenizer
 
 ROWS = [
     {"prompt": "Meet Lena Berg, 41, a pilot based in Oslo.", "completion": '{"name": "Lena Berg"}'},
     {"prompt": "Omar Haddad is a 30-year-old chef.", "completion": '{"name": "Omar Haddad"}'},
 ]
-DIALOGSUM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dialogsum"
+DIALOGSUM = Path(__file__).resolve().parents[3] / "shared" / "data" / "dialogsum"
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +275,7 @@ def test_validation_split_is_seeded_and_validation_rows_a_fixed_prefix(tmp_path:
 
 @pytest.mark.skipif(not DIALOGSUM.is_dir(), reason="shared/data/dialogsum not present")
 def test_dialogsum_prepares_as_summarization_with_three_references(tokenizer) -> None:
-    config = load_config(Path(__file__).resolve().parents[1] / "examples" / "dialogsum.yaml")
+    config = load_config(Path(__file__).resolve().parents[2] / "examples" / "dialogsum.yaml")
     config = config.replace(data=str(DIALOGSUM / "dev.jsonl"), validation_data=str(DIALOGSUM / "test.jsonl"))
     data = prepare_data(config, tokenizer)
     assert data.stats["examples"] == 500

@@ -16,7 +16,7 @@ from torch import nn
 from peftkit.io import atomic_write
 
 if TYPE_CHECKING:
-    from peftkit.train import TrainResult
+    from peftkit.training.loop import TrainResult
 
 __all__ = [
     "MetricsLog",

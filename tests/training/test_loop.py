@@ -1,4 +1,4 @@
-"""peftkit.train: learning, outputs, exact resume, Ctrl-C, NaN stop, accumulation, DDP, methods, tasks.
+"""peftkit.training.loop: learning, outputs, exact resume, Ctrl-C, NaN stop, accumulation, DDP, methods, tasks.
 
 Tiny 2-layer models with a tiny BPE tokenizer (tests/tiny_lm.py) make a step take milliseconds; one
 slow test runs the default job on the real SmolLM2-135M-Instruct with fewer steps.
@@ -19,15 +19,15 @@ import torch
 from safetensors.torch import load_file
 
 import peftkit
-from peftkit.checkpoint import latest_checkpoint
 from peftkit.errors import UsageError
-from peftkit.method_names import METHOD_NAMES, method_class
-from peftkit.tasks import BUILTIN_TASKS
-from peftkit.train import lr_factor, train
-from peftkit.train_config import load_config
+from peftkit.training.checkpoints import latest_checkpoint
+from peftkit.training.config import load_config
+from peftkit.training.loop import lr_factor, train
+from peftkit.training.method_choice import METHOD_NAMES, method_class
+from peftkit.training.tasks import BUILTIN_TASKS
 from tiny_lm import build_model, build_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum"
 
 
@@ -76,9 +76,9 @@ def train_records(run: Path) -> list[dict]:
 @pytest.mark.parametrize("method", ["lora", "prompt"])
 def test_loss_from_kept_logits_equals_loss_from_all(model_dir, method, monkeypatch) -> None:
     """logits_to_keep (the output head only from the first answer token on) changes no loss or gradient."""
-    from peftkit import evaluation
-    from peftkit.data import collate, encode
-    from peftkit.method_names import build_method_config
+    from peftkit.training import evaluation
+    from peftkit.training.data import collate, encode
+    from peftkit.training.method_choice import build_method_config
 
     tokenizer = build_tokenizer()
     rows = [json.loads(line) for line in BUILTIN_TASKS["person-json"].train.read_text().splitlines()[:4]]

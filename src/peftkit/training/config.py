@@ -172,8 +172,8 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
 
 
 def with_task_defaults(config: TrainConfig) -> TrainConfig:
-    """Apply a bundled task's settings (``peftkit.tasks``) to the keys still at their defaults."""
-    from peftkit.tasks import builtin_task
+    """Apply a bundled task's settings (``peftkit.training.tasks``) to the keys still at their defaults."""
+    from peftkit.training.tasks import builtin_task
 
     task = builtin_task(config.data)
     if task is None:

@@ -14,7 +14,7 @@ import peftkit
 from peftkit import memory
 from peftkit.cli import main
 from peftkit.memory import GIB, estimate, format_estimate
-from peftkit.method_names import build_method_config
+from peftkit.training.method_choice import build_method_config
 from tiny_lm import tiny_llama_config
 
 

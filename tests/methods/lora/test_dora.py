@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 import peftkit
-from peftkit.methods.dora import DoraLinear
+from peftkit.methods.lora.dora import DoraLinear
 
 from conftest import TINY_MODELS, twin
 from layer_method_helpers import logits, perturb_trainable, toy_causal_lm, train_toy_task

@@ -42,7 +42,7 @@ def run_compare_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from peftkit.compare.plan import load_plan
     from peftkit.compare.report import REPORT_MD
     from peftkit.compare.runner import run_compare
-    from peftkit.train_config import FIELDS
+    from peftkit.training.config import FIELDS
 
     parsed = args.parser.parse_args(list(argv))
     overrides = {name: getattr(parsed, name) for name in FIELDS if hasattr(parsed, name)}

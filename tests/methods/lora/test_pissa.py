@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import peftkit
-from peftkit.methods.pissa import PrincipalLoraLinear, olora_factors, pissa_factors
+from peftkit.methods.lora.pissa import PrincipalLoraLinear, olora_factors, pissa_factors
 
 from conftest import TINY_MODELS, twin
 from layer_method_helpers import logits, perturb_trainable, toy_causal_lm, train_toy_task

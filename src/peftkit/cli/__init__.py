@@ -1,5 +1,5 @@
 """The ``peftkit`` command: ``train``, ``eval``, ``generate``, ``merge``, ``inspect``, ``estimate``,
-``compare`` (its register function lives in ``peftkit.compare.command``).
+``compare`` (its register function lives in ``peftkit.cli.compare``).
 
 Each subcommand is one ``register_<name>(subparsers)`` function that adds its parser and sets
 ``handler=<function(args, argv) -> exit code>``; :data:`COMMANDS` lists them. To add a subcommand,
@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from peftkit.compare.command import register_compare
+from peftkit.cli.compare import register_compare
 from peftkit.errors import UsageError
-from peftkit.train_config import FIELDS, TrainConfig, closest, load_config, parse_value
+from peftkit.training.config import FIELDS, TrainConfig, closest, load_config, parse_value
 
 __all__ = ["COMMANDS", "build_parser", "main", "parse_train_args"]
 
@@ -96,7 +96,7 @@ def parse_train_args(
         UsageError: an unknown key (neither a setting nor an option of the chosen method), with the
             closest known one, or a bad value.
     """
-    from peftkit.method_names import method_fields
+    from peftkit.training.method_choice import method_fields
 
     rest, extra = split_method_flags(argv, parser)
     args = parser.parse_args(rest)
@@ -131,7 +131,7 @@ def register_train(subparsers: Any) -> None:
 
 
 def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from peftkit.train import train
+    from peftkit.training.loop import train
 
     _, config = parse_train_args(args.parser, argv)
     if config.estimate_only:
@@ -156,7 +156,7 @@ def estimate_run(config: TrainConfig) -> str:
     """
     import peftkit
     from peftkit.memory import estimate, format_estimate
-    from peftkit.method_names import build_method_config
+    from peftkit.training.method_choice import build_method_config
 
     refusal = "--estimate-only models full fine-tuning and LoRA only"
     if config.task != "causal-lm":
@@ -213,9 +213,9 @@ def register_eval(subparsers: Any) -> None:
 
 
 def run_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from peftkit.data import prepare_data
-    from peftkit.evaluation import evaluate, headline_metric
-    from peftkit.runs import load_run
+    from peftkit.training.data import prepare_data
+    from peftkit.training.evaluation import evaluate, headline_metric
+    from peftkit.training.runs import load_run
 
     model, tokenizer, config = load_run(args.run_dir, args.model, adapter=not args.base)
     if args.data:
@@ -258,9 +258,9 @@ def register_generate(subparsers: Any) -> None:
 
 
 def run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from peftkit.data import encode
-    from peftkit.evaluation import generate_answers
-    from peftkit.runs import apply_prompt_template, load_run
+    from peftkit.training.data import encode
+    from peftkit.training.evaluation import generate_answers
+    from peftkit.training.runs import apply_prompt_template, load_run
 
     prompts = [
         line for p in args.prompts for line in (sys.stdin.read().splitlines() if p == "-" else [p]) if line
@@ -302,7 +302,7 @@ def run_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import shutil
 
     import peftkit
-    from peftkit.runs import load_run
+    from peftkit.training.runs import load_run
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -337,7 +337,7 @@ def register_inspect(subparsers: Any) -> None:
 
 
 def run_inspect(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from peftkit.inspection import inspect_model
+    from peftkit.training.inspection import inspect_model
 
     parsed, config = parse_train_args(args.parser, argv)
     print(inspect_model(config, parsed.filter, parsed.modules))

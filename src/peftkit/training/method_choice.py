@@ -14,7 +14,7 @@ from typing import Any
 
 from peftkit.config import AdapterConfig
 from peftkit.errors import UsageError
-from peftkit.train_config import closest
+from peftkit.training.config import closest
 
 __all__ = ["METHOD_NAMES", "MethodSpec", "build_method_config", "method_class", "method_fields"]
 

@@ -11,8 +11,8 @@ from torch import nn
 
 from peftkit.errors import UsageError
 from peftkit.io import CONFIG_NAME
-from peftkit.train import CONFIG_FILE, load_base_model
-from peftkit.train_config import TrainConfig, load_config
+from peftkit.training.config import TrainConfig, load_config
+from peftkit.training.loop import CONFIG_FILE, load_base_model
 
 __all__ = ["apply_prompt_template", "load_run", "run_config"]
 

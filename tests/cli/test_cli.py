@@ -18,15 +18,15 @@ import torch
 import yaml
 
 import peftkit
-from peftkit import method_names
 from peftkit.cli import EXIT_INTERRUPTED, build_parser, main, parse_train_args
 from peftkit.errors import UsageError
-from peftkit.method_names import MethodSpec, build_method_config
-from peftkit.tasks import BUILTIN_TASKS
-from peftkit.train import train
-from peftkit.train_config import FIELDS, TrainConfig, load_config
+from peftkit.training import method_choice as method_names
+from peftkit.training.config import FIELDS, TrainConfig, load_config
+from peftkit.training.loop import train
+from peftkit.training.method_choice import MethodSpec, build_method_config
+from peftkit.training.tasks import BUILTIN_TASKS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = BUILTIN_TASKS["person-json"].settings["prompt_template"]
 
 

@@ -27,13 +27,13 @@ import torch
 from torch import Tensor
 
 from peftkit.errors import UsageError
-from peftkit.train_config import closest
+from peftkit.training.config import closest
 
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-    from peftkit.train_config import TrainConfig
+    from peftkit.training.config import TrainConfig
 
 __all__ = [
     "DataFormat",
@@ -69,7 +69,7 @@ class DataFormat:
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> DataFormat:
-        """The data settings of a :class:`~peftkit.train_config.TrainConfig`."""
+        """The data settings of a :class:`~peftkit.training.config.TrainConfig`."""
         return cls(
             config.data_format,
             config.prompt_column,
@@ -395,7 +395,7 @@ def check_data(config: TrainConfig) -> None:
     Raises:
         UsageError: as :func:`prepare_data`.
     """
-    from peftkit.tasks import builtin_task
+    from peftkit.training.tasks import builtin_task
 
     fmt = DataFormat.from_config(config)
     task = builtin_task(config.data)
@@ -417,13 +417,13 @@ def check_data(config: TrainConfig) -> None:
 def prepare_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Load, convert, split, tokenize (and pack) the training and validation data of ``config``.
 
-    ``config.data`` is a file or a bundled task name (``peftkit.tasks``), whose files and settings are
+    ``config.data`` is a file or a bundled task name (``peftkit.training.tasks``), whose files and settings are
     used.
 
     Raises:
         UsageError: a missing, empty or unreadable file, a missing column, or too little data.
     """
-    from peftkit.tasks import builtin_task
+    from peftkit.training.tasks import builtin_task
 
     fmt = DataFormat.from_config(config)
     task = builtin_task(config.data)

@@ -41,12 +41,12 @@ class LoraConfig(AdapterConfig):
         use_rslora: rank-stabilised scaling.
         init_lora_weights: True (Kaiming-uniform A, zero B), ``"gaussian"`` (normal A with std 1/r,
             zero B), False (random A and B: the wrapped model differs from the base; for tests), or
-            ``"pissa"`` / ``"pissa_niter_K"`` / ``"olora"`` (:mod:`peftkit.methods.pissa`).
+            ``"pissa"`` / ``"pissa_niter_K"`` / ``"olora"`` (:mod:`peftkit.methods.lora.pissa`).
         rank_pattern: per-module rank, ``{name regex: r}``, matched as ``(.*\\.)?(key)$``.
         alpha_pattern: per-module alpha, same matching.
         fan_in_fan_out: kept for file compatibility; transformers' ``Conv1D`` is detected by type.
         bias: which biases train too: ``"none"``, ``"all"``, or ``"lora_only"`` (the targeted modules').
-        use_dora: DoRA (magnitude and direction, :mod:`peftkit.methods.dora`); Linear and Conv1D only.
+        use_dora: DoRA (magnitude and direction, :mod:`peftkit.methods.lora.dora`); Linear and Conv1D only.
     """
 
     peft_type: ClassVar[str] = "LORA"
@@ -122,11 +122,11 @@ class LoraConfig(AdapterConfig):
         r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
         scaling = lora_scaling(alpha, r, self.use_rslora)
         if self.use_dora:
-            from peftkit.methods.dora import DoraLinear  # dora.py builds on this file's LoraLinear
+            from peftkit.methods.lora.dora import DoraLinear  # dora.py builds on this file's LoraLinear
 
             adapter: nn.Module = DoraLinear(base, r, scaling, self.lora_dropout)  # refuses other bases
         elif is_principal_init(self.init_lora_weights):
-            from peftkit.methods.pissa import PrincipalLoraLinear  # PiSSA / OLoRA, builds on LoraLinear
+            from peftkit.methods.lora.pissa import PrincipalLoraLinear  # PiSSA / OLoRA, builds on LoraLinear
 
             adapter = PrincipalLoraLinear(base, r, scaling, self.lora_dropout)  # refuses other bases
         elif isinstance(base, nn.Embedding):

@@ -1,0 +1,17 @@
+"""Training runs: what ``peftkit train`` / ``eval`` / ``generate`` / ``merge`` / ``inspect`` do.
+
+Modules, bottom to top:
+
+- :mod:`~peftkit.training.config`: ``TrainConfig`` (YAML keys = command-line flags), validation;
+- :mod:`~peftkit.training.method_choice`: ``--method NAME`` + options → a method config object;
+- :mod:`~peftkit.training.tasks`: tasks shipped with the package (``person-json``);
+- :mod:`~peftkit.training.data`: data files → chats → prompt-masked token rows;
+- :mod:`~peftkit.training.evaluation`: loss, perplexity, exact match, ROUGE, generation;
+- :mod:`~peftkit.training.reports`: the trainable-parameter table, metrics files, ``loss.png``;
+- :mod:`~peftkit.training.checkpoints`: atomic checkpoints with optimizer, scheduler and RNG states;
+- :mod:`~peftkit.training.loop`: ``train(config)``, the accelerate loop;
+- :mod:`~peftkit.training.runs`: opening a finished run directory (eval, generate, merge);
+- :mod:`~peftkit.training.inspection`: ``peftkit inspect``'s tables.
+
+Nothing is imported here, so that importing one module (the config, for ``--help``) stays cheap.
+"""
