@@ -1,4 +1,4 @@
-"""peftkit.training.data: file loading, the three row layouts, prompt masking, truncation, packing, collation."""
+"""peftkit.training.data: file loading, row layouts, prompt masking, truncation, packing, collation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""peftkit.training.loop: learning, outputs, exact resume, Ctrl-C, NaN stop, accumulation, DDP, methods, tasks.
+"""peftkit.training.loop: learning, outputs, exact resume, Ctrl-C, NaN stop, accumulation, DDP, tasks.
 
 Tiny 2-layer models with a tiny BPE tokenizer (tests/tiny_lm.py) make a step take milliseconds; one
 slow test runs the default job on the real SmolLM2-135M-Instruct with fewer steps.

@@ -417,8 +417,8 @@ def check_data(config: TrainConfig) -> None:
 def prepare_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Load, convert, split, tokenize (and pack) the training and validation data of ``config``.
 
-    ``config.data`` is a file or a bundled task name (``peftkit.training.tasks``), whose files and settings are
-    used.
+    ``config.data`` is a file or a bundled task name (``peftkit.training.tasks``), whose files and
+    settings are used.
 
     Raises:
         UsageError: a missing, empty or unreadable file, a missing column, or too little data.
