@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import peftkit
-from peftkit.methods import lora as lora_module
+from peftkit.methods.lora import layers as lora_module
 from peftkit.ops import (
     dropout_mask,
     fast_lora,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftkit.layers import is_conv1d
-from peftkit.methods.lora import LoraLinear
+from peftkit.methods.lora.layers import LoraLinear
 
 
 def weight_row_norm(weight: Tensor, delta: Tensor) -> Tensor:
@@ -31,18 +31,6 @@ def weight_row_norm(weight: Tensor, delta: Tensor) -> Tensor:
         (out,).
     """
     return torch.linalg.vector_norm(weight + delta, dim=1)
-
-
-def dora_weight(weight: Tensor, delta: Tensor, magnitude: Tensor) -> Tensor:
-    """The merged DoRA weight ``m / ||W + ΔW|| · (W + ΔW)`` (row-wise).
-
-    Args:
-        weight: (out, in); delta: (out, in); magnitude: (out,).
-
-    Returns:
-        (out, in).
-    """
-    return (magnitude / weight_row_norm(weight, delta)).unsqueeze(1) * (weight + delta)
 
 
 class DoraLinear(LoraLinear):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -30,7 +31,14 @@ from torch import Tensor, nn
 from peftkit.config import config_from_dict, config_to_json
 from peftkit.io import CONFIG_NAME, KEY_PREFIX, read_adapter, write_adapter
 from peftkit.layers import AdapterLayer, is_conv1d
-from peftkit.methods.lora import PRINCIPAL_INIT, LoraLinear, is_principal_init
+from peftkit.methods.lora.layers import LoraLinear
+
+PRINCIPAL_INIT = re.compile(r"pissa(_niter_(\d+))?|olora")  # init_lora_weights values handled here
+
+
+def is_principal_init(init: object) -> bool:
+    """Whether ``init_lora_weights`` names PiSSA (``"pissa"``, ``"pissa_niter_K"``) or OLoRA."""
+    return isinstance(init, str) and PRINCIPAL_INIT.fullmatch(init) is not None
 
 
 def pissa_factors(weight: Tensor, r: int, scaling: float, niter: int | None = None) -> tuple[Tensor, Tensor]:
