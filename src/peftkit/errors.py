@@ -1,8 +1,12 @@
-"""The one exception type for bad user input (a config value, a data file, a model path)."""
+"""The one exception type for bad user input (a config value, a data file, a model path), and the
+"did you mean" hint every unknown name gets."""
 
 from __future__ import annotations
 
-__all__ = ["UsageError"]
+import difflib
+from collections.abc import Iterable
+
+__all__ = ["UsageError", "closest"]
 
 
 class UsageError(ValueError):
@@ -10,3 +14,9 @@ class UsageError(ValueError):
 
     The ``peftkit`` command prints it as one line on stderr and exits with code 2.
     """
+
+
+def closest(word: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the nearest candidate, or ``""`` when none is near."""
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""

@@ -395,15 +395,7 @@ class PeftModel(nn.Module):
     # ----------------------------------------------------------------------------- accounting
     def trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; a tensor shared by two modules counts once."""
-        trainable = total = 0
-        seen: set[int] = set()
-        for param in self.parameters():
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            total += param.numel()
-            trainable += param.numel() if param.requires_grad else 0
-        return trainable, total
+        return count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         """Print e.g. ``trainable: 460,800 (0.46M) of 134,975,808 (135.0M) parameters (0.34%)``."""
@@ -602,6 +594,16 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def _original(wrapper: AdapterLayer | ModulesToSave) -> nn.Module:
     return wrapper.base if isinstance(wrapper, AdapterLayer) else wrapper.original
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts of any module; a tensor shared by two modules (tied
+    embeddings) counts once, as ``nn.Module.parameters`` yields it once."""
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable, total
 
 
 def wrap(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT_ADAPTER_NAME) -> PeftModel:

@@ -53,7 +53,7 @@ def lora_plus_param_groups(
                 kinds.update((id(p), "lora_B") for p in adapter.lora_B.parameters())
     rates = {"lora_B": lr * loraplus_lr_ratio, "embedding": loraplus_lr_embedding, "other": lr}
     grouped: dict[str, list[nn.Parameter]] = {}
-    for param in {id(p): p for p in model.parameters() if p.requires_grad}.values():
+    for param in (p for p in model.parameters() if p.requires_grad):
         kind = kinds.get(id(param), "other")
         grouped.setdefault(kind if param.dim() > 1 else f"{kind}_no_decay", []).append(param)
     if not grouped.get("lora_B"):

@@ -110,11 +110,6 @@ def test_estimate_bad_model_is_exit_2_with_one_line(tmp_path, capsys) -> None:
     assert "encoder-decoder" in one_error_line(capsys.readouterr().err, "estimate")
 
 
-def test_python_m_peftkit_memory_is_the_same_command(config_dir, capsys) -> None:
-    assert memory.main([str(config_dir), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(estimate(str(config_dir)).to_dict()))
-
-
 def test_estimate_and_measure_are_exported() -> None:
     assert peftkit.estimate is memory.estimate
     assert peftkit.measure_training_step is memory.measure_training_step
@@ -196,3 +191,17 @@ def test_estimate_refuses_lora_settings_it_does_not_model(config_dir) -> None:
         estimate(str(config_dir), method=peftkit.LoraConfig(use_dora=True))
     with pytest.raises(ValueError, match=r"modules_to_save=\['lm_head'\]"):
         estimate(str(config_dir), method=peftkit.LoraConfig(modules_to_save=["lm_head"]))
+
+
+def test_estimate_prints_the_table_and_json(tmp_path, capsys) -> None:
+    tiny_llama_config().save_pretrained(tmp_path)
+    args = [str(tmp_path), "--r", "4", "--targets", "q_proj,v_proj", "--batch", "2", "--seq", "16"]
+    assert main(["estimate", *args, "--device-memory", "0.001"]) == 0
+    table = capsys.readouterr().out
+    assert "full fine-tuning" in table and "lora r=4 (q_proj, v_proj)" in table
+    assert "in 0.001 GiB" in table and "does not fit" in table
+    assert main(["estimate", *args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["peft"]["trainable_parameters"] == 2 * 4 * ((64 + 64) + (64 + 32))
+    assert main(["estimate", str(tmp_path / "missing")]) == 2
+    assert "no config.json" in capsys.readouterr().err

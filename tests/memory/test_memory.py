@@ -8,8 +8,6 @@ Tolerance: 15% (the issue's bar) on every component and on the peak.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -17,7 +15,6 @@ import peftkit
 from peftkit.memory import (
     estimate,
     format_estimate,
-    main,
     measure_training_step,
 )
 from peftkit.ops import fast_lora
@@ -171,20 +168,6 @@ def test_bad_arguments_name_the_field() -> None:
         estimate(config, method="ia3")
     with pytest.raises(ValueError, match="no transformers config"):
         estimate(torch.nn.Linear(2, 2))
-
-
-def test_main_prints_the_table_and_json(tmp_path, capsys) -> None:
-    tiny_llama_config().save_pretrained(tmp_path)
-    args = [str(tmp_path), "--r", "4", "--targets", "q_proj,v_proj", "--batch", "2", "--seq", "16"]
-    assert main([*args, "--device-memory", "0.001"]) == 0
-    table = capsys.readouterr().out
-    assert "full fine-tuning" in table and "lora r=4 (q_proj, v_proj)" in table
-    assert "in 0.001 GiB" in table and "does not fit" in table
-    assert main([*args, "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert data["peft"]["trainable_parameters"] == 2 * 4 * ((64 + 64) + (64 + 32))
-    assert main([str(tmp_path / "missing")]) == 2
-    assert "no config.json" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ __all__ = ["register_compare", "run_compare_command"]
 
 def register_compare(subparsers: Any) -> None:
     """Add the ``compare`` subcommand."""
-    from peftkit.cli import add_config_flags
+    from peftkit.cli.common import add_config_flags
     from peftkit.compare.plan import DEFAULT_METHODS, PRESETS
 
     parser = subparsers.add_parser(

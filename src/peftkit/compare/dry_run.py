@@ -23,6 +23,7 @@ import torch
 
 from peftkit.compare.plan import ComparePlan, PlannedRun, describe
 from peftkit.errors import UsageError
+from peftkit.formatting import format_count, format_duration
 
 __all__ = ["PlannedCost", "check_plan", "dry_run_table", "machine_flops"]
 
@@ -65,7 +66,7 @@ def check_plan(plan: ComparePlan) -> dict[str, tuple[int, int]]:
 def _count(run: PlannedRun, model_config: Any) -> tuple[int, int]:
     import transformers
 
-    import peftkit
+    from peftkit.model import count_parameters, wrap
     from peftkit.models import TASKS
     from peftkit.training.method_choice import build_method_config
 
@@ -74,10 +75,9 @@ def _count(run: PlannedRun, model_config: Any) -> tuple[int, int]:
     with torch.device("meta"):
         model = getattr(transformers, TASKS[config.task]).from_config(model_config)
     if method is None:
-        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        return total, total
+        return count_parameters(model)
     try:
-        return peftkit.wrap(model, method).trainable_parameters()
+        return wrap(model, method).trainable_parameters()
     except (ValueError, TypeError) as e:
         raise UsageError(f"method {run.name!r} ({describe(run)}): {e}") from e
 
@@ -167,7 +167,7 @@ def _scoring_seconds(run: PlannedRun, total: int, lengths: dict[str, float], flo
 
 def dry_run_table(plan: ComparePlan, costs: list[PlannedCost]) -> str:
     """The plan as a table: method, what it trains, expected memory and time."""
-    from peftkit.training.reports import format_table, human
+    from peftkit.training.reports import format_table
 
     rows = []
     for run, cost in zip(plan.runs, costs, strict=True):
@@ -175,9 +175,9 @@ def dry_run_table(plan: ComparePlan, costs: list[PlannedCost]) -> str:
             [
                 run.name,
                 describe(run),
-                f"{human(cost.trainable)} ({100 * cost.trainable / max(cost.total, 1):.3g}%)",
+                f"{format_count(cost.trainable)} ({100 * cost.trainable / max(cost.total, 1):.3g}%)",
                 "–" if cost.estimated_peak is None else f"{cost.estimated_peak / 1024**2:,.0f} MiB",
-                "–" if cost.seconds is None else _duration(cost.seconds),
+                "–" if cost.seconds is None else format_duration(cost.seconds),
             ]
         )
     known = [c.seconds for c in costs if c.seconds is not None]
@@ -186,7 +186,7 @@ def dry_run_table(plan: ComparePlan, costs: list[PlannedCost]) -> str:
         format_table(rows, ["method", "settings", "trainable", "est. peak (longest rows)", "est. time"]),
         f"{len(plan.runs)} runs"
         + (
-            f", about {_duration(total)} in all with scoring the base model (rough: FLOPs at this "
+            f", about {format_duration(total)} in all with scoring the base model (rough: FLOPs at this "
             "machine's matmul speed)"
             if known
             else ""
@@ -194,14 +194,3 @@ def dry_run_table(plan: ComparePlan, costs: list[PlannedCost]) -> str:
         + f"; report in {plan.output_dir}",
     ]
     return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    minutes = seconds / 60
-    return (
-        f"{minutes / 60:.1f} h"
-        if minutes >= 90
-        else f"{minutes:.0f} min"
-        if minutes >= 1
-        else f"{seconds:.0f} s"
-    )

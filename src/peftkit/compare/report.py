@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.compare.plan import ComparePlan, describe
+from peftkit.formatting import MIB, format_bytes
 from peftkit.io import atomic_write
 
 __all__ = ["CHARTS", "REPORT_JSON", "REPORT_MD", "format_table", "write_report"]
@@ -29,7 +30,6 @@ __all__ = ["CHARTS", "REPORT_JSON", "REPORT_MD", "format_table", "write_report"]
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
 CHARTS = ("methods.png", "rank_sweep.png")
-MIB = 1024**2
 
 
 def write_report(plan: ComparePlan, base: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -94,10 +94,10 @@ def format_table(base: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             row["name"],
             f"{row['trainable_parameters']:,}",
             f"{row['trainable_percent']:.3g}%",
-            _size(row["saved_bytes"]),
+            format_bytes(row["saved_bytes"]),
             f"{row['saved_bytes'] / full:.2%}" if full else "–",
-            _size(row.get("estimated_peak_bytes")),
-            _size(measured),
+            format_bytes(row.get("estimated_peak_bytes")),
+            format_bytes(measured),
             f"{row['seconds_per_step']:.2f}",
             f"{row['tokens_per_s']:.0f}",
             f"{_num(before)} → {_num(row['scores'].get(metric))}",
@@ -151,9 +151,9 @@ def _sweep_table(base: dict[str, Any], sweep: list[dict[str, Any]]) -> str:
     for row in sweep:
         peak = row.get("measured_memory", {}).get("peak")
         score = _num(row.get("scores", {}).get(metric))
-        estimated = _size(row.get("estimated_peak_bytes"))
+        estimated, measured = format_bytes(row.get("estimated_peak_bytes")), format_bytes(peak)
         lines.append(
-            f"| {row['rank']} | {row['trainable_parameters']:,} | {score} | {_size(peak)} | {estimated} | "
+            f"| {row['rank']} | {row['trainable_parameters']:,} | {score} | {measured} | {estimated} | "
             f"{row['seconds_per_step']:.2f} |"
         )
     return "\n".join(lines)
@@ -262,11 +262,3 @@ def _rouge(scores: dict[str, float]) -> str:
 
 def _signed(value: Any) -> str:
     return "–" if value is None else f"{value:+.3f}"
-
-
-def _size(size: Any) -> str:
-    if size is None:
-        return "–"
-    if size >= 1024**3:
-        return f"{size / 1024**3:.2f} GiB"
-    return f"{size / MIB:.1f} MiB" if size >= MIB else f"{size / 1024:.0f} KiB"

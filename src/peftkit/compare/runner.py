@@ -31,6 +31,7 @@ from torch import nn
 
 from peftkit.compare.plan import ComparePlan, PlannedRun, fingerprint
 from peftkit.io import atomic_write
+from peftkit.model import count_parameters
 
 if TYPE_CHECKING:
     from peftkit.training.data import PreparedData
@@ -101,7 +102,6 @@ def base_scores(plan: ComparePlan, say: Callable[[str], None] = print) -> dict[s
         max_new_tokens=shared.max_new_tokens,
         batch_size=2 * shared.batch_size,
     )
-    unique = {id(p): p for p in model.parameters()}.values()
     base = {
         "fingerprint": key,
         "model": shared.model,
@@ -109,8 +109,8 @@ def base_scores(plan: ComparePlan, say: Callable[[str], None] = print) -> dict[s
         "scores": _numbers(scores),
         "samples": scores.get("samples", []),
         "general_loss": _general_loss(model, tokenizer, plan) if shared.task == "causal-lm" else None,
-        "total_parameters": sum(p.numel() for p in unique),
-        "checkpoint_bytes": sum(p.numel() * p.element_size() for p in unique),
+        "total_parameters": count_parameters(model)[1],
+        "checkpoint_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "training_rows": len(data.train),
         "validation_rows": len(data.validation),
     }

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from peftkit.errors import UsageError
-from peftkit.training.config import closest
+from peftkit.errors import UsageError, closest
 
 if TYPE_CHECKING:
     import datasets

@@ -8,6 +8,7 @@ from torch import nn
 
 from peftkit.errors import UsageError
 from peftkit.layers import AdapterLayer
+from peftkit.model import wrap
 from peftkit.training.config import TrainConfig
 from peftkit.training.method_choice import build_method_config
 from peftkit.training.reports import format_table, trainable_table
@@ -41,7 +42,6 @@ def inspect_model(config: TrainConfig, pattern: str | None = None, list_modules:
         UsageError: an unavailable method, a bad option, a config that targets nothing, or a model
             that cannot be loaded.
     """
-    import peftkit
     from peftkit.training.loop import load_base_model
 
     method_config = build_method_config(config.method, config.method_options, config.task)
@@ -54,7 +54,7 @@ def inspect_model(config: TrainConfig, pattern: str | None = None, list_modules:
         parts.append("method full: every parameter trains")
     else:
         try:
-            model = peftkit.wrap(model, method_config)
+            model = wrap(model, method_config)
         except ValueError as e:
             raise UsageError(f"method {config.method!r}: {e}") from e
         targets = [name for name, m in model.named_modules() if isinstance(m, AdapterLayer)]

@@ -31,6 +31,7 @@ import yaml
 from torch import nn
 
 from peftkit.errors import UsageError
+from peftkit.model import PeftModel, count_parameters, wrap
 from peftkit.training.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
@@ -319,17 +320,16 @@ class _Run:
             raise UsageError(f"--overwrite would delete {out.resolve()}; choose an output_dir of its own")
 
     def _apply_method(self, model: nn.Module, method_config: Any) -> nn.Module:
-        import peftkit
 
         if method_config is None:  # full fine-tuning
             model.requires_grad_(True)
         else:
             try:
-                model = peftkit.wrap(model, method_config)
+                model = wrap(model, method_config)
             except ValueError as e:
                 raise UsageError(f"method {self.config.method!r}: {e}") from e
         if self.config.gradient_checkpointing:
-            if isinstance(model, peftkit.PeftModel):
+            if isinstance(model, PeftModel):
                 model.gradient_checkpointing_enable()
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -392,8 +392,7 @@ class _Run:
         log = MetricsLog(self.out) if self.main else None
         if not config.resume and self.evaluate_before:
             before = self._evaluate(model, data, 0, log, "before training")
-        trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total_count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        trainable_count, total_count = count_parameters(model)
 
         targets = data.train["targets"]
         train_rows = data.train.select_columns(["input_ids", "labels"]).to_list()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from peftkit.formatting import format_bytes, format_count, format_duration
 from peftkit.io import atomic_write
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 __all__ = [
     "MetricsLog",
     "format_table",
-    "human",
     "peak_memory",
     "plot_losses",
     "read_metrics",
@@ -31,14 +31,6 @@ __all__ = [
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
-
-
-def human(count: float) -> str:
-    """``1234567`` → ``1.23M``."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(count) >= size:
-            return f"{count / size:.2f}{unit}"
-    return f"{count:.0f}"
 
 
 def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
@@ -67,11 +59,7 @@ def trainable_table(model: nn.Module) -> str:
     strip = "model." if isinstance(model, PeftModel) else ""  # PeftModel keeps the base as .model
     groups: dict[str, list[int]] = {}
     trainable = total = 0
-    seen: set[int] = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
+    for name, param in model.named_parameters():
         total += param.numel()
         if not param.requires_grad:
             continue
@@ -86,9 +74,8 @@ def trainable_table(model: nn.Module) -> str:
     rows.append(["total trainable", "", trainable])
     rows.append(["total parameters", "", total])
     body = format_table(rows, header=["module", "tensors", "params"])
-    return (
-        f"{body}\ntrainable: {trainable:,} ({human(trainable)}) of {total:,} ({human(total)}), {share:.2f}%"
-    )
+    counts = f"{trainable:,} ({format_count(trainable)}) of {total:,} ({format_count(total)})"
+    return f"{body}\ntrainable: {counts}, {share:.2f}%"
 
 
 class MetricsLog:
@@ -178,9 +165,9 @@ def summarize(result: TrainResult, train_time: float) -> tuple[str, dict[str, An
     """The final summary table of a run and its JSON form (``summary.json``)."""
     share = 100 * result.trainable / max(result.total, 1)
     rows: list[list[Any]] = [
-        ["trainable params", f"{result.trainable:,} of {human(result.total)} ({share:.2f}%)"],
+        ["trainable params", f"{result.trainable:,} of {format_count(result.total)} ({share:.2f}%)"],
         ["steps", f"{result.steps}"],
-        ["wall time", f"{_duration(result.wall_time_s)} (training {_duration(train_time)})"],
+        ["wall time", f"{format_duration(result.wall_time_s)} (training {format_duration(train_time)})"],
         ["tokens/s", f"{result.tokens_per_s:.0f} (training, all processes)"],
         ["peak memory", _memory_text(result.peak_memory_bytes)],
     ]
@@ -213,12 +200,7 @@ def peak_memory() -> int:
 
 def _memory_text(size: int) -> str:
     where = "CUDA, allocated" if torch.cuda.is_available() else "process RSS"
-    return f"{size / 2**30:.2f} GiB ({where})"
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+    return f"{format_bytes(size)} ({where})"
 
 
 def _num(value: Any) -> str:

@@ -11,6 +11,7 @@ from torch import nn
 
 from peftkit.errors import UsageError
 from peftkit.io import CONFIG_NAME
+from peftkit.model import load
 from peftkit.training.config import TrainConfig, load_config
 from peftkit.training.loop import CONFIG_FILE, load_base_model
 
@@ -62,7 +63,6 @@ def load_run(
     Returns:
         ``(model, tokenizer, config)``, the model in eval mode.
     """
-    import peftkit
 
     path = Path(path)
     config = run_config(path, model)
@@ -74,7 +74,7 @@ def load_run(
     base, tokenizer = load_base_model(config_for_load)
     if adapter and has_adapter:
         try:
-            base = peftkit.load(base, path)
+            base = load(base, path)
         except (ValueError, FileNotFoundError) as e:
             raise UsageError(f"cannot load the adapter in {path}: {e}") from e
     return base.eval(), tokenizer, config

@@ -1,0 +1,58 @@
+"""``peftkit generate RUN PROMPT...``: answer prompts with a trained run, adapter or model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from peftkit.cli.common import add_run_arguments
+
+__all__ = ["register_generate", "run_generate"]
+
+
+def register_generate(subparsers: Any) -> None:
+    """``peftkit generate RUN PROMPT...``."""
+    parser = subparsers.add_parser(
+        "generate",
+        help="answer prompts with a trained run (or adapter, or model directory)",
+        description="Answer each prompt greedily. A run's prompt_template and chat template are applied, "
+        "so pass just the input (e.g. the sentence for person-json). '-' reads prompts from stdin, "
+        "one a line.",
+    )
+    add_run_arguments(parser, "output_dir of peftkit train, an adapter or a model dir")
+    parser.add_argument("prompts", nargs="+", help="prompts ('-': one a line from stdin)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="longest answer in tokens (default: 64)"
+    )
+    parser.add_argument("--raw", action="store_true", help="do not apply the run's prompt_template")
+    parser.add_argument("--base", action="store_true", help="answer with the base model (adapter off)")
+    parser.set_defaults(handler=run_generate)
+
+
+def run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from peftkit.training.data import encode
+    from peftkit.training.evaluation import generate_answers
+    from peftkit.training.runs import apply_prompt_template, load_run
+
+    prompts = [
+        line for p in args.prompts for line in (sys.stdin.read().splitlines() if p == "-" else [p]) if line
+    ]
+    model, tokenizer, config = load_run(args.run_dir, args.model, adapter=not args.base)
+    encoded = []
+    for prompt in prompts:
+        text = prompt if args.raw else apply_prompt_template(config.prompt_template, prompt)
+        messages = ([{"role": "system", "content": config.system_prompt}] if config.system_prompt else []) + [
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": ""},
+        ]
+        if config.task == "seq2seq-lm":
+            encoded.append(tokenizer(text)["input_ids"])
+        else:
+            encoded.append(encode(tokenizer, messages)[2])
+    for prompt, answer in zip(
+        prompts, generate_answers(model, tokenizer, encoded, config.task, args.max_new_tokens), strict=True
+    ):
+        print(answer if len(prompts) == 1 else f"{prompt}\n-> {answer}\n")
+    return 0

@@ -1,0 +1,33 @@
+"""``peftkit inspect [CONFIG.yaml] [--model M] [--method ...]``: modules, targets, trainable parameters."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from peftkit.cli.common import add_config_flags, parse_train_args
+
+__all__ = ["register_inspect", "run_inspect"]
+
+
+def register_inspect(subparsers: Any) -> None:
+    """``peftkit inspect [CONFIG.yaml] [--model M] [--method ...]``."""
+    parser = subparsers.add_parser(
+        "inspect",
+        help="list a model's modules, what a method config targets, and the trainable parameters",
+        description="Print the model's modules (type, weight shape, parameters), the modules the method "
+        "config would adapt, and the trainable-parameter table. Takes the same settings as train.",
+    )
+    add_config_flags(parser)
+    parser.add_argument("--filter", default=None, help="only list modules whose name matches this regex")
+    parser.add_argument("--no-modules", dest="modules", action="store_false", help="skip the module list")
+    parser.set_defaults(handler=run_inspect, parser=parser, own_flags=True)
+
+
+def run_inspect(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from peftkit.training.inspection import inspect_model
+
+    parsed, config = parse_train_args(args.parser, argv)
+    print(inspect_model(config, parsed.filter, parsed.modules))
+    return 0

@@ -1,0 +1,37 @@
+"""How peftkit writes counts, sizes and durations for people: one place, so every report agrees."""
+
+from __future__ import annotations
+
+__all__ = ["format_bytes", "format_count", "format_duration"]
+
+KIB, MIB, GIB = 1024, 1024**2, 1024**3
+
+
+def format_count(count: float) -> str:
+    """A parameter or token count with an SI suffix: ``1234567`` → ``"1.23M"``, ``950`` → ``"950"``."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(count) >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return f"{count:.0f}"
+
+
+def format_bytes(size: float | None) -> str:
+    """A size in binary units: ``"3.00 GiB"``, ``"12.5 MiB"``, ``"46 KiB"``; ``None`` → ``"–"``."""
+    if size is None:
+        return "–"
+    if abs(size) >= GIB:
+        return f"{size / GIB:.2f} GiB"
+    if abs(size) >= MIB:
+        return f"{size / MIB:.1f} MiB"
+    return f"{size / KIB:.0f} KiB"
+
+
+def format_duration(seconds: float) -> str:
+    """``4.2`` → ``"4.2s"``, ``185`` → ``"3m05s"``, ``5520`` → ``"1h32m"``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
