@@ -20,10 +20,9 @@ import yaml
 import peftkit
 from peftkit.cli import EXIT_INTERRUPTED, build_parser, main, parse_train_args
 from peftkit.errors import UsageError
-from peftkit.training import method_choice as method_names
 from peftkit.training.config import FIELDS, TrainConfig, load_config
 from peftkit.training.loop import train
-from peftkit.training.method_choice import MethodSpec, build_method_config
+from peftkit.training.method_choice import build_method_config
 from peftkit.training.tasks import BUILTIN_TASKS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -228,13 +227,6 @@ def test_overwrite_refuses_the_working_directory(tmp_path, monkeypatch, capsys) 
     assert main(["train", "--output-dir", ".", "--overwrite"]) == 2
     assert "--overwrite would delete" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "mine"
-
-
-def test_unavailable_method_says_so(monkeypatch, capsys) -> None:
-    monkeypatch.setitem(method_names.METHOD_SPECS, "adapter", MethodSpec(("NoSuchConfig",), ("NO_SUCH",)))
-    assert main(["train", "--method", "adapter"]) == 2
-    err = capsys.readouterr().err
-    assert "method 'adapter' is not available in this version of peftkit" in err and "available: lora" in err
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, model_dir, data_file) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import UsageError
+from peftkit.methods import METHOD_TABLE, method_by_name
 from peftkit.training.config import (
     FIELDS,
     TrainConfig,
@@ -34,7 +35,7 @@ from peftkit.training.config import (
     read_yaml_mapping,
     with_task_defaults,
 )
-from peftkit.training.method_choice import ATTENTION, method_fields
+from peftkit.training.method_choice import FULL, method_entry, method_fields
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -50,29 +51,15 @@ GENERAL_TEXT = Path(__file__).resolve().parent / "general_text.txt"
 DEFAULT_OUTPUT = "out/compare"
 SWEEP_ALPHA_PER_RANK = 2  # lora_alpha = 2r at every sweep point: the scale alpha/r stays the same
 
-# Learning rates are the usual starting points for short runs of each family (full fine-tuning needs
-# ~20x less than LoRA; soft prompts ~30x more).
+# One preset per method of the method table (its defaults and learning rate), plus comparison points.
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"method": "full", "lr": 5e-5},
-    "lora": {
-        "method": "lora",
-        "lr": 1e-3,
-        "method_options": {"r": 8, "lora_alpha": 16, "target_modules": ATTENTION},
-    },
+    "full": {"method": FULL, "lr": 5e-5},  # ~20x less than LoRA: every weight moves
+    **{entry.name: {"method": entry.name, "lr": entry.lr} for entry in METHOD_TABLE},
     "lora-all-linear": {
         "method": "lora",
-        "lr": 1e-3,
-        "method_options": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+        "lr": method_by_name("lora").lr,
+        "method_options": {"target_modules": "all-linear"},
     },
-    "dora": {
-        "method": "dora",
-        "lr": 1e-3,
-        "method_options": {"r": 8, "lora_alpha": 16, "target_modules": ATTENTION},
-    },
-    "ia3": {"method": "ia3", "lr": 1e-2},
-    "adapter": {"method": "adapter", "lr": 1e-3},
-    "prompt": {"method": "prompt", "lr": 3e-2, "method_options": {"num_virtual_tokens": 20}},
-    "prefix": {"method": "prefix", "lr": 1e-2, "method_options": {"num_virtual_tokens": 20}},
     "bitfit": {
         "method": "selective",
         "lr": 1e-3,
@@ -299,7 +286,10 @@ def _run_config(
             raise UsageError(f"method {name!r} in {source} sets {key!r}; compare decides it")
     config = dataclasses.replace(shared, method_options={})
     config = apply_overrides(config, {**values, "output_dir": str(output)}, f"method {name!r} in {source}")
-    return dataclasses.replace(config, method_options=dict(changes.get("method_options") or {}))
+    options = dict(changes.get("method_options") or {})
+    entry = method_entry(config.method)
+    # the method's defaults written out, so the report, the fingerprint and the sweep see what trains
+    return dataclasses.replace(config, method_options=entry.options(options) if entry else options)
 
 
 def _sweep(

@@ -9,16 +9,16 @@ suggests the closest known key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from peftkit.errors import UsageError
+from peftkit.errors import UsageError, closest
 from peftkit.models import DEFAULT_MODEL, TASKS
+from peftkit.training.method_choice import METHOD_NAMES
 
 __all__ = [
     "METRICS",
@@ -51,7 +51,7 @@ class TrainConfig:
     )
     task: str = _key("causal-lm", "model head", choices=tuple(TASKS))
     dtype: str = _key("float32", "dtype of the base weights", choices=DTYPES)
-    method: str = _key("lora", "lora, dora, ia3, prompt, prefix, adapter, selective or full")
+    method: str = _key("lora", ", ".join(METHOD_NAMES))
     method_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "options of the method's config class, e.g. {r: 8}"}
     )
@@ -120,12 +120,6 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def closest(word: str, candidates: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the nearest candidate, or ``""`` when none is near."""
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def parse_value(text: str) -> Any:
