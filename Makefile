@@ -25,8 +25,9 @@ demo: $(STAMP)  ## the API quickstart: LoRA on SmolLM2-135M-Instruct, train, sav
 test: $(STAMP)  ## the whole test suite, slow real-model tests included
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff (lint + format) and the import layers (lint-imports, contracts in pyproject.toml)
 	$(BIN)/ruff check src tests && $(BIN)/ruff format --check src tests
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -21,8 +21,8 @@ from peftkit.compare.report import CHARTS, REPORT_JSON, REPORT_MD
 from peftkit.compare.runner import BASE_FILE, run_compare
 from peftkit.errors import UsageError
 from peftkit.models import load_model
-from peftkit.training.loop import TrainResult
 from peftkit.training.method_choice import build_method_config
+from peftkit.training.result import TrainResult
 from peftkit.training.tasks import BUILTIN_TASKS
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -59,6 +59,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(
     output_dir: Path,
     step: int,
+    *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,

@@ -54,6 +54,7 @@ from peftkit.training.reports import (
     trainable_table,
     truncate_metrics,
 )
+from peftkit.training.result import TrainResult
 
 __all__ = ["CONFIG_FILE", "TrainResult", "load_base_model", "lr_factor", "train"]
 
@@ -79,30 +80,6 @@ RESUMABLE_CHANGES = frozenset(
         "estimate_only",
     }
 )
-
-
-@dataclass
-class TrainResult:
-    """What a run did. ``losses[i]`` is the training loss of step ``first_step + i + 1``."""
-
-    output_dir: Path
-    steps: int
-    first_step: int
-    losses: list[float]
-    metric: str
-    before: dict[str, Any] = field(default_factory=dict)
-    after: dict[str, Any] = field(default_factory=dict)
-    trainable: int = 0
-    total: int = 0
-    tokens_per_s: float = 0.0
-    wall_time_s: float = 0.0
-    peak_memory_bytes: int = 0
-    stopped: str | None = None  # None (finished), "interrupted" or "non-finite"
-    checkpoint: Path | None = None
-    model: nn.Module | None = field(default=None, repr=False)  # the trained model (unwrapped)
-    tokenizer: Any = field(default=None, repr=False)
-    train_time_s: float = 0.0  # time spent in optimizer steps (no evaluation, no saving)
-    data: PreparedData | None = field(default=None, repr=False)  # the tokenized rows it trained on
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -206,8 +183,48 @@ def train(
         AcceleratorState._reset_state(reset_partial_state=True)  # allow another run in this process
 
 
+@dataclass
+class _Setup:
+    """What the steps work on, fixed once the run is set up."""
+
+    model: nn.Module  # unwrapped: saved, evaluated, passed to on_step
+    wrapped: nn.Module  # accelerate's (DDP) wrapper: the forward and backward go through it
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[nn.Parameter]  # the trainable ones, for gradient clipping
+    data: PreparedData
+    train_rows: list[dict[str, Any]]  # input_ids and labels of every training row
+    targets: list[int]  # answer tokens per training row
+    pad_id: int
+    total_steps: int
+    steps_per_epoch: int
+    metric: str
+
+
+@dataclass
+class _LoopState:
+    """Where the run stands; ``before``, ``train_time`` and ``tokens_seen`` go into each checkpoint."""
+
+    step: int = 0
+    first_step: int = 0
+    before: dict[str, Any] = field(default_factory=dict)
+    train_time: float = 0.0  # seconds in optimizer steps (no evaluation, no saving)
+    tokens_seen: int = 0
+    losses: list[float] = field(default_factory=list)
+    rng: dict[str, Any] = field(default_factory=dict)  # the random state right after the last step
+    checkpoint: Path | None = None
+    stopped: str | None = None  # None, "interrupted" or "non-finite"
+
+
+@dataclass(frozen=True)
+class _StepOutcome:
+    loss: float  # mean over the global batch's answer tokens
+    grad_norm: float
+    tokens: int  # tokens in the global batch (all processes)
+
+
 class _Run:
-    """One training run; ``run()`` goes through the stages in order."""
+    """One training run: ``run()`` sets up, then the steps run (``_train_steps``)."""
 
     def __init__(
         self, config: TrainConfig, accelerator: Any, on_step: Callable | None, evaluate_before: bool
@@ -221,6 +238,7 @@ class _Run:
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
         self.start = time.perf_counter()
+        self._permutation: dict[int, list[int]] = {}  # the current epoch's row order
 
     def say(self, text: str = "") -> None:
         if self.main:
@@ -228,8 +246,7 @@ class _Run:
 
     # ------------------------------------------------------------------ set-up (nothing written yet)
     def run(self) -> TrainResult:
-        from accelerate.utils import set_seed
-
+        """Check, load, wrap, set up the optimizer, then train (:meth:`_train_steps`)."""
         config = self.config
         self._set_threads()
         self._check_output_dir()
@@ -237,38 +254,17 @@ class _Run:
         method_config = build_method_config(config.method, config.method_options, config.task)
         self.say(f"peftkit train: {config.method} on {config.model} ({config.task}, {config.dtype})")
         check_data(config)  # bad data is reported before the model loads
-        model, tokenizer = load_base_model(config)
-        self.tokenizer = tokenizer
-        data = prepare_data(config, tokenizer)
-        labels = getattr(model.config, "num_labels", None)
-        if data.label_names is not None and len(data.label_names) != labels:
-            raise UsageError(
-                f"the data has {len(data.label_names)} labels {data.label_names} but {config.model} has a "
-                f"{labels}-label classification head; use data with {labels} labels or a model with "
-                f"{len(data.label_names)} (config.json num_labels)"
-            )
-        set_seed(config.seed)  # adapter initialisation
-        model = self._apply_method(model, method_config)
-        global_batch = config.batch_size * config.grad_accum * self.world
-        steps_per_epoch = len(data.train) // global_batch
-        if steps_per_epoch == 0:
-            raise UsageError(
-                f"{len(data.train)} training rows are fewer than one global batch ({global_batch} = "
-                f"batch_size {config.batch_size} x grad_accum {config.grad_accum} x {self.world} processes); "
-                "lower batch_size"
-            )
+        model, data = self._load(method_config)
+        steps_per_epoch = self._steps_per_epoch(len(data.train))
         total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
         references = data.validation["references"] if data.validation is not None else []
         metric = headline_metric(config.metric, config.task, references)
         self._make_output_dir()
-
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in trainable if p.ndim >= 2]
-        no_decay = [p for p in trainable if p.ndim < 2]
+        params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             [
-                {"params": decay, "weight_decay": config.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
+                {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
             ],
             lr=config.lr,
         )
@@ -277,7 +273,49 @@ class _Run:
         )
         wrapped, optimizer = self.acc.prepare(model, optimizer)
         self._report_setup(model, data, total_steps, steps_per_epoch, metric)
-        return self._loop(model, wrapped, optimizer, scheduler, data, total_steps, steps_per_epoch, metric)
+        setup = _Setup(
+            model=model,
+            wrapped=wrapped,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            params=params,
+            data=data,
+            train_rows=data.train.select_columns(["input_ids", "labels"]).to_list(),
+            targets=data.train["targets"],
+            pad_id=pad_token_id(self.tokenizer),
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            metric=metric,
+        )
+        return self._train_steps(setup)
+
+    def _load(self, method_config: Any) -> tuple[nn.Module, PreparedData]:
+        """The base model with the method applied (seeded), and the tokenized data."""
+        from accelerate.utils import set_seed
+
+        config = self.config
+        model, self.tokenizer = load_base_model(config)
+        data = prepare_data(config, self.tokenizer)
+        labels = getattr(model.config, "num_labels", None)
+        if data.label_names is not None and len(data.label_names) != labels:
+            raise UsageError(
+                f"the data has {len(data.label_names)} labels {data.label_names} but {config.model} has a "
+                f"{labels}-label classification head; use data with {labels} labels or a model with "
+                f"{len(data.label_names)} (config.json num_labels)"
+            )
+        set_seed(config.seed)  # adapter initialisation
+        return self._apply_method(model, method_config), data
+
+    def _steps_per_epoch(self, rows: int) -> int:
+        config = self.config
+        global_batch = config.batch_size * config.grad_accum * self.world
+        if rows < global_batch:
+            raise UsageError(
+                f"{rows} training rows are fewer than one global batch ({global_batch} = "
+                f"batch_size {config.batch_size} x grad_accum {config.grad_accum} x {self.world} processes); "
+                "lower batch_size"
+            )
+        return rows // global_batch
 
     def _set_threads(self, running: int = 0) -> None:
         """Fix the CPU thread count: ``threads``, else ``OMP_NUM_THREADS``, else :func:`auto_threads`."""
@@ -373,154 +411,180 @@ class _Run:
         self.say(trainable_table(model))
 
     # ------------------------------------------------------------------ the loop
-    def _loop(
-        self, model, wrapped, optimizer, scheduler, data, total_steps, steps_per_epoch, metric
-    ) -> TrainResult:
+    def _train_steps(self, setup: _Setup) -> TrainResult:
+        """Start (or resume), take optimizer steps until done or stopped, then save, evaluate, report."""
+        state = self._start(setup)
+        log = MetricsLog(self.out) if self.main else None
+        if not self.config.resume and self.evaluate_before:
+            state.before = self._evaluate(setup.model, setup.data, 0, log, "before training")
+        bar = self._progress_bar(setup.total_steps, state.step)
+        setup.wrapped.train()
+        with _StopFlag() as stop:
+            while state.step < setup.total_steps and state.stopped is None:
+                tick = time.perf_counter()
+                outcome = self._step(setup, state.step)
+                if outcome is None:
+                    state.stopped = "non-finite"
+                    break
+                self._after_step(setup, state, outcome, time.perf_counter() - tick, log, bar, stop)
+        bar.close()
+        return self._finish(setup, state, log)
+
+    def _start(self, setup: _Setup) -> _LoopState:
+        """A fresh state, or the one of the latest checkpoint with ``resume`` (its RNG state restored)."""
+        state = _LoopState()
+        if self.config.resume:
+            checkpoint = latest_checkpoint(self.out)
+            saved, rng = load_checkpoint(checkpoint, setup.model, setup.optimizer, setup.scheduler, self.rank)
+            state = _LoopState(
+                step=saved["step"],
+                first_step=saved["step"],
+                before=saved["before"],
+                train_time=saved["train_time"],
+                tokens_seen=saved["tokens_seen"],
+                checkpoint=checkpoint,
+            )
+            if self.main:
+                truncate_metrics(self.out / METRICS_FILE, state.step)
+            self.say(f"resuming from {checkpoint} (step {state.step})")
+            restore_rng(rng)
+        state.rng = rng_state()
+        return state
+
+    def _step(self, setup: _Setup, step: int) -> _StepOutcome | None:
+        """One optimizer step over this process's micro-batches of global batch ``step``; None (and no
+        update) when the loss or the gradient norm is not finite."""
+        config, acc = self.config, self.acc
+        indices = self._global_batch(step, setup.steps_per_epoch, len(setup.train_rows))
+        n_targets = sum(setup.targets[i] for i in indices)
+        local_loss = torch.zeros((), device=acc.device)
+        local_tokens = torch.zeros((), device=acc.device)
+        for j, rows in enumerate(self._micro_batches(indices)):
+            batch = collate([setup.train_rows[i] for i in rows], setup.pad_id)
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            sync = j == config.grad_accum - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(setup.wrapped):
+                summed, _ = loss_sum(setup.wrapped, batch, config.task)
+                acc.backward(summed * self.world / n_targets)  # DDP averages over processes
+            local_loss += summed.detach()
+            local_tokens += batch["attention_mask"].sum()
+        norm = float(acc.clip_grad_norm_(setup.params, config.max_grad_norm or float("inf")))
+        loss = (acc.reduce(local_loss, "sum") / n_targets).item()
+        tokens = int(acc.reduce(local_tokens, "sum").item())
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            self._report_non_finite(step + 1, loss, norm)
+            return None
+        setup.optimizer.step()
+        setup.scheduler.step()
+        setup.optimizer.zero_grad(set_to_none=True)
+        return _StepOutcome(loss, norm, tokens)
+
+    def _after_step(
+        self,
+        setup: _Setup,
+        state: _LoopState,
+        outcome: _StepOutcome,
+        seconds: float,
+        log: MetricsLog | None,
+        bar: Any,
+        stop: _StopFlag,
+    ) -> None:
+        """Bookkeeping after a step: progress, metrics, ``on_step``, Ctrl-C, checkpoints, threads, eval."""
+        config = self.config
+        state.step += 1
+        state.rng = rng_state()
+        state.train_time += seconds
+        state.tokens_seen += outcome.tokens
+        state.losses.append(outcome.loss)
+        step = state.step
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{outcome.loss:.4f}", tok_s=f"{state.tokens_seen / max(state.train_time, 1e-9):.0f}"
+        )
+        if log is not None and (step % config.log_every == 0 or step == setup.total_steps):
+            log.write(
+                {
+                    "step": step,
+                    "split": "train",
+                    "loss": outcome.loss,
+                    "lr": setup.scheduler.get_last_lr()[0],
+                    "grad_norm": outcome.grad_norm,
+                    "tokens_per_s": outcome.tokens / max(seconds, 1e-9),
+                }
+            )
+        if self.on_step is not None and self.main:
+            self.on_step(step, outcome.loss, setup.model)
+        if self._should_stop(stop.requested):  # read after on_step, which may have pressed Ctrl-C
+            state.checkpoint = self._save(setup, state)
+            state.stopped = "interrupted"
+            return
+        if config.save_every and (step % config.save_every == 0 or step == setup.total_steps):
+            state.checkpoint = self._save(setup, state)
+        if step % THREAD_CHECK_EVERY == 0 and not config.threads:
+            self._set_threads(running=torch.get_num_threads())
+        if config.eval_every and step % config.eval_every == 0 and step < setup.total_steps:
+            self._evaluate(setup.model, setup.data, step, log, f"step {step}", bar)
+
+    def _finish(self, setup: _Setup, state: _LoopState, log: MetricsLog | None) -> TrainResult:
+        """Save and score a finished run, close the metrics, and build the result."""
+        after: dict[str, Any] = {}
+        if state.stopped is None:
+            self._save_final(setup.model)
+            after = self._evaluate(setup.model, setup.data, state.step, log, "after training")
+        if log is not None:
+            log.close()
+            plot_losses(read_metrics(self.out / METRICS_FILE), self.out / PLOT_FILE, title=self._title())
+        trainable, total = count_parameters(setup.model)
+        result = TrainResult(
+            output_dir=self.out,
+            steps=state.step,
+            first_step=state.first_step,
+            losses=state.losses,
+            metric=setup.metric,
+            before=state.before,
+            after=after,
+            trainable=trainable,
+            total=total,
+            tokens_per_s=state.tokens_seen / max(state.train_time, 1e-9),
+            wall_time_s=time.perf_counter() - self.start,
+            peak_memory_bytes=peak_memory(),
+            stopped=state.stopped,
+            checkpoint=state.checkpoint,
+            model=setup.model,
+            tokenizer=self.tokenizer,
+            train_time_s=state.train_time,
+            data=setup.data,
+        )
+        if state.stopped == "interrupted":
+            self.say(
+                f"interrupted at step {state.step}; checkpoint saved to {state.checkpoint}. Continue with "
+                "the same command plus --resume"
+            )
+        elif state.stopped is None:
+            self._summary(result, state.train_time)
+        return result
+
+    def _progress_bar(self, total: int, initial: int) -> Any:
         from tqdm.auto import tqdm
 
-        config, acc = self.config, self.acc
-        start_step, before, rng, train_time, tokens_seen = 0, {}, None, 0.0, 0
-        checkpoint: Path | None = None
-        if config.resume:
-            checkpoint = latest_checkpoint(self.out)
-            state, rng = load_checkpoint(checkpoint, model, optimizer, scheduler, self.rank)
-            start_step, before = state["step"], state["before"]
-            train_time, tokens_seen = state["train_time"], state["tokens_seen"]
-            if self.main:
-                truncate_metrics(self.out / METRICS_FILE, start_step)
-            self.say(f"resuming from {checkpoint} (step {start_step})")
-        log = MetricsLog(self.out) if self.main else None
-        if not config.resume and self.evaluate_before:
-            before = self._evaluate(model, data, 0, log, "before training")
-        trainable_count, total_count = count_parameters(model)
-
-        targets = data.train["targets"]
-        train_rows = data.train.select_columns(["input_ids", "labels"]).to_list()
-        permutations: dict[int, list[int]] = {}
-        pad_id = pad_token_id(self.tokenizer)
-        params = [p for p in model.parameters() if p.requires_grad]
-        losses: list[float] = []
-        stopped = None
-        if rng is not None:
-            restore_rng(rng)
-        last_rng = rng_state()
-        progress = tqdm(
-            total=total_steps,
-            initial=start_step,
+        return tqdm(
+            total=total,
+            initial=initial,
             desc="training",
             unit="step",
             disable=not self.main,
             dynamic_ncols=True,
             mininterval=1.0 if sys.stderr.isatty() else 30.0,
         )
-        wrapped.train()
-        step = start_step
-        with _StopFlag() as stop:
-            while step < total_steps:
-                tick = time.perf_counter()
-                indices = self._global_batch(step, steps_per_epoch, len(data.train), permutations)
-                n_targets = sum(targets[i] for i in indices)
-                local_loss = torch.zeros((), device=acc.device)
-                local_tokens = torch.zeros((), device=acc.device)
-                for j, rows in enumerate(self._micro_batches(indices)):
-                    batch = {
-                        k: v.to(acc.device) for k, v in collate([train_rows[i] for i in rows], pad_id).items()
-                    }
-                    sync = j == config.grad_accum - 1
-                    with contextlib.nullcontext() if sync else acc.no_sync(wrapped):
-                        summed, _ = loss_sum(wrapped, batch, config.task)
-                        acc.backward(summed * self.world / n_targets)  # DDP averages over processes
-                    local_loss += summed.detach()
-                    local_tokens += batch["attention_mask"].sum()
-                norm = acc.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
-                loss = (acc.reduce(local_loss, "sum") / n_targets).item()
-                tokens = int(acc.reduce(local_tokens, "sum").item())
-                if not (math.isfinite(loss) and math.isfinite(float(norm))):
-                    stopped = "non-finite"
-                    self._report_non_finite(step + 1, loss, float(norm))
-                    break
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                last_rng = rng_state()
-                train_time += time.perf_counter() - tick
-                tokens_seen += tokens
-                losses.append(loss)
-                lr = scheduler.get_last_lr()[0]
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / max(train_time, 1e-9):.0f}")
-                if log is not None and (step % config.log_every == 0 or step == total_steps):
-                    log.write(
-                        {
-                            "step": step,
-                            "split": "train",
-                            "loss": loss,
-                            "lr": lr,
-                            "grad_norm": float(norm),
-                            "tokens_per_s": tokens / max(time.perf_counter() - tick, 1e-9),
-                        }
-                    )
-                if self.on_step is not None and self.main:
-                    self.on_step(step, loss, model)
-                run_state = {"before": before, "train_time": train_time, "tokens_seen": tokens_seen}
-                if self._should_stop(stop.requested):
-                    checkpoint = self._save(model, optimizer, scheduler, step, last_rng, run_state)
-                    stopped = "interrupted"
-                    break
-                if config.save_every and (step % config.save_every == 0 or step == total_steps):
-                    checkpoint = self._save(model, optimizer, scheduler, step, last_rng, run_state)
-                if step % THREAD_CHECK_EVERY == 0 and not config.threads:
-                    self._set_threads(running=torch.get_num_threads())
-                if config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                    self._evaluate(model, data, step, log, f"step {step}", progress)
-        progress.close()
-        after: dict[str, Any] = {}
-        if stopped is None:
-            self._save_final(model)
-            after = self._evaluate(model, data, step, log, "after training")
-        if log is not None:
-            log.close()
-            plot_losses(read_metrics(self.out / METRICS_FILE), self.out / PLOT_FILE, title=self._title())
-        peak = peak_memory()
-        result = TrainResult(
-            output_dir=self.out,
-            steps=step,
-            first_step=start_step,
-            losses=losses,
-            metric=metric,
-            before=before,
-            after=after,
-            trainable=trainable_count,
-            total=total_count,
-            tokens_per_s=tokens_seen / max(train_time, 1e-9),
-            wall_time_s=time.perf_counter() - self.start,
-            peak_memory_bytes=peak,
-            stopped=stopped,
-            checkpoint=checkpoint,
-            model=model,
-            tokenizer=self.tokenizer,
-            train_time_s=train_time,
-            data=data,
-        )
-        if stopped == "interrupted":
-            self.say(
-                f"interrupted at step {step}; checkpoint saved to {checkpoint}. Continue with the same "
-                "command plus --resume"
-            )
-        elif stopped is None:
-            self._summary(result, train_time)
-        return result
 
-    def _global_batch(self, step: int, per_epoch: int, rows: int, cache: dict[int, list[int]]) -> list[int]:
+    def _global_batch(self, step: int, per_epoch: int, rows: int) -> list[int]:
         """Row indices of step ``step``'s global batch: a slice of the epoch's seeded permutation."""
         epoch, position = divmod(step, per_epoch)
-        if epoch not in cache:
+        if epoch not in self._permutation:
             generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-            cache.clear()
-            cache[epoch] = torch.randperm(rows, generator=generator).tolist()
+            self._permutation = {epoch: torch.randperm(rows, generator=generator).tolist()}
         size = self.config.batch_size * self.config.grad_accum * self.world
-        return cache[epoch][position * size : (position + 1) * size]
+        return self._permutation[epoch][position * size : (position + 1) * size]
 
     def _micro_batches(self, indices: list[int]) -> list[list[int]]:
         """This process's micro-batches of a global batch: micro-batch j of rank r is slice j*world + r."""
@@ -548,22 +612,20 @@ class _Run:
         )
 
     # ------------------------------------------------------------------ saving, evaluation, reports
-    def _save(self, model, optimizer, scheduler, step: int, rng: dict, state: dict) -> Path:
-        save_model = None
-        if hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
-            save_model = model.save_pretrained
+    def _save(self, setup: _Setup, state: _LoopState) -> Path:
+        model = setup.model
         return save_checkpoint(
             self.out,
-            step,
-            model,
-            optimizer,
-            scheduler,
-            rng,
-            state,
-            self.config.keep_checkpoints,
-            self.acc.wait_for_everyone,
-            self.rank,
-            save_model,
+            state.step,
+            model=model,
+            optimizer=setup.optimizer,
+            scheduler=setup.scheduler,
+            rng=state.rng,
+            state={"before": state.before, "train_time": state.train_time, "tokens_seen": state.tokens_seen},
+            keep=self.config.keep_checkpoints,
+            barrier=self.acc.wait_for_everyone,
+            rank=self.rank,
+            save_model=model.save_pretrained if isinstance(model, PeftModel) else None,
         )
 
     def _save_final(self, model: nn.Module) -> None:

@@ -17,7 +17,7 @@ from peftkit.formatting import format_bytes, format_count, format_duration
 from peftkit.io import atomic_write
 
 if TYPE_CHECKING:
-    from peftkit.training.loop import TrainResult
+    from peftkit.training.result import TrainResult
 
 __all__ = [
     "MetricsLog",
