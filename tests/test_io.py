@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peftkit
-from peftkit.io import atomic_write
+from peftkit.errors import UsageError
+from peftkit.io import atomic_write, check_overwrite, remove_path
 
 from conftest import TINY_MODELS, randomize_adapters
 
@@ -173,3 +174,32 @@ def test_saved_files_get_ordinary_permissions(tmp_path: Path) -> None:
     os.umask(mask)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_check_overwrite_is_the_one_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty, full = tmp_path / "empty", tmp_path / "full"
+    empty.mkdir()
+    full.mkdir()
+    (full / "kept.txt").write_text("mine")
+    check_overwrite(tmp_path / "absent", False, "OUT")
+    check_overwrite(empty, False, "OUT")
+    check_overwrite(full, True, "OUT")
+    with pytest.raises(
+        UsageError, match=r"OUT .*full exists and is not empty; pass --overwrite to replace it, or"
+    ):
+        check_overwrite(full, False, "OUT", ", or else")
+    monkeypatch.chdir(full)
+    for protected in (full, tmp_path, Path.home()):
+        with pytest.raises(UsageError, match="--overwrite would delete"):
+            check_overwrite(protected, True, "OUT")
+    assert (full / "kept.txt").read_text() == "mine"
+
+
+def test_remove_path_removes_files_and_trees(tmp_path: Path) -> None:
+    tree, file = tmp_path / "tree", tmp_path / "file.txt"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "a.txt").write_text("a")
+    file.write_text("b")
+    remove_path(tree)
+    remove_path(file)
+    assert not tree.exists() and not file.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,43 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from peftkit.errors import UsageError
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 PICKLED_WEIGHTS_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+
+
+def check_overwrite(path: Path, overwrite: bool, what: str, alternatives: str = "") -> None:
+    """The one overwrite guard: ``path`` may be (re)written when it is absent or an empty directory, or
+    when ``overwrite`` is given and it is not the working directory, the home directory or a parent of
+    either (those are never deleted).
+
+    Args:
+        what: how the user named it (``"output_dir"``), for the message.
+        alternatives: more ways out, appended to the hint (``", --resume to continue it"``).
+
+    Raises:
+        UsageError: ``path`` holds something and ``overwrite`` is off, or overwriting would delete a
+            protected directory.
+    """
+    if overwrite:
+        protected = {Path.cwd().resolve(), Path.home().resolve(), *Path.cwd().resolve().parents}
+        if path.resolve() in protected:
+            raise UsageError(f"--overwrite would delete {path.resolve()}; give {what} a directory of its own")
+    elif path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(
+            f"{what} {path} exists and is not empty; pass --overwrite to replace it{alternatives}"
+        )
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a directory tree (after :func:`check_overwrite` allowed it)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def atomic_write(path: Path, write: Any) -> None:

@@ -295,7 +295,7 @@ def test_eval_reports_the_runs_held_out_loss(trained_run, capsys) -> None:
     assert base_loss == pytest.approx(trained_run.before["loss"], abs=1e-4)
 
 
-def test_merge_writes_a_model_transformers_loads_alone(trained_run, tmp_path, capsys) -> None:
+def test_merge_writes_a_model_transformers_loads_alone(trained_run, tmp_path, capsys, monkeypatch) -> None:
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
@@ -310,6 +310,9 @@ def test_merge_writes_a_model_transformers_loads_alone(trained_run, tmp_path, ca
     assert not any(isinstance(m, peftkit.layers.AdapterLayer) for m in merged.modules())
     assert main(["merge", str(trained_run.output_dir), str(out)]) == 2  # exists: needs --overwrite
     assert "--overwrite" in capsys.readouterr().err
+    monkeypatch.chdir(out)  # the working directory is never deleted, --overwrite or not
+    assert main(["merge", str(trained_run.output_dir), ".", "--overwrite"]) == 2
+    assert "--overwrite would delete" in capsys.readouterr().err and (out / "config.json").is_file()
 
 
 def test_inspect_lists_modules_targets_and_trainable_table(model_dir, capsys) -> None:

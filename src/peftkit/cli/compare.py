@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from peftkit.errors import UsageError
+from peftkit.io import check_overwrite, remove_path
 
 __all__ = ["register_compare", "run_compare_command"]
 
@@ -58,17 +56,11 @@ def run_compare_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(dry_run_table(plan, planned_costs(plan, counts, _tokenizer(plan.shared.model))))
         return 0
     if start_over and plan.output_dir.exists():
-        _remove_report(plan.output_dir)
+        check_overwrite(plan.output_dir, True, "output_dir")
+        remove_path(plan.output_dir)
     run_compare(plan)
     print(f"\nreport: {plan.output_dir / REPORT_MD}")
     return 0
-
-
-def _remove_report(directory: Path) -> None:
-    protected = {Path.cwd().resolve(), Path.home().resolve(), *Path.cwd().resolve().parents}
-    if directory.resolve() in protected:
-        raise UsageError(f"--overwrite would delete {directory.resolve()}; choose an output_dir of its own")
-    shutil.rmtree(directory)
 
 
 def _tokenizer(model: str) -> Any:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from peftkit.cli.common import add_run_arguments
 from peftkit.errors import UsageError
+from peftkit.io import check_overwrite, remove_path
 
 __all__ = ["register_merge", "run_merge"]
 
@@ -34,8 +34,7 @@ def run_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from peftkit.training.runs import load_run
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    check_overwrite(out, args.overwrite, "OUT")
     model, tokenizer, _ = load_run(args.run_dir, args.model)
     if not isinstance(model, PeftModel):
         raise UsageError(f"{args.run_dir} holds no adapter to merge (a full fine-tuning run is a model)")
@@ -44,7 +43,7 @@ def run_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except (ValueError, NotImplementedError) as e:
         raise UsageError(f"cannot merge {args.run_dir}: {e}") from e
     if out.exists():
-        shutil.rmtree(out)
+        remove_path(out)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"merged model written to {out}; load it with transformers' from_pretrained({str(out)!r})")

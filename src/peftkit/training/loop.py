@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -31,6 +30,7 @@ import yaml
 from torch import nn
 
 from peftkit.errors import UsageError
+from peftkit.io import check_overwrite, remove_path
 from peftkit.model import PeftModel, count_parameters, wrap
 from peftkit.training.checkpoints import (
     latest_checkpoint,
@@ -348,14 +348,13 @@ class _Run:
                         f"--resume: {key} was {before.get(key)!r} in {saved} but is {now[key]!r} now; "
                         "resume with the same settings (or start over with --overwrite)"
                     )
-        elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.overwrite:
-            raise UsageError(
-                f"output_dir {out} exists and is not empty; pass --overwrite to replace it, --resume to "
-                "continue it, or choose another --output-dir"
+        else:
+            check_overwrite(
+                out,
+                config.overwrite,
+                "output_dir",
+                ", --resume to continue it, or choose another --output-dir",
             )
-        protected = {Path.cwd().resolve(), Path.home().resolve(), *Path.cwd().resolve().parents}
-        if config.overwrite and out.resolve() in protected:
-            raise UsageError(f"--overwrite would delete {out.resolve()}; choose an output_dir of its own")
 
     def _apply_method(self, model: nn.Module, method_config: Any) -> nn.Module:
 
@@ -376,7 +375,7 @@ class _Run:
     def _make_output_dir(self) -> None:
         if self.main:
             if self.config.overwrite and self.out.exists():
-                shutil.rmtree(self.out) if self.out.is_dir() else self.out.unlink()
+                remove_path(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             if not self.config.resume:
                 (self.out / CONFIG_FILE).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
