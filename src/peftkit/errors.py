@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 __all__ = ["UsageError", "closest"]
 
@@ -16,7 +16,13 @@ class UsageError(ValueError):
     """
 
 
-def closest(word: str, candidates: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the nearest candidate, or ``""`` when none is near."""
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+def closest(word: str, candidates: Iterable[str], aliases: Mapping[str, str] | None = None) -> str:
+    """`` (did you mean 'x'?)`` for the nearest candidate, or ``""`` when none is near.
+
+    ``aliases`` maps names from other tools to ours (``learning_rate`` → ``lr``); one that names a
+    candidate wins over spelling.
+    """
+    candidates = list(candidates)
+    alias = (aliases or {}).get(word)
+    match = [alias] if alias in candidates else difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return f" (did you mean {match[0]!r}?)" if match else ""

@@ -150,8 +150,10 @@ def test_documented_example_is_the_default_job() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("max_step: 5\n", "unknown key 'max_step' .*did you mean 'max_steps'"),
-        ("learning_rate: 1\n", "unknown key 'learning_rate'"),
+        ("max_step: 5\n", "unknown setting 'max_step' in .*did you mean 'max_steps'"),
+        ("learning_rate: 1\n", "unknown setting 'learning_rate' in .*did you mean 'lr'"),
+        ("lora_r: 8\n", "unknown setting 'lora_r' in .*option of method 'lora' .*did you mean 'r'"),
+        ("method: ia3\nr: 8\n", "unknown setting 'r' in .*option of method 'ia3'"),
         ("lr: -1\n", r"lr=-1.0 .* must be a positive number"),
         ("batch_size: 2.5\n", "batch_size=2.5 .* must be int"),
         ("task: causal\n", "task='causal' .* must be one of .*did you mean 'causal-lm'"),
@@ -167,10 +169,23 @@ def test_bad_yaml_files(tmp_path: Path, text: str, message: str) -> None:
 
 
 def test_misspelt_flags_suggest_the_closest() -> None:
-    with pytest.raises(UsageError, match=r"unknown setting --max-step: .*did you mean '--max-steps'"):
+    with pytest.raises(UsageError, match=r"unknown setting '--max-step': .*did you mean '--max-steps'"):
         parse(["--max-step", "3"])
     with pytest.raises(UsageError, match="did you mean '--lora-alpha'"):
         parse(["--lora-alfa", "32"])
+    with pytest.raises(UsageError, match="did you mean '--lr'"):
+        parse(["--learning-rate", "0.1"])
+    with pytest.raises(UsageError, match="did you mean '--r'"):
+        parse(["--lora-r", "8"])
+
+
+def test_yaml_takes_method_options_flat_as_flags_do(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("r: 16\nmethod_options: {lora_alpha: 32}\n")
+    assert load_config(path).method_options == {"r": 16, "lora_alpha": 32}
+    path.write_text("method_options: {rank: 8}\n")
+    with pytest.raises(UsageError, match=r"unknown option 'rank' for method 'lora'.*did you mean 'r'"):
+        build_method_config("lora", load_config(path).method_options, "causal-lm")
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -186,7 +201,7 @@ def _bad_cases(tmp_path: Path, model_dir: Path, data_file: Path) -> list[tuple[l
         (["--method", "lorra"], "unknown method 'lorra'.*did you mean 'lora'"),
         (["--r", "0"], "r=0 must be a positive integer"),
         (["--lr", "-1"], r"lr=-1.0 .*must be a positive number"),
-        (["--method", "full", "--r", "8"], "unknown setting --r"),
+        (["--method", "full", "--r", "8"], "unknown setting '--r'"),
     ]
 
 

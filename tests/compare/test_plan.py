@@ -87,7 +87,11 @@ def test_fingerprint_follows_what_decides_the_result() -> None:
         ({"methods": ["lora", "lora"]}, "appears twice"),
         ({"methods": ["lora"], "method": "lora"}, "lists its methods under 'methods:'"),
         ({"methods": ["lora"], "max_step": 3}, "unknown key 'max_step'.*did you mean 'max_steps'"),
-        ({"methods": [{"name": "x", "preset": "lora", "rank": 4}]}, "unknown key 'rank'.*lora"),
+        (
+            {"methods": [{"name": "x", "preset": "lora", "rank": 4}]},
+            "unknown key 'rank'.*lora.*did you mean 'r'",
+        ),
+        ({"methods": ["lora"], "learning_rate": 1e-3}, "unknown key 'learning_rate'.*did you mean 'lr'"),
         ({"methods": [{"name": "a b", "preset": "lora"}]}, "letters, digits"),
         ({"methods": [{"name": "x", "preset": "lora", "output_dir": "y"}]}, "compare decides it"),
         ({"methods": ["lora"], "ranks": "2,x"}, "whole numbers"),

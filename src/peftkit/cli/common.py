@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from peftkit.errors import UsageError, closest
 from peftkit.training.config import FIELDS, TrainConfig, load_config, parse_value
 
 __all__ = [
@@ -98,7 +97,7 @@ def parse_train_args(
         UsageError: an unknown key (neither a setting nor an option of the chosen method), with the
             closest known one, or a bad value.
     """
-    from peftkit.training.method_choice import method_fields
+    from peftkit.training.method_choice import method_fields, unknown_name
 
     rest, extra = split_method_flags(argv, parser)
     args = parser.parse_args(rest)
@@ -108,11 +107,7 @@ def parse_train_args(
         options = method_fields(config.method)
         for key in extra:
             if key not in options:
-                flags = [flag(name) for name in [*FIELDS, *options]]
-                raise UsageError(
-                    f"unknown setting {flag(key)}: not a peftkit train setting nor an option of method "
-                    f"{config.method!r}{closest(flag(key), flags)}"
-                )
+                raise unknown_name(key, config.method, FIELDS, "", spell=flag)
         config = config.replace(method_options=extra)
     return args, config
 

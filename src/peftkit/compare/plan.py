@@ -35,7 +35,7 @@ from peftkit.training.config import (
     read_yaml_mapping,
     with_task_defaults,
 )
-from peftkit.training.method_choice import FULL, method_entry, method_fields
+from peftkit.training.method_choice import ALIASES, FULL, method_entry, method_fields
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -190,9 +190,10 @@ def make_plan(data: Mapping[str, Any], source: str = "compare", num_layers: int 
             )
     for key in data:
         if key not in FIELDS:
+            hint = closest(key, [*FIELDS, *COMPARE_KEYS], ALIASES)
             raise UsageError(
-                f"unknown key {key!r} in {source}{closest(key, [*FIELDS, *COMPARE_KEYS])}; compare takes "
-                f"the keys of peftkit train plus {', '.join(COMPARE_KEYS)}"
+                f"unknown key {key!r} in {source}{hint}; compare takes the keys of peftkit train plus "
+                f"{', '.join(COMPARE_KEYS)}"
             )
     output_dir = Path(str(data.pop("output_dir", DEFAULT_OUTPUT)))
     shared = with_task_defaults(apply_overrides(TrainConfig(), data, source))
@@ -243,7 +244,7 @@ def _resolve_entry(entry: Any, source: str, layers: int | None) -> tuple[str, di
         if key not in known:
             raise UsageError(
                 f"unknown key {key!r} for method {name!r} in {source}: not a train setting nor an option of "
-                f"{method!r}{closest(key, [*FIELDS, *known])}"
+                f"{method!r}{closest(key, [*FIELDS, *known], ALIASES)}"
             )
         options[key] = value
     return name, {**base, **entry, "method": method, "method_options": options}

@@ -18,7 +18,7 @@ import yaml
 
 from peftkit.errors import UsageError, closest
 from peftkit.models import DEFAULT_MODEL, TASKS
-from peftkit.training.method_choice import METHOD_NAMES
+from peftkit.training.method_choice import METHOD_NAMES, method_fields, unknown_name
 
 __all__ = [
     "METRICS",
@@ -185,10 +185,14 @@ def apply_overrides(config: TrainConfig, changes: Mapping[str, Any], source: str
         UsageError: an unknown key or a bad value, naming ``source``.
     """
     values = config.to_dict()
+    method = str(changes.get("method", config.method))
     for key, value in changes.items():
         name = key.replace("-", "_")
         if name not in FIELDS:
-            raise UsageError(f"unknown key {key!r} in {source}{closest(name, FIELDS)}")
+            if name in method_fields(method):  # a method option written flat, as flags are
+                values["method_options"] = {**values["method_options"], name: value}
+                continue
+            raise unknown_name(name, method, FIELDS, f"in {source}")
         value = _coerce(name, value, source)
         if name == "method_options":
             value = {**values["method_options"], **value}

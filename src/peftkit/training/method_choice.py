@@ -7,18 +7,45 @@ trains) needs no config.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from peftkit.config import AdapterConfig
 from peftkit.errors import UsageError, closest
 from peftkit.methods import METHOD_TABLE, Method, method_by_name
 
-__all__ = ["FULL", "METHOD_NAMES", "TASK_TYPES", "build_method_config", "method_entry", "method_fields"]
+__all__ = [
+    "ALIASES",
+    "FULL",
+    "METHOD_NAMES",
+    "TASK_TYPES",
+    "build_method_config",
+    "method_entry",
+    "method_fields",
+    "unknown_name",
+]
 
 FULL = "full"
 METHOD_NAMES = (*(entry.name for entry in METHOD_TABLE), FULL)
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq2seq-lm": "SEQ_2_SEQ_LM", "seq-cls": "SEQ_CLS"}
+# Names users bring from transformers' TrainingArguments, Hugging Face PEFT and other trainers → ours.
+ALIASES = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "warmup": "warmup_steps",
+    "model_name_or_path": "model",
+    "lora_r": "r",
+    "rank": "r",
+    "lora_rank": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "targets": "target_modules",
+    "target_module": "target_modules",
+}
 
 
 def method_entry(method: str) -> Method | None:
@@ -45,6 +72,34 @@ def method_fields(method: str) -> set[str]:
     return {f.name for f in dataclasses.fields(entry.config_class)} - set(entry.fixed)
 
 
+def unknown_name(
+    name: str, method: str, settings: Iterable[str], where: str, spell: Callable[[str], str] = str
+) -> UsageError:
+    """The one error for a name that is neither a training setting nor an option of ``method``.
+
+    Args:
+        name: what the user wrote, with ``_`` for ``-``.
+        settings: the training settings' names (``TrainConfig`` keys).
+        where: the place it was written, e.g. ``"in run.yaml"`` or ``""`` for flags.
+        spell: how names are written there (``--r`` for flags, ``r`` in YAML).
+
+    Returns:
+        ``unknown setting --lora-r: not a peftkit train setting nor an option of method 'lora' (did you
+        mean '--r'?)``, the suggestion taken from :data:`ALIASES` first, then by spelling.
+    """
+    options = sorted(method_fields(method)) if method in METHOD_NAMES else []
+    hint = closest(spell(name), [spell(key) for key in [*settings, *options]], _spelled(ALIASES, spell))
+    place = f" {where}" if where else ""
+    return UsageError(
+        f"unknown setting {spell(name)!r}{place}: not a peftkit train setting nor an option of method "
+        f"{method!r}{hint}"
+    )
+
+
+def _spelled(aliases: Mapping[str, str], spell: Callable[[str], str]) -> dict[str, str]:
+    return {spell(key): spell(value) for key, value in aliases.items()}
+
+
 def build_method_config(method: str, options: Mapping[str, Any], task: str) -> AdapterConfig | None:
     """The config object for ``method`` with the user's ``options`` over its defaults; None for ``full``.
 
@@ -62,7 +117,7 @@ def build_method_config(method: str, options: Mapping[str, Any], task: str) -> A
         if key not in known:
             raise UsageError(
                 f"unknown option {key!r} for method {method!r} ({entry.config_class.__name__})"
-                f"{closest(key, known)}"
+                f"{closest(key, known, ALIASES)}"
             )
     values = entry.options(options)
     if "task_type" in known:
