@@ -6,6 +6,7 @@ import pytest
 from torch import nn
 
 import peftkit
+from peftkit.layers import AdapterLayer
 from peftkit.targeting import find_targets, layer_index, name_matches
 
 from conftest import TINY_MODELS
@@ -99,6 +100,26 @@ def test_no_match_names_the_field_and_lists_candidates() -> None:
     assert "target_modules=['query'] matched no module" in message
     for candidate in ("q_proj (Linear x2)", "gate_proj (Linear x2)", "embed_tokens (Embedding x1)"):
         assert candidate in message
+
+
+def test_an_entry_that_matches_nothing_is_an_error_naming_it() -> None:
+    # one misspelt entry beside a good one used to train the good one alone, silently
+    with pytest.raises(ValueError) as error:
+        targets(LLAMA.make(), target_modules=["q_prj", "v_proj"])
+    message = str(error.value)
+    assert "entry 'q_prj' matches no module" in message and "did you mean 'q_proj'" in message
+    assert "v_proj (Linear x2)" in message
+
+
+def test_files_with_entries_absent_here_load_with_a_warning(tmp_path) -> None:
+    model = peftkit.wrap(LLAMA.make(), peftkit.LoraConfig(target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(tmp_path)
+    config = tmp_path / "adapter_config.json"
+    config.write_text(config.read_text().replace('"v_proj"', '"v_proj", "query_key_value"'))
+    with pytest.warns(UserWarning, match="entry 'query_key_value' matches no module"):
+        loaded = peftkit.load(LLAMA.make(), tmp_path)
+    adapted = [n for n, m in loaded.named_modules() if isinstance(m, AdapterLayer)]
+    assert adapted and adapted == [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
 
 
 def test_candidates_are_capped_at_20() -> None:

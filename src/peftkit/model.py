@@ -55,10 +55,14 @@ class PeftModel(nn.Module):
             return getattr(self.model, name)
 
     # ----------------------------------------------------------------------------- adapters
-    def add_adapter(self, adapter_name: str, config: AdapterConfig, trainable: bool = True) -> None:
+    def add_adapter(
+        self, adapter_name: str, config: AdapterConfig, trainable: bool = True, strict_targets: bool = True
+    ) -> None:
         """Inject a new adapter named ``adapter_name`` as ``config`` describes.
 
         The first adapter added becomes active; later ones wait for :meth:`set_adapter`.
+        ``strict_targets=False`` (used when loading files) warns about ``target_modules`` entries that
+        match nothing instead of refusing them.
 
         Raises:
             ValueError: a bad or taken name, a config that targets nothing (the message lists the
@@ -80,7 +84,7 @@ class PeftModel(nn.Module):
                     active.activate(self.model)
             targets: list[str] = []
         else:
-            targets = find_targets(self.model, config)
+            targets = find_targets(self.model, config, strict=strict_targets)
         adapters = {}
         for name in targets:
             module = self.model.get_submodule(name)
@@ -129,7 +133,7 @@ class PeftModel(nn.Module):
         config = config_from_dict(config_dict, METHODS)
         if is_model_level(config):  # the saved form: e.g. P-tuning's encoder output as a plain embedding
             config = config.replace(inference_mode=True)
-        self.add_adapter(adapter_name, config, trainable=is_trainable)
+        self.add_adapter(adapter_name, config, trainable=is_trainable, strict_targets=False)
         try:
             self._load_tensors(adapter_name, tensors, source=str(path))
         except Exception:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 from torch import nn
 
 from peftkit.config import AdapterConfig
+from peftkit.errors import closest
 from peftkit.layers import AdapterLayer, ModulesToSave, is_conv1d, outer_modules
 
 MAX_CANDIDATES_SHOWN = 20
@@ -74,7 +76,10 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def find_targets(
-    model: nn.Module, config: AdapterConfig, is_supported: Callable[[nn.Module], bool] | None = None
+    model: nn.Module,
+    config: AdapterConfig,
+    is_supported: Callable[[nn.Module], bool] | None = None,
+    strict: bool = True,
 ) -> list[str]:
     """The names of the modules ``config`` selects in ``model``, in model order.
 
@@ -84,10 +89,14 @@ def find_targets(
         config: its ``target_modules``, ``exclude_modules``, ``layers_to_transform`` and
             ``layers_pattern`` are applied, in that order.
         is_supported: which module types can be adapted; defaults to ``config.is_supported``.
+        strict: every entry of a ``target_modules`` list must match a module (a misspelt entry would
+            otherwise adapt fewer modules than asked, silently); False warns instead, for files
+            written for another model.
 
     Raises:
-        ValueError: ``target_modules`` is unset, or the selection is empty. The message names the
-            field that emptied it and lists up to 20 candidate names of supported types.
+        ValueError: ``target_modules`` is unset, the selection is empty, or (``strict``) an entry of
+            the list matches nothing. The message names the field or entry, the closest module name,
+            and lists up to 20 candidate names of supported types.
     """
     is_supported = is_supported or config.is_supported
     candidates = [(name, m) for name, m in adaptable_modules(model) if is_supported(m)]
@@ -106,6 +115,8 @@ def find_targets(
         ]
     else:
         selected = [name for name, _ in candidates if name_matches(name, config.target_modules)]
+        if selected and not isinstance(config.target_modules, str):
+            _check_every_entry_matches(config.target_modules, candidates, strict)
     if not selected:
         raise ValueError(
             f"target_modules={_show(config.target_modules)} matched no module of a supported type; "
@@ -132,6 +143,24 @@ def find_targets(
             )
         selected = kept
     return selected
+
+
+def _check_every_entry_matches(
+    entries: Sequence[str], candidates: list[tuple[str, nn.Module]], strict: bool
+) -> None:
+    """Raise (``strict``) or warn for each ``target_modules`` entry that matches no candidate."""
+    names = [name for name, _ in candidates]
+    for entry in entries:
+        if any(name_matches(name, [entry]) for name in names):
+            continue
+        short = sorted({name.rsplit(".", 1)[-1] for name in names} | set(names))
+        message = (
+            f"target_modules entry {entry!r} matches no module of a supported type"
+            f"{closest(entry, short)}; candidates: {_candidate_hint(candidates)}"
+        )
+        if strict:
+            raise ValueError(message)
+        warnings.warn(f"{message}; the other entries are adapted", stacklevel=3)
 
 
 def _show(patterns: str | Sequence[str]) -> str:

@@ -93,6 +93,8 @@ def test_init_false_is_random() -> None:
 def test_feedforward_modules_must_be_targeted() -> None:
     with pytest.raises(ValueError, match=r"feedforward_modules=\['wo'\].*add them to target_modules"):
         peftkit.IA3Config(target_modules=["k", "v"], feedforward_modules=["wo"])
+    with pytest.raises(ValueError, match=r"\['down_prj'\].*does not select \(did you mean 'down_proj'\?\)"):
+        peftkit.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_prj"])
 
 
 def test_only_linear_and_conv1d_are_supported() -> None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftkit.config import AdapterConfig
+from peftkit.errors import closest
 from peftkit.layers import is_conv1d
 from peftkit.targeting import name_matches
 
@@ -51,7 +52,8 @@ class IA3Config(AdapterConfig):
             if outside:
                 raise ValueError(
                     f"IA3Config.feedforward_modules={list(feedforward)} names {outside}, which "
-                    f"target_modules={list(targets)} does not select; add them to target_modules"
+                    f"target_modules={list(targets)} does not select{closest(outside[0], targets)}; "
+                    "feedforward_modules must be among the targets (add them to target_modules)"
                 )
 
     def is_supported(self, module: nn.Module) -> bool:
