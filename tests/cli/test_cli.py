@@ -179,6 +179,18 @@ def test_misspelt_flags_suggest_the_closest() -> None:
         parse(["--lora-r", "8"])
 
 
+def test_misspelt_subcommand_flags_suggest_from_that_subcommand(capsys) -> None:
+    assert main(["eval", "out/none", "--exmaples", "5"]) == 2
+    line = capsys.readouterr().err.strip()
+    expected = "unknown flag --exmaples (did you mean '--examples'?); see peftkit eval --help"
+    assert line == f"peftkit eval: error: {expected}"
+
+
+def test_an_option_of_another_method_says_whose_it_is() -> None:
+    with pytest.raises(UsageError, match=r"--r is an option of method lora, dora\)"):
+        parse(["--method", "ia3", "--r", "8"])
+
+
 def test_yaml_takes_method_options_flat_as_flags_do(tmp_path: Path) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_text("r: 16\nmethod_options: {lora_alpha: 32}\n")

@@ -26,7 +26,7 @@ from peftkit.cli.generate import register_generate
 from peftkit.cli.inspect import register_inspect
 from peftkit.cli.merge import register_merge
 from peftkit.cli.train import register_train
-from peftkit.errors import UsageError
+from peftkit.errors import UsageError, closest
 
 __all__ = ["COMMANDS", "EXIT_INTERRUPTED", "EXIT_USAGE", "build_parser", "main", "parse_train_args"]
 
@@ -74,7 +74,11 @@ def _main(argv: list[str]) -> int:
             # train and inspect parse their flags themselves: method options are not known in advance
             args = subparser.parse_args([])
             return args.handler(args, argv[argv.index(command) + 1 :])
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and subparser is not None:
+            raise _unknown_argument(unknown[0], subparser, command)
+        if unknown:
+            parser.parse_args(argv)  # argparse's own one-line error
         return args.handler(args, argv)
     except UsageError as e:
         print(f"peftkit {command}: error: {e}", file=sys.stderr)
@@ -105,6 +109,14 @@ def _quiet_libraries() -> Iterator[None]:
             logging.enable_progress_bar()
         if data_bars:
             datasets.enable_progress_bars()
+
+
+def _unknown_argument(argument: str, subparser: argparse.ArgumentParser, command: str) -> UsageError:
+    """The subcommand's own flags are the vocabulary for a misspelt one (not the top-level help)."""
+    flags = [option for action in subparser._actions for option in action.option_strings]
+    name = argument.split("=", 1)[0]
+    what = "unknown flag" if name.startswith("-") else "unexpected argument"
+    return UsageError(f"{what} {name}{closest(name, flags)}; see peftkit {command} --help")
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> Any:

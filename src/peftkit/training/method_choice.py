@@ -88,7 +88,11 @@ def unknown_name(
         mean '--r'?)``, the suggestion taken from :data:`ALIASES` first, then by spelling.
     """
     options = sorted(method_fields(method)) if method in METHOD_NAMES else []
-    hint = closest(spell(name), [spell(key) for key in [*settings, *options]], _spelled(ALIASES, spell))
+    owners = [entry.name for entry in METHOD_TABLE if name in method_fields(entry.name)]
+    if owners:  # right name, wrong method: say whose option it is rather than guess a spelling
+        hint = f" ({spell(name)} is an option of method {', '.join(owners)})"
+    else:
+        hint = closest(spell(name), [spell(key) for key in [*settings, *options]], _spelled(ALIASES, spell))
     place = f" {where}" if where else ""
     return UsageError(
         f"unknown setting {spell(name)!r}{place}: not a peftkit train setting nor an option of method "
