@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from peftkit.config import AdapterConfig, config_from_dict, config_to_json
 from peftkit.io import KEY_PREFIX, read_adapter, resolve_adapter_dir, write_adapter
 from peftkit.layers import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSave, Routing, outer_modules
-from peftkit.methods import METHODS
+from peftkit.methods import config_classes
 from peftkit.targeting import CLASSIFIER_HEAD_NAMES, find_targets, name_matches
 from peftkit.whole_model import ModelAdapter, is_model_level
 
@@ -130,7 +130,7 @@ class PeftModel(nn.Module):
                 nothing is loaded then.
         """
         config_dict, tensors = read_adapter(resolve_adapter_dir(path))
-        config = config_from_dict(config_dict, METHODS)
+        config = config_from_dict(config_dict, config_classes())
         if is_model_level(config):  # the saved form: e.g. P-tuning's encoder output as a plain embedding
             config = config.replace(inference_mode=True)
         self.add_adapter(adapter_name, config, trainable=is_trainable, strict_targets=False)

@@ -6,7 +6,8 @@ GGUF-loaded model cannot be saved, so on first use it is converted once into a
 plain transformers checkpoint (float32 safetensors + tokenizer) under
 ``cache_dir()``.
 
-transformers is imported lazily so that ``import peftkit`` does not need it.
+torch and transformers are imported when a model is loaded, so that ``peftkit --help`` does not wait
+for them.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_HUB_ID", "TASKS", "cache_dir", "default_model_dir", "load_model"]
@@ -108,7 +108,7 @@ def default_model_dir() -> Path:
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     task: str = "causal-lm",
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = "float32",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a base model and its tokenizer, with the model in eval mode.
 
@@ -164,6 +164,8 @@ def _auto_class_name(task: str) -> str:
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
+    import torch
+
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
@@ -244,6 +246,7 @@ def _remove_stale_tmp_dirs(target: Path) -> None:
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize ``gguf_path`` and save it to ``out_dir`` as a plain float32 checkpoint."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, name = gguf_path.parent, gguf_path.name

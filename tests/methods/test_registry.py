@@ -9,10 +9,11 @@ import peftkit
 from peftkit.cli import build_parser
 from peftkit.compare.plan import PRESETS, make_plan
 from peftkit.config import AdapterConfig
-from peftkit.methods import METHOD_TABLE, METHODS
+from peftkit.methods import METHOD_TABLE, config_classes
 from peftkit.training.method_choice import METHOD_NAMES, build_method_config
 
 NAMES = [entry.name for entry in METHOD_TABLE]
+METHODS = config_classes()
 
 
 def all_subclasses(cls: type) -> set[type]:
@@ -31,6 +32,13 @@ def test_every_config_class_is_registered_by_its_peft_type() -> None:
 def test_names_are_unique_and_families_known() -> None:
     assert len(set(NAMES)) == len(NAMES)
     assert {entry.family for entry in METHOD_TABLE} <= {"selective", "reparameterization", "additive"}
+
+
+def test_the_package_root_exports_what_it_lists() -> None:
+    assert set(peftkit.__all__) == {"__version__", *peftkit._EXPORTS}
+    for name in peftkit.__all__:
+        assert getattr(peftkit, name) is not None
+    assert peftkit.models.load_model is not None  # subpackages are attributes too
 
 
 @pytest.mark.parametrize("entry", METHOD_TABLE, ids=NAMES)

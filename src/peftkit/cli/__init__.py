@@ -56,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``peftkit`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    with _quiet_libraries():
-        return _main(argv)
+    return _main(list(sys.argv[1:] if argv is None else argv))
 
 
 def _main(argv: list[str]) -> int:
@@ -73,13 +71,16 @@ def _main(argv: list[str]) -> int:
         if subparser is not None and subparser.get_default("own_flags"):
             # train and inspect parse their flags themselves: method options are not known in advance
             args = subparser.parse_args([])
-            return args.handler(args, argv[argv.index(command) + 1 :])
+            own = argv[argv.index(command) + 1 :]
+            with _quiet_libraries(active=not {"-h", "--help"} & set(own)):
+                return args.handler(args, own)
         args, unknown = parser.parse_known_args(argv)
         if unknown and subparser is not None:
             raise _unknown_argument(unknown[0], subparser, command)
         if unknown:
             parser.parse_args(argv)  # argparse's own one-line error
-        return args.handler(args, argv)
+        with _quiet_libraries():
+            return args.handler(args, argv)
     except UsageError as e:
         print(f"peftkit {command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -89,8 +90,14 @@ def _main(argv: list[str]) -> int:
 
 
 @contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
-    """No weight-loading bars or library warnings while a command runs: peftkit reports itself."""
+def _quiet_libraries(active: bool = True) -> Iterator[None]:
+    """No weight-loading bars or library warnings while a command runs: peftkit reports itself.
+
+    Entered when a command runs, not for ``--help``, which answers before transformers is imported.
+    """
+    if not active:
+        yield
+        return
     import datasets
     from transformers.utils import logging
 

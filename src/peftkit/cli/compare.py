@@ -6,8 +6,6 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from peftkit.io import check_overwrite, remove_path
-
 __all__ = ["register_compare", "run_compare_command"]
 
 
@@ -36,13 +34,14 @@ def register_compare(subparsers: Any) -> None:
 
 
 def run_compare_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    parsed = args.parser.parse_args(list(argv))  # --help ends here, before torch loads
     from peftkit.compare.dry_run import check_plan, dry_run_table, planned_costs
     from peftkit.compare.plan import load_plan
     from peftkit.compare.report import REPORT_MD
     from peftkit.compare.runner import run_compare
+    from peftkit.io import check_overwrite, remove_path
     from peftkit.training.config import FIELDS
 
-    parsed = args.parser.parse_args(list(argv))
     overrides = {name: getattr(parsed, name) for name in FIELDS if hasattr(parsed, name)}
     for key in ("methods", "ranks", "general_text"):
         if getattr(parsed, key) is not None:

@@ -46,7 +46,6 @@ def run_estimate(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``estimate``'s arguments (MODEL, --method, --r, --targets, --batch, --seq, --dtype, …)."""
-    from peftkit.memory import DTYPES, OPTIMIZERS
     from peftkit.models import DEFAULT_MODEL
 
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="config dir, Hub id, or the default")
@@ -56,8 +55,9 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
+    # checked by peftkit.memory.estimate, so that building the parser does not import torch
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
+    parser.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit or sgd (default: adamw)")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--device-memory", type=float, default=None, help="GiB available")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")

@@ -26,8 +26,8 @@ def register_inspect(subparsers: Any) -> None:
 
 
 def run_inspect(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    parsed, config = parse_train_args(args.parser, argv)  # --help ends here, before torch loads
     from peftkit.training.inspection import inspect_model
 
-    parsed, config = parse_train_args(args.parser, argv)
     print(inspect_model(config, parsed.filter, parsed.modules))
     return 0

@@ -9,7 +9,6 @@ from typing import Any
 
 from peftkit.cli.common import add_run_arguments
 from peftkit.errors import UsageError
-from peftkit.io import check_overwrite, remove_path
 
 __all__ = ["register_merge", "run_merge"]
 
@@ -29,7 +28,7 @@ def register_merge(subparsers: Any) -> None:
 
 
 def run_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
-
+    from peftkit.io import check_overwrite, remove_path
     from peftkit.model import PeftModel
     from peftkit.training.runs import load_run
 

@@ -27,12 +27,12 @@ def register_train(subparsers: Any) -> None:
 
 
 def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from peftkit.training.loop import train
-
-    _, config = parse_train_args(args.parser, argv)
+    _, config = parse_train_args(args.parser, argv)  # --help and bad flags end here, before torch loads
     if config.estimate_only:
         print(estimate_run(config))
         return 0
+    from peftkit.training.loop import train
+
     result = train(config)
     if result.stopped == "interrupted":
         return EXIT_INTERRUPTED

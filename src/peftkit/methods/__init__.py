@@ -4,46 +4,26 @@ A method is its config class (a frozen dataclass in its own file or package unde
 ``build_adapter`` or ``build_model_adapter`` makes the adapter) plus one entry in :data:`METHOD_TABLE`.
 Everything else is derived from the table:
 
-- :data:`METHODS`, ``peft_type`` → config class, which ``load`` uses to read ``adapter_config.json``;
+- :func:`config_classes`, ``peft_type`` → config class, which ``load`` uses to read ``adapter_config.json``;
 - ``peftkit train --method NAME`` and its defaults (:mod:`peftkit.training.method_choice`);
 - ``peftkit compare``'s presets of the same names (:mod:`peftkit.compare.plan`).
 
 ``tests/methods/test_registry.py`` checks that every entry is reachable from the package root, the
-command line and compare.
+command line and compare. A row names its config class by import path and imports it on first use, so
+reading the table (``peftkit --help`` lists the method names) does not import torch.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peftkit.config import AdapterConfig
-from peftkit.methods.bottleneck import BottleneckConfig, HoulsbyConfig, PfeifferConfig
-from peftkit.methods.ia3 import IA3Config
-from peftkit.methods.lora import LoraConfig
-from peftkit.methods.p_tuning import PromptEncoderConfig
-from peftkit.methods.prefix_tuning import PrefixTuningConfig
-from peftkit.methods.prompt_tuning import PromptTuningConfig
-from peftkit.methods.selective import LNTuningConfig, SelectiveConfig
+if TYPE_CHECKING:
+    from peftkit.config import AdapterConfig
 
-__all__ = [
-    "ATTENTION",
-    "METHODS",
-    "METHOD_TABLE",
-    "BottleneckConfig",
-    "HoulsbyConfig",
-    "IA3Config",
-    "LNTuningConfig",
-    "LoraConfig",
-    "Method",
-    "PfeifferConfig",
-    "PrefixTuningConfig",
-    "PromptEncoderConfig",
-    "PromptTuningConfig",
-    "SelectiveConfig",
-    "method_by_name",
-]
+__all__ = ["ATTENTION", "METHOD_TABLE", "Method", "config_classes", "method_by_name"]
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # Llama-style attention projections
 
@@ -54,7 +34,8 @@ class Method:
 
     Attributes:
         name: ``--method NAME`` and the compare preset of that name.
-        config_class: the config class that builds the method.
+        config: the config class that builds the method, as ``"module:Class"``
+            (:attr:`config_class` imports it).
         family: ``"selective"``, ``"reparameterization"`` or ``"additive"``.
         defaults: options ``peftkit train`` uses unless the user sets them (the class's own defaults are
             Hugging Face PEFT's; these are what a first run should train).
@@ -66,12 +47,18 @@ class Method:
     """
 
     name: str
-    config_class: type[AdapterConfig]
+    config: str
     family: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
     fixed: Mapping[str, Any] = field(default_factory=dict)
     lr: float = 1e-3
     within_targets: tuple[str, ...] = ()
+
+    @property
+    def config_class(self) -> type[AdapterConfig]:
+        """The config class, imported on first use."""
+        module, _, name = self.config.partition(":")
+        return getattr(importlib.import_module(module), name)
 
     def options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """The user's ``given`` options over this method's defaults (``fixed`` not included)."""
@@ -89,27 +76,46 @@ _VIRTUAL_TOKENS = {"num_virtual_tokens": 20}
 # Learning rates are the usual starting points for short runs of each family (soft prompts need ~30x
 # more than LoRA; full fine-tuning, which is not a method config, ~20x less).
 METHOD_TABLE: tuple[Method, ...] = (
-    Method("lora", LoraConfig, "reparameterization", _LORA_DEFAULTS, lr=1e-3),
-    Method("dora", LoraConfig, "reparameterization", _LORA_DEFAULTS, fixed={"use_dora": True}, lr=1e-3),
+    Method("lora", "peftkit.methods.lora.config:LoraConfig", "reparameterization", _LORA_DEFAULTS, lr=1e-3),
+    Method(
+        "dora",
+        "peftkit.methods.lora.config:LoraConfig",
+        "reparameterization",
+        _LORA_DEFAULTS,
+        fixed={"use_dora": True},
+        lr=1e-3,
+    ),
     Method(
         "ia3",
-        IA3Config,
+        "peftkit.methods.ia3:IA3Config",
         "reparameterization",
         {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
         lr=1e-2,
         within_targets=("feedforward_modules",),
     ),
-    Method("adapter", BottleneckConfig, "additive", lr=1e-3),
-    Method("prompt", PromptTuningConfig, "additive", _VIRTUAL_TOKENS, lr=3e-2),
-    Method("p-tuning", PromptEncoderConfig, "additive", _VIRTUAL_TOKENS, lr=1e-3),
-    Method("prefix", PrefixTuningConfig, "additive", _VIRTUAL_TOKENS, lr=1e-2),
-    Method("selective", SelectiveConfig, "selective", {"target_modules": list(ATTENTION)}, lr=1e-3),
-    Method("ln-tuning", LNTuningConfig, "selective", lr=1e-3),
+    Method("adapter", "peftkit.methods.bottleneck:BottleneckConfig", "additive", lr=1e-3),
+    Method(
+        "prompt", "peftkit.methods.prompt_tuning:PromptTuningConfig", "additive", _VIRTUAL_TOKENS, lr=3e-2
+    ),
+    Method("p-tuning", "peftkit.methods.p_tuning:PromptEncoderConfig", "additive", _VIRTUAL_TOKENS, lr=1e-3),
+    Method(
+        "prefix", "peftkit.methods.prefix_tuning:PrefixTuningConfig", "additive", _VIRTUAL_TOKENS, lr=1e-2
+    ),
+    Method(
+        "selective",
+        "peftkit.methods.selective:SelectiveConfig",
+        "selective",
+        {"target_modules": list(ATTENTION)},
+        lr=1e-3,
+    ),
+    Method("ln-tuning", "peftkit.methods.selective:LNTuningConfig", "selective", lr=1e-3),
 )
 
-METHODS: dict[str, type[AdapterConfig]] = {
-    entry.config_class.peft_type: entry.config_class for entry in METHOD_TABLE
-}
+
+def config_classes() -> dict[str, type[AdapterConfig]]:
+    """``peft_type`` (as in ``adapter_config.json``) → config class, for every method of the table."""
+    classes = (entry.config_class for entry in METHOD_TABLE)
+    return {cls.peft_type: cls for cls in classes}
 
 
 def method_by_name(name: str) -> Method | None:

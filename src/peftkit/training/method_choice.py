@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peftkit.config import AdapterConfig
 from peftkit.errors import UsageError, closest
 from peftkit.methods import METHOD_TABLE, Method, method_by_name
+
+if TYPE_CHECKING:
+    from peftkit.config import AdapterConfig
 
 __all__ = [
     "ALIASES",
