@@ -385,3 +385,14 @@ def test_wrapped_layer_exposes_the_base_weight() -> None:
     model = peftkit.wrap(TINY_MODELS[4].make(), peftkit.LoraConfig(target_modules=["wo"]))
     layer = model.model.encoder.block[0].layer[1].DenseReluDense.wo
     assert isinstance(layer, AdapterLayer) and layer.weight is layer.base.weight
+
+
+def test_wrap_and_load_refuse_what_is_not_a_module(tmp_path) -> None:
+    base = TINY_MODELS[1].make()
+    with pytest.raises(
+        TypeError, match=r"returns \(model, tokenizer\): write `base, tokenizer = load_model\(\)`"
+    ):
+        peftkit.wrap((base, object()), peftkit.LoraConfig(target_modules=["q_proj"]))
+    peftkit.wrap(base, peftkit.LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match=r"needs a torch\.nn\.Module, got str"):
+        peftkit.load("not a model", tmp_path)

@@ -37,6 +37,15 @@ class PeftModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            pair = isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], nn.Module)
+            hint = (
+                "; peftkit.models.load_model() returns (model, tokenizer): write "
+                "`base, tokenizer = load_model()` and pass `base`"
+                if pair
+                else ""
+            )
+            raise TypeError(f"peftkit needs a torch.nn.Module, got {type(model).__name__}{hint}")
         super().__init__()
         self.model = model
         self.peft_config: dict[str, AdapterConfig] = {}
