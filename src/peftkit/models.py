@@ -26,7 +26,15 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_HUB_ID", "TASKS", "cache_dir", "default_model_dir", "load_model"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_MODEL_HUB_ID",
+    "TASKS",
+    "cache_dir",
+    "default_model_dir",
+    "load_model",
+    "load_tokenizer",
+]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model on the Hugging Face Hub
@@ -155,6 +163,22 @@ def load_model(
     if task == "seq-cls" and model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase | None:
+    """A model's tokenizer alone (no weights), or None when it cannot be had without them.
+
+    ``name_or_path`` is read as :func:`load_model` reads it (the default model's name included).
+    """
+    from transformers import AutoTokenizer
+
+    source = (
+        str(default_model_dir()) if name_or_path in (DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID) else name_or_path
+    )
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        return None
 
 
 def _auto_class_name(task: str) -> str:

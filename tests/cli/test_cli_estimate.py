@@ -14,6 +14,7 @@ import peftkit
 from peftkit import memory
 from peftkit.cli import main
 from peftkit.memory import GIB, estimate, format_estimate
+from peftkit.methods import ATTENTION
 from peftkit.training.method_choice import build_method_config
 from tiny_lm import tiny_llama_config
 
@@ -33,8 +34,10 @@ def one_error_line(err: str, command: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ peftkit estimate
+# peftkit estimate's defaults are peftkit train's: its LoRA (r=8, alpha 16, attention) and batch shape
+DEFAULTS = {"r": 8, "lora_alpha": 16, "targets": list(ATTENTION), "batch": 8, "seq": 512}
 SETTINGS = [
-    # (flags, the same settings as estimate()'s arguments)
+    # (flags, the same settings as estimate()'s arguments, over DEFAULTS)
     ([], {}),
     (
         ["--r", "4", "--targets", "q_proj,v_proj", "--batch", "2", "--seq", "16"],
@@ -55,10 +58,33 @@ SETTINGS = [
 def test_estimate_json_is_the_estimate_of_the_same_settings(config_dir, flags, kwargs, capsys) -> None:
     assert main(["estimate", str(config_dir), *flags, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    expected = estimate(str(config_dir), **kwargs)
+    expected = estimate(str(config_dir), **{**DEFAULTS, **kwargs})
     assert printed == json.loads(json.dumps(expected.to_dict()))
     assert printed["full"]["peak"] > printed["peft"]["peak"]
     assert printed["full"]["trainable_parameters"] == expected.total_parameters
+
+
+def test_estimate_takes_train_flag_names_and_its_loss(config_dir, capsys) -> None:
+    flags = [
+        "--target-modules",
+        "q_proj",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "16",
+        "--gradient-checkpointing",
+    ]
+    assert main(["estimate", str(config_dir), *flags, "--loss", "fused", "--padded", "--json"]) == 0
+    expected = estimate(
+        str(config_dir),
+        targets=["q_proj"],
+        batch=2,
+        seq=16,
+        grad_checkpointing=True,
+        loss="fused",
+        padded=True,
+    )
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(expected.to_dict()))
 
 
 def test_estimate_prints_full_and_lora_side_by_side(config_dir, capsys) -> None:
@@ -76,12 +102,12 @@ def test_estimate_prints_full_and_lora_side_by_side(config_dir, capsys) -> None:
 
 
 def test_estimate_device_memory_says_what_fits(config_dir, capsys) -> None:
-    result = estimate(str(config_dir))
+    result = estimate(str(config_dir), **DEFAULTS)
     between = f"{(result.full.peak + result.peft.peak) / 2 / GIB:.6f}"  # LoRA fits, full does not
     assert main(["estimate", str(config_dir), "--device-memory", between]) == 0
     row = capsys.readouterr().out.splitlines()[-2]
     assert re.fullmatch(r"in \S+ GiB\s+does not fit\s+fits", row), row
-    expected = estimate(str(config_dir), device_memory=float(between))
+    expected = estimate(str(config_dir), **DEFAULTS, device_memory=float(between))
     assert (expected.fits(expected.full), expected.fits(expected.peft)) == (False, True)
     assert main(["estimate", str(config_dir), "--device-memory", "1000"]) == 0
     assert re.fullmatch(r"in 1e\+03 GiB\s+fits\s+fits", capsys.readouterr().out.splitlines()[-2])
@@ -129,8 +155,16 @@ def test_train_estimate_only_prints_the_runs_estimate_and_writes_nothing(
     lora = build_method_config(
         "lora", {"r": 4, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.1}, "causal-lm"
     )
+    # no tokenizer in config_dir: rows of max_length; peftkit train's fused loss and padded batches
     expected = estimate(
-        str(config_dir), method=lora, batch=2, seq=32, dtype="bfloat16", grad_checkpointing=True
+        str(config_dir),
+        method=lora,
+        batch=2,
+        seq=32,
+        dtype="bfloat16",
+        grad_checkpointing=True,
+        loss="fused",
+        padded=True,
     )
     assert printed.startswith(format_estimate(expected) + "\n")
     assert "lora r=4 (q_proj, v_proj), dropout 0.1" in printed and "gradient checkpointing" in printed
@@ -154,7 +188,9 @@ def test_train_estimate_only_full_compares_with_the_default_lora(config_dir, tmp
     printed = capsys.readouterr().out
     default_lora = build_method_config("lora", {}, "causal-lm")
     assert printed.startswith(
-        format_estimate(estimate(str(config_dir), method=default_lora, batch=2, seq=16))
+        format_estimate(
+            estimate(str(config_dir), method=default_lora, batch=2, seq=16, loss="fused", padded=True)
+        )
     )
     assert "lora r=8 (q_proj, k_proj, v_proj, o_proj)" in printed
     assert "this run: full fine-tuning (the LoRA column is peftkit train's default LoRA" in printed

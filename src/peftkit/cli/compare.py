@@ -40,6 +40,7 @@ def run_compare_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from peftkit.compare.report import REPORT_MD
     from peftkit.compare.runner import run_compare
     from peftkit.io import check_overwrite, remove_path
+    from peftkit.models import load_tokenizer
     from peftkit.training.config import FIELDS
 
     overrides = {name: getattr(parsed, name) for name in FIELDS if hasattr(parsed, name)}
@@ -52,7 +53,7 @@ def run_compare_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     plan = load_plan(parsed.config, overrides)
     counts = check_plan(plan)
     if parsed.dry_run:
-        print(dry_run_table(plan, planned_costs(plan, counts, _tokenizer(plan.shared.model))))
+        print(dry_run_table(plan, planned_costs(plan, counts, load_tokenizer(plan.shared.model))))
         return 0
     if start_over and plan.output_dir.exists():
         check_overwrite(plan.output_dir, True, "output_dir")
@@ -60,16 +61,3 @@ def run_compare_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     run_compare(plan)
     print(f"\nreport: {plan.output_dir / REPORT_MD}")
     return 0
-
-
-def _tokenizer(model: str) -> Any:
-    """The model's tokenizer alone (no weights), or None when it cannot be had without them."""
-    from transformers import AutoTokenizer
-
-    from peftkit.models import DEFAULT_MODEL, default_model_dir
-
-    source = str(default_model_dir()) if model == DEFAULT_MODEL else model
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError):
-        return None

@@ -40,9 +40,15 @@ gradients + optimizer scratch (the step). The gradients of a full fine-tuning st
 activations are freed, so the two are never all alive at once. "× weights" is the peak over the
 weights.
 
-Not modelled: key/value caches, padding masks (an explicit mask adds a ``batch × seq²`` tensor),
-mixture-of-experts layers, encoder-decoder models, ``modules_to_save``, and memory the runtime keeps
-besides tensors (CUDA context, allocator caching, kernel scratch).
+With ``padded`` (rows of different lengths, an explicit attention mask) each layer's attention also
+keeps two float32 ``batch × seq × seq`` tensors (measured with PyTorch's CPU attention; 0.53 GiB at
+4 × 768 on SmolLM2). With ``loss="fused"`` (``peftkit train``'s loss) there are no logits: the loss
+keeps float32 gradients for the head's input (``T × hidden``; the head's weight too when it trains)
+and one chunk of logits at a time.
+
+Not modelled: key/value caches, mixture-of-experts layers, encoder-decoder models,
+``modules_to_save``, and memory the runtime keeps besides tensors (CUDA context, allocator caching,
+kernel scratch; on the CPU, the process's code and libraries).
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from torch import nn
 from peftkit.layers import is_conv1d
 from peftkit.methods.lora import LoraConfig
 from peftkit.ops import fast_lora_enabled
+from peftkit.ops.linear_cross_entropy import CHUNK_ELEMENTS
 from peftkit.targeting import find_targets
 
 __all__ = [
@@ -80,6 +87,7 @@ DTYPES = {
     "fp16": torch.float16,
 }
 OPTIMIZERS = ("adamw", "sgd", "adamw8bit")
+LOSSES = ("model", "fused")
 ADAMW_8BIT_BLOCK = 2048  # bitsandbytes' block-wise quantisation: one float32 scale per block and state
 
 _OUTPUT_PROJECTIONS = {
@@ -171,6 +179,8 @@ def estimate(
     lora_alpha: float | None = None,
     lora_dropout: float = 0.0,
     fast_lora: bool | None = None,
+    loss: str = "model",
+    padded: bool = False,
 ) -> MemoryEstimate:
     """Predict the peak memory of a training step, full fine-tuning next to LoRA.
 
@@ -189,6 +199,11 @@ def estimate(
         lora_alpha: LoRA alpha (does not change memory); defaults to ``r``.
         lora_dropout: dropout on the LoRA path: costs memory unless the fast path is on.
         fast_lora: whether peftkit's fast LoRA path is used; defaults to the current setting.
+        loss: ``"model"``, the model's own loss (logits, then cross-entropy), or ``"fused"``, the output
+            head fused with the cross-entropy as ``peftkit train`` computes it
+            (:func:`peftkit.ops.linear_cross_entropy`: no logits, the head's gradients kept instead).
+        padded: the batch's rows have different lengths, so an explicit attention mask is passed
+            (``peftkit train`` pads each batch to its longest row).
 
     Raises:
         ValueError: an unknown method, dtype or optimizer; a config without the decoder fields
@@ -197,6 +212,8 @@ def estimate(
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r} must be one of {list(OPTIMIZERS)}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} must be one of {list(LOSSES)}")
     torch_dtype = _parse_dtype(dtype)
     lora_config = _lora_config(method, r, targets, lora_alpha, lora_dropout)
     config = load_model_config(model_or_config)
@@ -208,6 +225,9 @@ def estimate(
         optimizer=optimizer,
         grad_checkpointing=grad_checkpointing,
         fast_lora=fast_lora_enabled() if fast_lora is None else fast_lora,
+        loss=loss,
+        batch=batch,
+        padded=padded,
     )
     total = sum(p.numel() for p in model.parameters())
     full = _full_breakdown(model, arch, setting, total)
@@ -233,6 +253,9 @@ class _Setting:
     optimizer: str
     grad_checkpointing: bool
     fast_lora: bool
+    loss: str = "model"
+    batch: int = 1
+    padded: bool = False
 
     @property
     def adapter_bytes(self) -> int:
@@ -348,12 +371,16 @@ def _breakdown(
         optimizer_scratch = 2 * largest_trainable * trainable_bytes
     else:
         optimizer_states = optimizer_scratch = 0
-    logits = setting.tokens * arch.vocab
-    # Around the loss's backward: the logits (held by the model output) and two float32 gradients;
-    # at the output head's backward the head's weight gradient joins one of them.
-    loss_temporaries = max(
-        logits * (setting.weight_bytes + 8), logits * (setting.weight_bytes + 4) + head_gradient
-    )
+    if setting.loss == "fused":
+        # one chunk's float32 logits and their exp at a time; in backward the scaled ∂/∂hidden
+        loss_temporaries = max(2 * CHUNK_ELEMENTS * 4, setting.tokens * arch.hidden * 4)
+    else:
+        logits = setting.tokens * arch.vocab
+        # Around the loss's backward: the logits (held by the model output) and two float32
+        # gradients; at the output head's backward the head's weight gradient joins one of them.
+        loss_temporaries = max(
+            logits * (setting.weight_bytes + 8), logits * (setting.weight_bytes + 4) + head_gradient
+        )
     at_loss = activations.at_loss + loss_temporaries
     # With checkpointing a layer's activations come back in backward, when (at worst) all gradients exist.
     recomputing = activations.recomputed + gradients if activations.recomputed else 0
@@ -397,9 +424,13 @@ def _activations(
         layer_bytes.append(layer)
     head = _norm(arch, T, e, grad, norms_train)
     head_use = use_of(arch.lm_head) if arch.lm_head else FROZEN
-    head += _group_input(T * arch.hidden, [head_use], setting, grad)
-    if grad or head_use.kind != "frozen":
-        head += T * arch.vocab * 4  # float32 log-softmax of the loss
+    if setting.loss == "fused":  # the gradients are computed in the forward and kept, float32
+        head += T * arch.hidden * 4 if grad else 0
+        head += arch.vocab * arch.hidden * 4 if head_use.kind == "full" else 0
+    else:
+        head += _group_input(T * arch.hidden, [head_use], setting, grad)
+        if grad or head_use.kind != "frozen":
+            head += T * arch.vocab * 4  # float32 log-softmax of the loss
     if embedding_trains:
         head += T * 8  # the token ids, int64
     if setting.grad_checkpointing:  # each layer keeps its input; one layer at a time is recomputed
@@ -418,6 +449,9 @@ def _layer_activations(
     q_size, kv_size = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     if attention_grad:  # q, k, v, output, and a float32 log-sum-exp per head and token
         saved += T * (2 * q_size + 2 * kv_size) * e + T * arch.heads * 4
+        if setting.padded:  # measured (CPU SDPA): two float32 (batch, seq, seq) tensors per layer
+            seq = T // setting.batch
+            saved += 2 * setting.batch * seq * seq * 4
     attn_out = use_of(arch.attn_out)
     saved += _group_input(T * q_size, [attn_out], setting, attention_grad, already_saved=attention_grad)
     grad = attention_grad or _trains([attn_out])

@@ -1,0 +1,82 @@
+"""The memory of a ``peftkit train`` run, predicted from its settings and its data (``--estimate-only``).
+
+The run's batch is ``batch_size`` rows as long as the longest tokenized training row (rows are padded
+to the longest in their batch, so that is the worst step), its loss is the one ``peftkit train``
+computes (the fused head + cross-entropy unless switched off), and its targets, rank, dropout, dtype
+and checkpointing are the run's. Only the tokenizer and the data are read; the weights are not.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from peftkit.errors import UsageError
+from peftkit.training.config import TrainConfig
+from peftkit.training.method_choice import build_method_config
+
+if TYPE_CHECKING:
+    from peftkit.memory import MemoryEstimate
+
+__all__ = ["estimate_run", "longest_row"]
+
+
+def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
+    """The predicted memory of ``config``'s run, with notes on what was assumed.
+
+    Returns:
+        ``(estimate, notes)``: full fine-tuning next to the run's LoRA (for method ``full`` the LoRA
+        column is ``peftkit train``'s default LoRA, to compare).
+
+    Raises:
+        UsageError: a method other than ``lora`` and ``full`` (DoRA included), a task other than
+            ``causal-lm``, or a model whose config cannot be read or is not a decoder LM.
+    """
+    from peftkit.memory import estimate
+    from peftkit.methods.lora import LoraConfig
+    from peftkit.models import load_tokenizer
+    from peftkit.ops import fused_cross_entropy_enabled
+
+    refusal = "--estimate-only models full fine-tuning and LoRA only"
+    if config.task != "causal-lm":
+        raise UsageError(f"{refusal}, on decoder language models: task {config.task!r} is not modelled")
+    if config.method == "full":
+        lora = build_method_config("lora", {}, config.task)
+        notes = ["this run: full fine-tuning (the LoRA column is peftkit train's default LoRA, to compare)"]
+    else:
+        lora = build_method_config(config.method, config.method_options, config.task)
+        notes = ["this run: the LoRA column (full fine-tuning shown to compare)"]
+    if type(lora) is not LoraConfig or lora.use_dora:
+        raise UsageError(
+            f"{refusal}: method {config.method!r} is not modelled; use --method lora or --method full"
+        )
+    tokenizer = load_tokenizer(config.model)
+    if tokenizer is None:
+        seq = config.max_length
+        notes.append(f"no tokenizer for {config.model}: rows assumed max_length={seq} tokens long")
+    else:
+        seq = longest_row(config, tokenizer)
+        notes.append(f"batch: {config.batch_size} rows of {seq} tokens (the longest training row)")
+    if config.bf16:
+        notes.append("bf16 autocast is not modelled: the estimate assumes arithmetic in the weights' dtype")
+    try:
+        result = estimate(
+            config.model,
+            method=lora,
+            batch=config.batch_size,
+            seq=seq,
+            dtype=config.dtype,
+            grad_checkpointing=config.gradient_checkpointing,
+            loss="fused" if fused_cross_entropy_enabled() else "model",
+            padded=True,  # batches are padded to their longest row
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return result, notes
+
+
+def longest_row(config: TrainConfig, tokenizer: object) -> int:
+    """Tokens in the longest training row of ``config``'s data, as ``peftkit train`` prepares it."""
+    from peftkit.training.data import prepare_data
+
+    data = prepare_data(config, tokenizer)
+    return max(len(ids) for ids in data.train["input_ids"])

