@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftkit
+from peftkit.cli import main
 from peftkit.errors import UsageError
 from peftkit.training.checkpoints import latest_checkpoint
 from peftkit.training.config import load_config
@@ -246,8 +248,11 @@ def test_full_finetuning_writes_a_plain_model(tmp_path, model_dir, small_data) -
         torch.testing.assert_close(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
 
 
+NOT_MERGEABLE = ("adapter", "prompt", "p-tuning", "prefix")  # README's method table
+
+
 @pytest.mark.parametrize("method", [m for m in METHOD_NAMES if m not in ("lora", "full")])
-def test_every_method_trains_and_reloads(tmp_path, model_dir, small_data, method: str) -> None:
+def test_every_method_trains_and_reloads(tmp_path, model_dir, small_data, method: str, capsys) -> None:
     config = config_for(tmp_path, model_dir, small_data, method=method, max_steps=2, eval_examples=0)
     result = train(config)
     assert result.stopped is None and all(math.isfinite(loss) for loss in result.losses)
@@ -258,6 +263,14 @@ def test_every_method_trains_and_reloads(tmp_path, model_dir, small_data, method
         torch.testing.assert_close(
             fresh(input_ids=ids).logits, result.model(input_ids=ids).logits, atol=1e-5, rtol=0
         )
+    # the commands the run suggests are the ones that work for its method
+    try_it = capsys.readouterr().out.split("Try it:\n", 1)[1]
+    commands = [
+        shlex.split(line, comments=True) for line in try_it.splitlines() if line.startswith("  peftkit ")
+    ]
+    assert [c[1] for c in commands] == ["generate", "eval"] + ([] if method in NOT_MERGEABLE else ["merge"])
+    for command in commands:
+        assert main([*command[1:], *(["--max-new-tokens", "4"] if command[1] == "generate" else [])]) == 0
 
 
 def test_bad_input_is_found_before_anything_is_written(tmp_path, model_dir, small_data) -> None:

@@ -42,7 +42,7 @@ from peftkit.training.checkpoints import (
 from peftkit.training.config import TrainConfig, with_task_defaults
 from peftkit.training.data import PreparedData, check_data, collate, prepare_data
 from peftkit.training.evaluation import evaluate, headline_metric, loss_sum, pad_token_id
-from peftkit.training.method_choice import build_method_config
+from peftkit.training.method_choice import build_method_config, method_entry
 from peftkit.training.reports import (
     METRICS_FILE,
     PLOT_FILE,
@@ -674,15 +674,22 @@ class _Run:
 
 
 def _try_it(config: TrainConfig, out: Path) -> str:
+    """The commands to try a finished run with: only those that work for its method."""
     from peftkit.training.tasks import builtin_task
 
     task = builtin_task(config.data)
     example = task.example if task else "<your prompt>"
-    merged = out.with_name(out.name + "-merged")
-    return (
-        "\nTry it:\n"
-        f"  peftkit generate {out} {json.dumps(example)}\n"
-        f"  peftkit eval {out}\n"
-        f"  peftkit merge {out} {merged}    # a plain transformers model, no peftkit needed\n"
-        f"Files: {out}/{METRICS_FILE}, {out}/{PLOT_FILE}, {out}/{CONFIG_FILE}"
-    )
+    lines = ["", "Try it:", f"  peftkit generate {out} {json.dumps(example)}", f"  peftkit eval {out}"]
+    entry = method_entry(config.method)
+    if entry is None:
+        lines.append(f"  # {out} is a whole transformers model: from_pretrained({str(out)!r}) loads it alone")
+    elif entry.config_class.mergeable:
+        merged = out.with_name(out.name + "-merged")
+        lines.append(f"  peftkit merge {out} {merged}    # a plain transformers model, no peftkit needed")
+    else:
+        lines.append(
+            f"  # {config.method} cannot be merged into the weights; in Python: "
+            f"peftkit.load(base, {str(out)!r})"
+        )
+    lines.append(f"Files: {out}/{METRICS_FILE}, {out}/{PLOT_FILE}, {out}/{CONFIG_FILE}")
+    return "\n".join(lines)
