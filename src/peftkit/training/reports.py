@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MetricsLog",
     "format_table",
+    "loss_figure",
     "peak_memory",
     "plot_losses",
     "read_metrics",
@@ -132,7 +133,21 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def plot_losses(records: Iterable[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Draw the training loss per step and the evaluation loss per evaluation into a PNG."""
+    """Draw :func:`loss_figure` into a PNG at ``path``."""
+    fig = loss_figure(records, title)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def loss_figure(records: Iterable[dict[str, Any]], title: str = "") -> Any:
+    """The training loss per step (a line) and the evaluation loss per evaluation (points, joined only
+    when there are evaluations between the first and the last: two points make no curve).
+
+    Returns:
+        the matplotlib ``Figure``; close it with ``plt.close(fig)``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,7 +160,7 @@ def plot_losses(records: Iterable[dict[str, Any]], path: Path, title: str = "") 
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
     if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+        ax.plot(*zip(*evals, strict=True), "o-" if len(evals) > 2 else "o", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (answer tokens)")
     ax.set_yscale("log")
@@ -153,8 +168,7 @@ def plot_losses(records: Iterable[dict[str, Any]], path: Path, title: str = "") 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    return fig
 
 
 def _is_number(text: str) -> bool:
