@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.config import AdapterConfig, config_from_dict, config_to_json
+from peftkit.formatting import format_count, format_percent
 from peftkit.io import KEY_PREFIX, read_adapter, resolve_adapter_dir, write_adapter
 from peftkit.layers import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSave, Routing, outer_modules
 from peftkit.methods import METHODS
@@ -403,12 +404,12 @@ class PeftModel(nn.Module):
         return count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
-        """Print e.g. ``trainable: 460,800 (0.46M) of 134,975,808 (135.0M) parameters (0.34%)``."""
+        """Print e.g. ``trainable: 460,800 (460.80K) of 134,975,808 (134.98M) parameters (0.34%)``."""
         trainable, total = self.trainable_parameters()
-        share = 100 * trainable / total if total else 0.0
+        share = format_percent(100 * trainable / total if total else 0.0)
         print(
-            f"trainable: {trainable:,} ({trainable / 1e6:.2f}M) of {total:,} ({total / 1e6:.1f}M) "
-            f"parameters ({share:.2f}%)"
+            f"trainable: {trainable:,} ({format_count(trainable)}) of {total:,} ({format_count(total)}) "
+            f"parameters ({share})"
         )
 
     # ----------------------------------------------------------------------------- internals

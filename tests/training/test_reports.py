@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peftkit.training.reports import loss_figure
+from peftkit.training.reports import loss_figure, trainable_table
 
 
 def _records(eval_steps: list[int]) -> list[dict]:
@@ -25,3 +25,11 @@ def test_eval_loss_is_points_unless_evaluations_lie_between(eval_steps: list[int
         assert evals.get_linestyle() == ("-" if joined else "None")
     finally:
         plt.close(fig)
+
+
+def test_trainable_table_shows_a_tiny_share_with_significant_digits() -> None:
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(1000, 1000), nn.Linear(1, 1))  # 1,001,002 parameters
+    model[0].requires_grad_(False)  # 2 trainable: 0.0001998%
+    assert trainable_table(model).splitlines()[-1] == "trainable: 2 (2) of 1,001,002 (1.00M), 0.00020%"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftkit.formatting import format_bytes, format_count, format_duration
+from peftkit.formatting import format_bytes, format_count, format_duration, format_percent
 from peftkit.io import atomic_write
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def trainable_table(model: nn.Module) -> str:
     rows.append(["total parameters", "", total])
     body = format_table(rows, header=["module", "tensors", "params"])
     counts = f"{trainable:,} ({format_count(trainable)}) of {total:,} ({format_count(total)})"
-    return f"{body}\ntrainable: {counts}, {share:.2f}%"
+    return f"{body}\ntrainable: {counts}, {format_percent(share)}"
 
 
 class MetricsLog:
@@ -179,7 +179,10 @@ def summarize(result: TrainResult, train_time: float) -> tuple[str, dict[str, An
     """The final summary table of a run and its JSON form (``summary.json``)."""
     share = 100 * result.trainable / max(result.total, 1)
     rows: list[list[Any]] = [
-        ["trainable params", f"{result.trainable:,} of {format_count(result.total)} ({share:.2f}%)"],
+        [
+            "trainable params",
+            f"{result.trainable:,} of {format_count(result.total)} ({format_percent(share)})",
+        ],
         ["steps", f"{result.steps}"],
         ["wall time", f"{format_duration(result.wall_time_s)} (training {format_duration(train_time)})"],
         ["tokens/s", f"{result.tokens_per_s:.0f} (training, all processes)"],
