@@ -370,7 +370,11 @@ def test_a_directory_without_train_config_gets_no_recorded_settings(
 
 def test_eval_reports_the_runs_held_out_loss(trained_run, capsys) -> None:
     assert main(["eval", str(trained_run.output_dir), "--examples", "2", "--max-new-tokens", "4"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    held_out = len(trained_run.data.validation)  # 6: a quarter of 24 rows
+    assert f"on {held_out} held-out rows of " in out
+    assert f"all {held_out} rows scored by loss/perplexity, the first 2 also by generation" in out
+    assert "eval: loss" in err and "eval: generating" in err and f"{held_out + 2}/{held_out + 2}" in err
     loss = float(next(line.split()[1] for line in out.splitlines() if line.strip().startswith("loss ")))
     assert loss == pytest.approx(trained_run.after["loss"], abs=1e-4)
     assert main(["eval", str(trained_run.output_dir), "--base", "--examples", "0"]) == 0

@@ -142,6 +142,7 @@ def test_training_learns_and_writes_every_output(tmp_path, model_dir, small_data
     out = capsys.readouterr().out
     assert "model.layers.*.self_attn.q_proj" in out  # the trainable-parameter table
     assert "summary" in out and "peftkit generate" in out
+    assert "8 held-out rows (loss on all, the first 2 also by generation)" in out
 
     # the adapter is Hugging Face PEFT's format: HF PEFT loads it and computes the same logits
     from peft import PeftModel as HfPeftModel

@@ -400,7 +400,9 @@ class _Run:
                 f"  packed into {stats['packed_rows']} rows of up to {self.config.max_length} tokens"
             )
         validation = len(data.validation) if data.validation is not None else 0
-        lines.append(f"  {validation} held-out rows; headline metric: {metric}")
+        generated = min(self.config.eval_examples, validation) if self.config.task != "seq-cls" else 0
+        scored = f" (loss on all, the first {generated} also by generation)" if generated else ""
+        lines.append(f"  {validation} held-out rows{scored}; headline metric: {metric}")
         batch = self.config.batch_size * self.config.grad_accum * self.world
         lines.append(
             f"steps: {total} of {batch} rows ({total / per_epoch:.2f} epochs), {self.world} process(es)"
