@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import peftkit
@@ -133,7 +134,9 @@ def test_training_learns_and_writes_every_output(tmp_path, model_dir, small_data
     assert [r["step"] for r in records if r["split"] == "eval"] == [0, 24]
     assert [r["loss"] for r in records if r["split"] == "train"] == pytest.approx(result.losses)
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (run / "train_config.yaml").is_file()
+    recorded = yaml.safe_load((run / "train_config.yaml").read_text())
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert recorded["method_options"] == {"r": 8, "lora_alpha": 16, "target_modules": attention}  # not {}
     summary = json.loads((run / "summary.json").read_text())
     assert summary["trainable"] == 4 * 2 * 8 * (32 + 32) - 2 * 2 * 8 * (32 - 16)  # q,o: 32->32; k,v: 32->16
     assert summary["before"]["exact_match"] == 0.0 and "rougeL" in summary["after"]
@@ -181,6 +184,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, model_
     assert stopped.stopped == "interrupted" and stopped.steps == 3
     assert latest_checkpoint(Path(config.output_dir)).name == "step-000003"
     assert not (Path(config.output_dir) / "adapter_model.safetensors").exists()
+    saved = Path(config.output_dir) / "train_config.yaml"  # as older peftkit wrote it: options as given
+    saved.write_text(
+        yaml.safe_dump({**yaml.safe_load(saved.read_text()), "method_options": changes["method_options"]})
+    )
 
     resumed = train(config.replace(resume=True))
     assert resumed.first_step == 3
@@ -197,6 +204,9 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path, model
     train(config.replace(save_every=2))
     with pytest.raises(UsageError, match=r"lr was 0\.01 .* but is 0\.02 now"):
         train(config.replace(resume=True, lr=2e-2, max_steps=4))
+    with pytest.raises(UsageError, match=r"method_options was \{'r': 8, .* but is \{'r': 4, "):
+        train(config.replace(resume=True, method_options={"r": 4}))
+    train(config.replace(resume=True, max_steps=4, method_options={"r": 8}))  # the default, written out
 
 
 def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(
