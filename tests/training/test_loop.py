@@ -71,6 +71,17 @@ def config_for(tmp_path, model_dir, small_data, **changes):
     return load_config(None, settings(tmp_path, model_dir, small_data, **changes))
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def file_modes(directory: Path) -> set[int]:
+    """The permission bits of every file under ``directory``."""
+    return {path.stat().st_mode & 0o777 for path in directory.rglob("*") if path.is_file()}
+
+
 def train_records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -250,9 +261,17 @@ def test_gradient_checkpointing_same_losses_and_bf16_close(tmp_path, model_dir, 
 def test_full_finetuning_writes_a_plain_model(tmp_path, model_dir, small_data) -> None:
     from transformers import AutoModelForCausalLM
 
-    config = config_for(tmp_path, model_dir, small_data, method="full", max_steps=2, eval_examples=0)
+    config = config_for(
+        tmp_path, model_dir, small_data, method="full", max_steps=2, eval_examples=0, save_every=2
+    )
     result = train(config)
     assert result.trainable == result.total
+    run = Path(config.output_dir)
+    # every file readable as the umask allows (safetensors alone writes 0600)
+    assert file_modes(run) == {0o666 & ~current_umask()}, sorted(run.rglob("*"))
+    assert (run / "model.safetensors").is_file() and (
+        run / "checkpoints/step-000002/trainable.safetensors"
+    ).is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(config.output_dir)
     ids = torch.tensor([[5, 17, 42]])
     with torch.no_grad():

@@ -30,7 +30,7 @@ import yaml
 from torch import nn
 
 from peftkit.errors import UsageError
-from peftkit.io import atomic_write, check_overwrite, remove_path
+from peftkit.io import atomic_write, check_overwrite, remove_path, save_pretrained
 from peftkit.model import PeftModel, count_parameters, wrap
 from peftkit.training.checkpoints import (
     latest_checkpoint,
@@ -643,9 +643,10 @@ class _Run:
 
     def _save_final(self, model: nn.Module) -> None:
         if self.main:
-            model.save_pretrained(self.out)
-            if not hasattr(model, "peft_config"):  # full fine-tuning: a complete model directory
-                self.tokenizer.save_pretrained(self.out)
+            if hasattr(model, "peft_config"):
+                model.save_pretrained(self.out)
+            else:  # full fine-tuning: a complete model directory, files with the umask's mode
+                save_pretrained([model, self.tokenizer], self.out)
         self.acc.wait_for_everyone()
 
     def _evaluate(
