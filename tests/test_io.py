@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,15 @@ def test_remove_path_removes_files_and_trees(tmp_path: Path) -> None:
     remove_path(tree)
     remove_path(file)
     assert not tree.exists() and not file.exists()
+
+
+def test_save_pretrained_renames_each_file_into_place_with_the_umask_mode(tmp_path: Path) -> None:
+    from peftkit.io import save_pretrained
+
+    (tmp_path / "metrics.jsonl").write_text("{}\n")  # what the directory held stays
+    save_pretrained([LLAMA.make()], tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "metrics.jsonl"} <= set(modes)  # and no temporary directory
+    assert all(not name.startswith(".") for name in modes) and set(modes.values()) == {0o666 & ~mask}

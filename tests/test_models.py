@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,21 @@ def test_local_dir_with_tokenizer_sets_pad_for_seq_cls(tmp_path: Path) -> None:
     assert model.config.pad_token_id == tokenizer.pad_token_id == 1
 
 
+def test_batched_prompts_of_different_lengths_generate_as_each_alone(model_dir: Path) -> None:
+    """The tokenizer pads on the left, so every row of a batch continues its own prompt (greedy)."""
+    model, tokenizer = load_model(str(model_dir))
+    prompts = ["Ada Park, 36, has worked as a surgeon in Toronto for ten years.", "Meet Lena Berg."]
+    batch = tokenizer(prompts, padding=True, return_tensors="pt")  # (2, longest)
+    assert batch["attention_mask"].sum(1).tolist()[0] > batch["attention_mask"].sum(1).tolist()[1]
+    settings = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}  # no early EOS in a row
+    with torch.no_grad():
+        together = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1] :]  # (2, 8)
+        for row, prompt in enumerate(prompts):
+            alone = tokenizer(prompt, return_tensors="pt")  # (1, own length): no padding
+            expected = model.generate(**alone, **settings)[0, alone["input_ids"].shape[1] :]
+            assert together[row].tolist() == expected.tolist(), f"row {row}"
+
+
 def test_hub_id_goes_to_from_pretrained(monkeypatch: pytest.MonkeyPatch) -> None:
     """'org/name' contains os.sep on POSIX but is a Hub id, not a missing path."""
     calls = []
@@ -173,8 +189,8 @@ def test_hub_id_goes_to_from_pretrained(monkeypatch: pytest.MonkeyPatch) -> None
 
     class FakeTokenizer:
         @staticmethod
-        def from_pretrained(source: str, **kwargs: object) -> str:
-            return f"tokenizer of {source}"
+        def from_pretrained(source: str, **kwargs: object) -> types.SimpleNamespace:
+            return types.SimpleNamespace(source=source, padding_side="right")
 
     # By dotted name: transformers swaps its module object in sys.modules on first use,
     # so patching the `transformers` object imported above may miss load_model's import.
@@ -184,7 +200,7 @@ def test_hub_id_goes_to_from_pretrained(monkeypatch: pytest.MonkeyPatch) -> None
     [(source, kwargs)] = calls
     assert source == "some-org/some-model"
     assert list(kwargs.values()) == [torch.float16]  # as dtype= (or torch_dtype= before 4.56)
-    assert tokenizer == "tokenizer of some-org/some-model"
+    assert tokenizer.source == "some-org/some-model" and tokenizer.padding_side == "left"
     assert not model.training
 
 

@@ -50,6 +50,9 @@ class AdapterConfig:
     """
 
     peft_type: ClassVar[str] = ""
+    #: Whether ``merge_adapter`` can fold the method into the base weights (soft prompts and
+    #: bottleneck adapters add computation the weights cannot hold).
+    mergeable: ClassVar[bool] = True
     #: Fields Hugging Face PEFT knows for this method that peftkit does not implement. A file that sets
     #: one of them to a value other than its default is refused; at the default it is ignored.
     unsupported_fields: ClassVar[Mapping[str, Any]] = {}

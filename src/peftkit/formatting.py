@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["format_bytes", "format_count", "format_duration"]
+import math
+
+__all__ = ["format_bytes", "format_count", "format_duration", "format_percent"]
 
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
 
@@ -13,6 +15,16 @@ def format_count(count: float) -> str:
         if abs(count) >= scale:
             return f"{count / scale:.2f}{unit}"
     return f"{count:.0f}"
+
+
+def format_percent(percent: float) -> str:
+    """A percentage with two decimals, or two significant digits when smaller: ``0.3412`` → ``"0.34%"``,
+    ``0.00864`` → ``"0.0086%"`` (prompt tuning's share, which two decimals would print as 0.00%),
+    ``100`` → ``"100.00%"``, ``0`` → ``"0%"``."""
+    if percent == 0:
+        return "0%"
+    decimals = max(2, 1 - math.floor(math.log10(abs(percent))))
+    return f"{percent:.{decimals}f}%"
 
 
 def format_bytes(size: float | None) -> str:

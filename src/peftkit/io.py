@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,29 @@ def atomic_write(path: Path, write: Any) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def save_pretrained(saveables: Sequence[Any], directory: Path) -> None:
+    """``save_pretrained`` of each of ``saveables`` (a transformers model, a tokenizer) into
+    ``directory``, each file written atomically and with the mode ``open()`` would give it.
+
+    transformers' files are written into a temporary directory inside ``directory`` and renamed into
+    place one by one; safetensors creates its files with mode 0600, which would hide a merged model's
+    weights from the other users its config and tokenizer files are readable by.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    mode = 0o666 & ~_current_umask()
+    with tempfile.TemporaryDirectory(prefix=".save_pretrained-", dir=directory) as tmp:
+        for saveable in saveables:
+            saveable.save_pretrained(tmp)
+        for file in sorted(Path(tmp).rglob("*")):
+            if file.is_file():
+                target = directory / file.relative_to(tmp)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(file, mode)
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(file, target)
 
 
 def _current_umask() -> int:

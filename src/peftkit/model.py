@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.config import AdapterConfig, config_from_dict, config_to_json
+from peftkit.formatting import format_count, format_percent
 from peftkit.io import KEY_PREFIX, read_adapter, resolve_adapter_dir, write_adapter
 from peftkit.layers import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSave, Routing, outer_modules
 from peftkit.methods import config_classes
@@ -20,6 +22,9 @@ from peftkit.targeting import CLASSIFIER_HEAD_NAMES, find_targets, name_matches
 from peftkit.whole_model import ModelAdapter, is_model_level
 
 DEFAULT_ADAPTER_NAME = "default"
+# The live PeftModel of each base model (by id), so a second wrap or load of the same base is refused
+# even when its adapters change no module (soft prompts, selective). Weak: a dropped wrapper leaves it.
+_WRAPPERS: weakref.WeakValueDictionary[int, PeftModel] = weakref.WeakValueDictionary()
 
 
 class PeftModel(nn.Module):
@@ -48,6 +53,7 @@ class PeftModel(nn.Module):
             raise TypeError(f"peftkit needs a torch.nn.Module, got {type(model).__name__}{hint}")
         super().__init__()
         self.model = model
+        _WRAPPERS[id(model)] = self
         self.peft_config: dict[str, AdapterConfig] = {}
         self._targets: dict[str, list[str]] = {}
         self._trainable: set[str] = set()
@@ -411,12 +417,12 @@ class PeftModel(nn.Module):
         return count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
-        """Print e.g. ``trainable: 460,800 (0.46M) of 134,975,808 (135.0M) parameters (0.34%)``."""
+        """Print e.g. ``trainable: 460,800 (460.80K) of 134,975,808 (134.98M) parameters (0.34%)``."""
         trainable, total = self.trainable_parameters()
-        share = 100 * trainable / total if total else 0.0
+        share = format_percent(100 * trainable / total if total else 0.0)
         print(
-            f"trainable: {trainable:,} ({trainable / 1e6:.2f}M) of {total:,} ({total / 1e6:.1f}M) "
-            f"parameters ({share:.2f}%)"
+            f"trainable: {trainable:,} ({format_count(trainable)}) of {total:,} ({format_count(total)}) "
+            f"parameters ({share})"
         )
 
     # ----------------------------------------------------------------------------- internals
@@ -625,11 +631,12 @@ def wrap(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT_AD
     Only the adapter's parameters (and what ``bias`` / ``modules_to_save`` add) stay trainable.
 
     Raises:
-        TypeError: ``model`` is a PeftModel already (use ``add_adapter``).
-        ValueError: the config targets nothing; the message lists candidate module names.
+        TypeError: ``model`` is a PeftModel already (use its ``add_adapter``).
+        ValueError: ``model`` holds peftkit adapters already (an earlier ``wrap`` or ``load`` changed
+            it in place: add to the PeftModel it returned), or the config targets nothing (the message
+            lists candidate module names).
     """
-    if isinstance(model, PeftModel):
-        raise TypeError("model is a PeftModel already; call model.add_adapter(name, config) instead")
+    _check_unwrapped(model, "model.add_adapter(name, config)")
     peft_model = PeftModel(model)
     peft_model.add_adapter(adapter_name, config)
     return peft_model
@@ -644,11 +651,35 @@ def load(
     """Load a saved adapter (peftkit's or Hugging Face PEFT's) onto ``model`` (changed in place).
 
     Args:
-        model: the base model the adapter was trained on, or a PeftModel to add it to.
+        model: the base model the adapter was trained on.
         path: an adapter directory or a Hugging Face Hub repo id.
         adapter_name: the name it gets here.
         is_trainable: keep its parameters trainable to continue training.
+
+    Raises:
+        TypeError: ``model`` is a PeftModel already: add the adapter with its ``load_adapter``.
+        ValueError: ``model`` holds peftkit adapters already (an earlier ``wrap`` or ``load`` changed
+            it in place: add to the PeftModel it returned), or the files do not fit it.
+        FileNotFoundError: no adapter at ``path``.
     """
-    peft_model = model if isinstance(model, PeftModel) else PeftModel(model)
+    _check_unwrapped(model, "model.load_adapter(path, adapter_name=...)")
+    peft_model = PeftModel(model)
     peft_model.load_adapter(path, adapter_name, is_trainable=is_trainable)
     return peft_model
+
+
+def _check_unwrapped(model: nn.Module, instead: str) -> None:
+    """Refuse a PeftModel, or a base model that a live PeftModel wraps or that holds peftkit wrappers.
+
+    A second wrapper over the same base would re-freeze the first one's adapters and share (or
+    replace) the adapters in its layers. ``instead`` is the call that adds an adapter to the first.
+    """
+    if isinstance(model, PeftModel):
+        raise TypeError(f"model is a PeftModel already; call {instead} instead")
+    owner = _WRAPPERS.get(id(model))
+    held = owner is not None and owner.model is model and bool(owner.peft_config)  # unload() empties it
+    if held or any(isinstance(m, (AdapterLayer, ModulesToSave)) for m in model.modules()):
+        raise ValueError(
+            "model holds peftkit adapters already (wrap and load change the base model in place); "
+            f"call {instead} on the PeftModel they returned, or start from a freshly loaded base model"
+        )

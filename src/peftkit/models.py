@@ -131,6 +131,7 @@ def load_model(
     Returns:
         ``(model, tokenizer)``. The tokenizer is ``None`` when a local directory
         holds no tokenizer files (e.g. a bare ``save_pretrained`` of a model).
+        For ``"causal-lm"`` it pads on the left, as batched generation needs.
 
     A model loaded from a ``.gguf`` file cannot be ``save_pretrained``-ed by
     transformers; load ``DEFAULT_MODEL`` or a converted directory if you need to.
@@ -157,6 +158,10 @@ def load_model(
     if gguf_file or not Path(source).is_dir() or _has_tokenizer_files(Path(source)):
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
 
+    if tokenizer is not None and task == "causal-lm":
+        # A decoder continues from a row's last position, so batched prompts are padded on the left
+        # (right padding makes the shorter rows continue from pad tokens). Training pads its own batches.
+        tokenizer.padding_side = "left"
     if name_or_path.lower() == DEFAULT_MODEL:  # adapter files then name the public model, not our cache
         model.config._name_or_path = DEFAULT_MODEL_HUB_ID
     # Sequence classification pools on the last non-pad token, so it needs a pad id.

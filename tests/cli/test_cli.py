@@ -310,9 +310,83 @@ def test_generate_applies_the_runs_template_and_chat(trained_run, capsys) -> Non
     assert printed == expected
 
 
+SENTENCE = "Meet Lena Berg, 41, a pilot based in Oslo."
+
+
+@pytest.fixture
+def fed_prompts(monkeypatch) -> list[list[int]]:
+    """The token ids peftkit generate gives the model (generation itself is skipped)."""
+    fed: list[list[int]] = []
+
+    def record(model, tokenizer, prompts, task, max_new_tokens, **kwargs):
+        fed.extend(list(p) for p in prompts)
+        return ["-"] * len(prompts)
+
+    monkeypatch.setattr("peftkit.training.evaluation.generate_answers", record)
+    return fed
+
+
+def chat_prompt(model_dir: Path, text: str) -> list[int]:
+    """The model's chat template over one user turn, applied with transformers alone."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": text}]
+    return list(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    )
+
+
+def test_build_prompt_is_what_generate_feeds_the_model(trained_run, fed_prompts) -> None:
+    from peftkit.training.runs import build_prompt, run_config
+
+    assert main(["generate", str(trained_run.output_dir), SENTENCE]) == 0
+    config = run_config(trained_run.output_dir)
+    assert fed_prompts == [build_prompt(config, SENTENCE, trained_run.tokenizer)]
+    assert fed_prompts == [chat_prompt(Path(config.model), TEMPLATE.format(prompt=SENTENCE))]
+
+
+def test_readme_snippet_prompts_a_run_as_peftkit_generate_does(trained_run, capsys) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### Prompting a trained run from Python", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    run = str(trained_run.output_dir)
+    sentence = BUILTIN_TASKS["person-json"].example
+    assert '"out/train"' in snippet and json.dumps(sentence) in snippet
+    exec(compile(snippet.replace('"out/train"', repr(run)), "README.md", "exec"), {})
+    from_python = capsys.readouterr().out.strip()
+    assert main(["generate", run, sentence]) == 0
+    assert capsys.readouterr().out.strip() == from_python
+
+
+def test_a_directory_without_train_config_gets_no_recorded_settings(
+    trained_run, data_file, tmp_path, fed_prompts, capsys
+) -> None:
+    adapter = tmp_path / "adapter"  # the adapter copied elsewhere, without train_config.yaml
+    adapter.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (adapter / name).write_bytes((trained_run.output_dir / name).read_bytes())
+    assert main(["generate", str(adapter), SENTENCE]) == 0
+    err = capsys.readouterr().err
+    assert f"no train_config.yaml in {adapter}" in err and "chat template and your text as is" in err
+    model_dir = Path(load_config(trained_run.output_dir / "train_config.yaml").model)
+    assert fed_prompts == [chat_prompt(model_dir, SENTENCE)]  # no person-json instruction
+
+    assert main(["eval", str(adapter)]) == 2  # no recorded held-out rows: they are not guessed
+    err = capsys.readouterr().err.strip()
+    assert "pass --data FILE" in err and len(err.splitlines()) == 1
+    assert main(["eval", str(adapter), "--data", str(data_file), "--examples", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert f"on 24 held-out rows of {data_file}" in out and f"no train_config.yaml in {adapter}" in err
+
+
 def test_eval_reports_the_runs_held_out_loss(trained_run, capsys) -> None:
     assert main(["eval", str(trained_run.output_dir), "--examples", "2", "--max-new-tokens", "4"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    held_out = len(trained_run.data.validation)  # 6: a quarter of 24 rows
+    assert f"on {held_out} held-out rows of " in out
+    assert f"all {held_out} rows scored by loss/perplexity, the first 2 also by generation" in out
+    assert "eval: loss" in err and "eval: generating" in err and f"{held_out + 2}/{held_out + 2}" in err
     loss = float(next(line.split()[1] for line in out.splitlines() if line.strip().startswith("loss ")))
     assert loss == pytest.approx(trained_run.after["loss"], abs=1e-4)
     assert main(["eval", str(trained_run.output_dir), "--base", "--examples", "0"]) == 0
@@ -335,11 +409,31 @@ def test_merge_writes_a_model_transformers_loads_alone(trained_run, tmp_path, ca
             merged(input_ids=ids).logits, trained_run.model(input_ids=ids).logits, atol=1e-5, rtol=0
         )
     assert not any(isinstance(m, peftkit.layers.AdapterLayer) for m in merged.modules())
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
     assert main(["merge", str(trained_run.output_dir), str(out)]) == 2  # exists: needs --overwrite
     assert "--overwrite" in capsys.readouterr().err
     monkeypatch.chdir(out)  # the working directory is never deleted, --overwrite or not
     assert main(["merge", str(trained_run.output_dir), ".", "--overwrite"]) == 2
     assert "--overwrite would delete" in capsys.readouterr().err and (out / "config.json").is_file()
+
+
+def test_a_merged_model_prompts_and_scores_as_its_run(trained_run, tmp_path, capsys) -> None:
+    run, out = str(trained_run.output_dir), tmp_path / "merged"
+    assert main(["merge", run, str(out)]) == 0
+    recorded = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert recorded == yaml.safe_load((trained_run.output_dir / "train_config.yaml").read_text())
+    capsys.readouterr()
+    assert main(["generate", str(out), SENTENCE, "--max-new-tokens", "6"]) == 0
+    merged_answer, err = capsys.readouterr()
+    assert "no train_config.yaml" not in err
+    assert main(["generate", run, SENTENCE, "--max-new-tokens", "6"]) == 0
+    assert merged_answer == capsys.readouterr().out  # the merged weights with the run's prompt
+    assert main(["eval", str(out), "--examples", "0"]) == 0
+    loss = float(next(line.split()[1] for line in capsys.readouterr().out.splitlines() if "loss " in line))
+    assert loss == pytest.approx(trained_run.after["loss"], abs=1e-4)  # the run's held-out rows
 
 
 def test_inspect_lists_modules_targets_and_trainable_table(model_dir, capsys) -> None:

@@ -37,7 +37,7 @@ def test_a_method_row_has_its_numbers_in_the_right_columns() -> None:
     assert header[10] == "ROUGE-1/2/L after" and header[9] == "rouge1 (base → after)"
     values = dict(zip(header, cells(lines[3]), strict=True))
     assert values["method"] == "lora"
-    assert values["trainable"] == "1,000,000" and values["% of params"] == "0.5%"
+    assert values["trainable"] == "1,000,000" and values["% of params"] == "0.50%"
     assert values["saved"] == "4.0 MiB" and values["vs full ckpt"] == "2.00%"  # 4 of 200 MiB
     assert values["est. peak"] == "3.00 GiB" and values["measured peak"] == "1.50 GiB"
     assert values["s/step"] == "2.35" and values["tokens/s"] == "812"
@@ -55,6 +55,7 @@ def test_no_rouge_column_for_exact_match_and_missing_estimates_show_a_dash() -> 
         estimated_peak_bytes=None,
         forgetting=None,
         saved_bytes=46 * 1024,
+        trainable_percent=0.00864,
         scores={"loss": 0.9, "exact_match": 0.5},
     )
     lines = format_table(exact, [method]).splitlines()
@@ -63,6 +64,7 @@ def test_no_rouge_column_for_exact_match_and_missing_estimates_show_a_dash() -> 
     values = dict(zip(header, cells(lines[2 + 1]), strict=True))
     assert values["est. peak"] == "–" and values["forgetting"] == "–" and values["saved"] == "46 KiB"
     assert values["exact_match (base → after)"] == "0.1 → 0.5"
+    assert values["% of params"] == "0.0086%"  # prompt tuning's share, not 0.00%
 
 
 def test_a_stopped_method_says_why() -> None:

@@ -12,6 +12,8 @@ from peftkit.config import AdapterConfig
 from peftkit.methods import METHOD_TABLE, config_classes
 from peftkit.training.method_choice import METHOD_NAMES, build_method_config
 
+from conftest import TINY_MODELS
+
 NAMES = [entry.name for entry in METHOD_TABLE]
 METHODS = config_classes()
 
@@ -74,3 +76,14 @@ def test_user_targets_drop_defaults_that_name_default_targets() -> None:
     assert list(ia3.target_modules) == ["v_proj"] and not ia3.feedforward_modules
     dora = build_method_config("dora", {"r": 4}, "causal-lm")
     assert dora.use_dora and dora.r == 4 and dora.lora_alpha == 16
+
+
+@pytest.mark.parametrize("entry", METHOD_TABLE, ids=NAMES)
+def test_mergeable_says_whether_merge_adapter_works(entry) -> None:
+    model = peftkit.wrap(TINY_MODELS[1].make(), build_method_config(entry.name, {}, "causal-lm"))
+    if entry.config_class.mergeable:
+        model.merge_adapter()
+        assert model.merged_adapters == ["default"]
+    else:
+        with pytest.raises(NotImplementedError):
+            model.merge_adapter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import peftkit
+from peftkit.cli import main
 from peftkit.errors import UsageError
 from peftkit.training.checkpoints import latest_checkpoint
 from peftkit.training.config import load_config
@@ -66,6 +69,17 @@ def settings(tmp_path: Path, model_dir: Path, small_data: tuple[Path, Path], **c
 
 def config_for(tmp_path, model_dir, small_data, **changes):
     return load_config(None, settings(tmp_path, model_dir, small_data, **changes))
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def file_modes(directory: Path) -> set[int]:
+    """The permission bits of every file under ``directory``."""
+    return {path.stat().st_mode & 0o777 for path in directory.rglob("*") if path.is_file()}
 
 
 def train_records(run: Path) -> list[dict]:
@@ -131,7 +145,9 @@ def test_training_learns_and_writes_every_output(tmp_path, model_dir, small_data
     assert [r["step"] for r in records if r["split"] == "eval"] == [0, 24]
     assert [r["loss"] for r in records if r["split"] == "train"] == pytest.approx(result.losses)
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (run / "train_config.yaml").is_file()
+    recorded = yaml.safe_load((run / "train_config.yaml").read_text())
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert recorded["method_options"] == {"r": 8, "lora_alpha": 16, "target_modules": attention}  # not {}
     summary = json.loads((run / "summary.json").read_text())
     assert summary["trainable"] == 4 * 2 * 8 * (32 + 32) - 2 * 2 * 8 * (32 - 16)  # q,o: 32->32; k,v: 32->16
     assert summary["before"]["exact_match"] == 0.0 and "rougeL" in summary["after"]
@@ -140,6 +156,7 @@ def test_training_learns_and_writes_every_output(tmp_path, model_dir, small_data
     out = capsys.readouterr().out
     assert "model.layers.*.self_attn.q_proj" in out  # the trainable-parameter table
     assert "summary" in out and "peftkit generate" in out
+    assert "8 held-out rows (loss on all, the first 2 also by generation)" in out
 
     # the adapter is Hugging Face PEFT's format: HF PEFT loads it and computes the same logits
     from peft import PeftModel as HfPeftModel
@@ -178,6 +195,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, model_
     assert stopped.stopped == "interrupted" and stopped.steps == 3
     assert latest_checkpoint(Path(config.output_dir)).name == "step-000003"
     assert not (Path(config.output_dir) / "adapter_model.safetensors").exists()
+    saved = Path(config.output_dir) / "train_config.yaml"  # as older peftkit wrote it: options as given
+    saved.write_text(
+        yaml.safe_dump({**yaml.safe_load(saved.read_text()), "method_options": changes["method_options"]})
+    )
 
     resumed = train(config.replace(resume=True))
     assert resumed.first_step == 3
@@ -194,6 +215,9 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path, model
     train(config.replace(save_every=2))
     with pytest.raises(UsageError, match=r"lr was 0\.01 .* but is 0\.02 now"):
         train(config.replace(resume=True, lr=2e-2, max_steps=4))
+    with pytest.raises(UsageError, match=r"method_options was \{'r': 8, .* but is \{'r': 4, "):
+        train(config.replace(resume=True, method_options={"r": 4}))
+    train(config.replace(resume=True, max_steps=4, method_options={"r": 8}))  # the default, written out
 
 
 def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(
@@ -237,17 +261,28 @@ def test_gradient_checkpointing_same_losses_and_bf16_close(tmp_path, model_dir, 
 def test_full_finetuning_writes_a_plain_model(tmp_path, model_dir, small_data) -> None:
     from transformers import AutoModelForCausalLM
 
-    config = config_for(tmp_path, model_dir, small_data, method="full", max_steps=2, eval_examples=0)
+    config = config_for(
+        tmp_path, model_dir, small_data, method="full", max_steps=2, eval_examples=0, save_every=2
+    )
     result = train(config)
     assert result.trainable == result.total
+    run = Path(config.output_dir)
+    # every file readable as the umask allows (safetensors alone writes 0600)
+    assert file_modes(run) == {0o666 & ~current_umask()}, sorted(run.rglob("*"))
+    assert (run / "model.safetensors").is_file() and (
+        run / "checkpoints/step-000002/trainable.safetensors"
+    ).is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(config.output_dir)
     ids = torch.tensor([[5, 17, 42]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
 
 
+NOT_MERGEABLE = ("adapter", "prompt", "p-tuning", "prefix")  # README's method table
+
+
 @pytest.mark.parametrize("method", [m for m in METHOD_NAMES if m not in ("lora", "full")])
-def test_every_method_trains_and_reloads(tmp_path, model_dir, small_data, method: str) -> None:
+def test_every_method_trains_and_reloads(tmp_path, model_dir, small_data, method: str, capsys) -> None:
     config = config_for(tmp_path, model_dir, small_data, method=method, max_steps=2, eval_examples=0)
     result = train(config)
     assert result.stopped is None and all(math.isfinite(loss) for loss in result.losses)
@@ -258,6 +293,14 @@ def test_every_method_trains_and_reloads(tmp_path, model_dir, small_data, method
         torch.testing.assert_close(
             fresh(input_ids=ids).logits, result.model(input_ids=ids).logits, atol=1e-5, rtol=0
         )
+    # the commands the run suggests are the ones that work for its method
+    try_it = capsys.readouterr().out.split("Try it:\n", 1)[1]
+    commands = [
+        shlex.split(line, comments=True) for line in try_it.splitlines() if line.startswith("  peftkit ")
+    ]
+    assert [c[1] for c in commands] == ["generate", "eval"] + ([] if method in NOT_MERGEABLE else ["merge"])
+    for command in commands:
+        assert main([*command[1:], *(["--max-new-tokens", "4"] if command[1] == "generate" else [])]) == 0
 
 
 def test_bad_input_is_found_before_anything_is_written(tmp_path, model_dir, small_data) -> None:

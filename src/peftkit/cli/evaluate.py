@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from peftkit.cli.common import add_run_arguments
@@ -16,11 +18,13 @@ def register_eval(subparsers: Any) -> None:
     """``peftkit eval RUN [--data FILE]``."""
     parser = subparsers.add_parser(
         "eval",
-        help="score a trained run (or adapter) on held-out data",
+        help="score a trained run (or adapter, or model directory) on held-out data",
         description="Loss, perplexity and the generation metrics (exact match, ROUGE-1/2/L; accuracy for "
-        "seq-cls) of a trained run on its held-out rows or on --data.",
+        "seq-cls) of a trained run on its held-out rows or on --data. A directory without "
+        "train_config.yaml records no data and no prompt settings: pass --data; its rows are used as "
+        "they are, in the model's chat template.",
     )
-    add_run_arguments(parser, "output_dir of peftkit train, or an adapter directory")
+    add_run_arguments(parser, "output_dir of peftkit train, an adapter or a model dir")
     parser.add_argument("--data", help="score on this file (all rows) instead of the run's held-out rows")
     parser.add_argument(
         "--examples", type=int, help="rows scored by generation (default: the run's eval_examples)"
@@ -33,24 +37,63 @@ def register_eval(subparsers: Any) -> None:
 def run_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from peftkit.training.data import prepare_data
     from peftkit.training.evaluation import evaluate, headline_metric
-    from peftkit.training.runs import load_run
+    from peftkit.training.runs import is_recorded, load_run
 
+    recorded = is_recorded(args.run_dir)
+    if not recorded and not args.data and Path(args.run_dir).is_dir():
+        raise UsageError(
+            f"{args.run_dir} has no train_config.yaml, so no held-out data is recorded; pass --data FILE "
+            "(a .jsonl/.json/.csv/.parquet file of prompts and answers) to score on"
+        )
     model, tokenizer, config = load_run(args.run_dir, args.model, adapter=not args.base)
     if args.data:
-        config = config.replace(validation_data=args.data)
+        changes: dict[str, Any] = {"validation_data": args.data, "validation_rows": 0}
+        if config.task != "seq-cls" or not recorded:  # only classification reads training rows (labels)
+            changes["data"] = args.data
+        config = config.replace(**changes)
+    if not recorded:
+        print(
+            f"no train_config.yaml in {args.run_dir}: scoring the rows of {args.data} as they are (no "
+            "recorded instruction or system prompt), in the model's chat template",
+            file=sys.stderr,
+        )
     data = prepare_data(config, tokenizer)
     if data.validation is None or len(data.validation) == 0:
         raise UsageError("no held-out rows to score; pass --data FILE")
     examples = config.eval_examples if args.examples is None else args.examples
     result = evaluate(
-        model, tokenizer, data.validation, config.task, examples, args.max_new_tokens, config.batch_size
+        model,
+        tokenizer,
+        data.validation,
+        config.task,
+        examples,
+        args.max_new_tokens,
+        config.batch_size,
+        progress=True,
     )
     metric = headline_metric(config.metric, config.task, data.validation["references"])
     which = "base model" if args.base else args.run_dir
-    print(f"{which} on {len(data.validation)} held-out rows (headline metric: {metric})")
+    rows = len(data.validation)
+    print(f"{which} on {rows} held-out rows of {_source(config)} (headline metric: {metric})")
+    if "scored" in result:
+        print(
+            f"  all {rows} rows scored by loss/perplexity, the first {result['scored']} also by generation "
+            "(exact match, ROUGE; --examples)"
+        )
     for name, value in result.items():
         if isinstance(value, float):
             print(f"  {name:12s} {value:.4f}")
     for sample in result.get("samples", [])[:2]:
         print(f"  e.g. {sample['answer']!r} (reference {sample['reference']!r})")
     return 0
+
+
+def _source(config: Any) -> str:
+    """Where the held-out rows come from, in words."""
+    from peftkit.training.tasks import builtin_task
+
+    if config.validation_data:
+        return str(config.validation_data)
+    if builtin_task(config.data) is not None:
+        return f"the bundled task {config.data}"
+    return f"{config.data} ({config.validation_split:.0%} held out, seed {config.seed})"

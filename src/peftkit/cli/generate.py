@@ -17,9 +17,10 @@ def register_generate(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "generate",
         help="answer prompts with a trained run (or adapter, or model directory)",
-        description="Answer each prompt greedily. A run's prompt_template and chat template are applied, "
-        "so pass just the input (e.g. the sentence for person-json). '-' reads prompts from stdin, "
-        "one a line.",
+        description="Answer each prompt greedily. A run's prompt_template, system_prompt and the chat "
+        "template are applied, so pass just the input (e.g. the sentence for person-json); a directory "
+        "without train_config.yaml gets your text as is, in the model's chat template. '-' reads prompts "
+        "from stdin, one a line.",
     )
     add_run_arguments(parser, "output_dir of peftkit train, an adapter or a model dir")
     parser.add_argument("prompts", nargs="+", help="prompts ('-': one a line from stdin)")
@@ -32,27 +33,29 @@ def register_generate(subparsers: Any) -> None:
 
 
 def run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from peftkit.training.data import encode
     from peftkit.training.evaluation import generate_answers
-    from peftkit.training.runs import apply_prompt_template, load_run
+    from peftkit.training.runs import build_prompt, is_recorded, load_run
 
     prompts = [
         line for p in args.prompts for line in (sys.stdin.read().splitlines() if p == "-" else [p]) if line
     ]
     model, tokenizer, config = load_run(args.run_dir, args.model, adapter=not args.base)
-    encoded = []
-    for prompt in prompts:
-        text = prompt if args.raw else apply_prompt_template(config.prompt_template, prompt)
-        messages = ([{"role": "system", "content": config.system_prompt}] if config.system_prompt else []) + [
-            {"role": "user", "content": text},
-            {"role": "assistant", "content": ""},
-        ]
-        if config.task == "seq2seq-lm":
-            encoded.append(tokenizer(text)["input_ids"])
-        else:
-            encoded.append(encode(tokenizer, messages)[2])
+    if not is_recorded(args.run_dir):
+        print(_unrecorded_note(args.run_dir, tokenizer, config.task), file=sys.stderr)
+    encoded = [build_prompt(config, prompt, tokenizer, raw=args.raw) for prompt in prompts]
     for prompt, answer in zip(
         prompts, generate_answers(model, tokenizer, encoded, config.task, args.max_new_tokens), strict=True
     ):
         print(answer if len(prompts) == 1 else f"{prompt}\n-> {answer}\n")
     return 0
+
+
+def _unrecorded_note(run_dir: str, tokenizer: Any, task: str) -> str:
+    """The line saying how prompts are built for a directory without ``train_config.yaml``."""
+    if task == "seq2seq-lm":
+        how = "your text as is"
+    elif getattr(tokenizer, "chat_template", None):
+        how = "the model's chat template and your text as is"
+    else:
+        how = "your text as is, then a blank line (the model has no chat template)"
+    return f"no train_config.yaml in {run_dir}: no recorded instruction or system prompt; using {how}"

@@ -19,7 +19,8 @@ def register_merge(subparsers: Any) -> None:
         "merge",
         help="fold a trained adapter into its base model and save a plain transformers model",
         description="Merge the adapter into the base weights and save_pretrained the result (with the "
-        "tokenizer): transformers loads it with from_pretrained, no peftkit needed.",
+        "tokenizer): transformers loads it with from_pretrained, no peftkit needed. The run's "
+        "train_config.yaml goes along, so peftkit generate/eval OUT prompt and score as the run did.",
     )
     add_run_arguments(parser, "output_dir of peftkit train, or an adapter directory")
     parser.add_argument("out", help="directory for the merged model")
@@ -28,9 +29,10 @@ def register_merge(subparsers: Any) -> None:
 
 
 def run_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from peftkit.io import check_overwrite, remove_path
+    from peftkit.io import atomic_write, check_overwrite, remove_path, save_pretrained
     from peftkit.model import PeftModel
-    from peftkit.training.runs import load_run
+    from peftkit.training.loop import CONFIG_FILE
+    from peftkit.training.runs import is_recorded, load_run
 
     out = Path(args.out)
     check_overwrite(out, args.overwrite, "OUT")
@@ -43,7 +45,12 @@ def run_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise UsageError(f"cannot merge {args.run_dir}: {e}") from e
     if out.exists():
         remove_path(out)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_pretrained([merged, tokenizer], out)
     print(f"merged model written to {out}; load it with transformers' from_pretrained({str(out)!r})")
+    if is_recorded(args.run_dir):
+        # The run's prompt settings (prompt_template, system_prompt) and data stay with its weights.
+        header = f"# peftkit merge: the settings of {args.run_dir}, whose adapter is merged into this model\n"
+        recorded = (Path(args.run_dir) / CONFIG_FILE).read_text()
+        atomic_write(out / CONFIG_FILE, lambda tmp: tmp.write_text(header + recorded))
+        print(f"  with the run's {CONFIG_FILE}: peftkit generate {out} ... prompts as the run did")
     return 0

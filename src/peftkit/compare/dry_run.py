@@ -23,7 +23,7 @@ import torch
 
 from peftkit.compare.plan import ComparePlan, PlannedRun, describe
 from peftkit.errors import UsageError
-from peftkit.formatting import format_count, format_duration
+from peftkit.formatting import format_count, format_duration, format_percent
 
 __all__ = ["PlannedCost", "check_plan", "dry_run_table", "machine_flops"]
 
@@ -175,7 +175,8 @@ def dry_run_table(plan: ComparePlan, costs: list[PlannedCost]) -> str:
             [
                 run.name,
                 describe(run),
-                f"{format_count(cost.trainable)} ({100 * cost.trainable / max(cost.total, 1):.3g}%)",
+                f"{format_count(cost.trainable)} "
+                f"({format_percent(100 * cost.trainable / max(cost.total, 1))})",
                 "–" if cost.estimated_peak is None else f"{cost.estimated_peak / 1024**2:,.0f} MiB",
                 "–" if cost.seconds is None else format_duration(cost.seconds),
             ]

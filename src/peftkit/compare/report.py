@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.compare.plan import ComparePlan, describe
-from peftkit.formatting import MIB, format_bytes
+from peftkit.formatting import MIB, format_bytes, format_percent
 from peftkit.io import atomic_write
 
 __all__ = ["CHARTS", "REPORT_JSON", "REPORT_MD", "format_table", "write_report"]
@@ -93,7 +93,7 @@ def format_table(base: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         cells = [
             row["name"],
             f"{row['trainable_parameters']:,}",
-            f"{row['trainable_percent']:.3g}%",
+            format_percent(row["trainable_percent"]),
             format_bytes(row["saved_bytes"]),
             f"{row['saved_bytes'] / full:.2%}" if full else "–",
             format_bytes(row.get("estimated_peak_bytes")),

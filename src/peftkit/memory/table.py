@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peftkit.formatting import format_bytes, format_count
+from peftkit.formatting import format_bytes, format_count, format_percent
 from peftkit.memory.estimate import GIB, MemoryEstimate
 
 __all__ = ["format_estimate"]
@@ -14,7 +14,8 @@ def format_estimate(result: MemoryEstimate) -> str:
         (
             "trainable parameters",
             lambda b: (
-                f"{format_count(b.trainable_parameters)} ({_share(b.trainable_parameters, result):.2f}%)"
+                f"{format_count(b.trainable_parameters)} "
+                f"({format_percent(_share(b.trainable_parameters, result))})"
             ),
         ),
         ("weights", lambda b: format_bytes(b.weights)),

@@ -72,6 +72,7 @@ class BottleneckConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "BOTTLENECK"
+    mergeable: ClassVar[bool] = False  # a non-linear module added after a layer: no weight holds it
 
     bottleneck_size: int | None = None
     reduction_factor: int | None = None

@@ -39,6 +39,7 @@ class SoftPromptConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = False  # virtual tokens are extra inputs, not a change of weights
     #: The file key HF PEFT stores the virtual tokens under (no ``base_model.model.`` prefix).
     file_key: ClassVar[str] = "prompt_embeddings"
 

@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from peftkit.io import atomic_write
+
 __all__ = [
     "CHECKPOINTS",
     "latest_checkpoint",
@@ -93,7 +95,8 @@ def save_checkpoint(
     torch.save(rng, tmp / f"rng-{rank}.pt")
     barrier()
     if rank == 0:
-        save_file(trainable_state(model), str(tmp / PARAMS_FILE))
+        state_tensors = trainable_state(model)  # atomic_write: safetensors alone makes the file 0600
+        atomic_write(tmp / PARAMS_FILE, lambda path: save_file(state_tensors, str(path)))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if save_model is not None:

@@ -39,6 +39,7 @@ __all__ = [
     "PreparedData",
     "check_data",
     "collate",
+    "data_files",
     "encode",
     "load_table",
     "prepare_data",
@@ -394,14 +395,11 @@ def check_data(config: TrainConfig) -> None:
     Raises:
         UsageError: as :func:`prepare_data`.
     """
-    from peftkit.training.tasks import builtin_task
-
     fmt = DataFormat.from_config(config)
-    task = builtin_task(config.data)
-    files = [(task.train if task else Path(config.data), dataclasses.replace(fmt, reference_columns=()))]
-    validation = config.validation_data or (task.validation if task else None)
+    train_path, validation = data_files(config)
+    files = [(train_path, dataclasses.replace(fmt, reference_columns=()))]
     if validation:
-        files.append((Path(validation), fmt))
+        files.append((validation, fmt))
     for path, file_fmt in files:
         head = load_table(path)
         head = head.select(range(min(8, len(head))))
@@ -422,12 +420,8 @@ def prepare_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
     Raises:
         UsageError: a missing, empty or unreadable file, a missing column, or too little data.
     """
-    from peftkit.training.tasks import builtin_task
-
     fmt = DataFormat.from_config(config)
-    task = builtin_task(config.data)
-    train_path = task.train if task else Path(config.data)
-    validation_path = config.validation_data or (task.validation if task else None)
+    train_path, validation_path = data_files(config)
     table = load_table(train_path)
     validation = load_table(validation_path) if validation_path else None
     if validation is None and config.validation_split > 0:
@@ -467,6 +461,21 @@ def prepare_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
         train = pack(train, config.max_length)
         stats["packed_rows"] = len(train)
     return PreparedData(train, val, stats)
+
+
+def data_files(config: TrainConfig) -> tuple[Path, Path | None]:
+    """The training file and the held-out file (None: split off the training rows) of ``config``.
+
+    Raises:
+        UsageError: ``data`` is empty (a directory without ``train_config.yaml`` records none).
+    """
+    from peftkit.training.tasks import builtin_task
+
+    if not config.data:
+        raise UsageError("no data given: set data to a file or a bundled task name (e.g. person-json)")
+    task = builtin_task(config.data)
+    validation = config.validation_data or (task.validation if task else None)
+    return (task.train if task else Path(config.data)), (Path(validation) if validation else None)
 
 
 def median_words(references: Sequence[Sequence[str]]) -> float:

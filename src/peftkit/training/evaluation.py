@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -180,8 +180,15 @@ def generate_answers(
     task: str,
     max_new_tokens: int,
     batch_size: int = 32,
+    progress: Callable[[int], Any] | None = None,
 ) -> list[str]:
-    """Greedy answers to tokenized prompts (left-padded for decoder-only models)."""
+    """Greedy answers to tokenized prompts (left-padded for decoder-only models).
+
+    Args:
+        prompts: token ids of each prompt (any lengths).
+        progress: called with the number of prompts answered after each batch (a progress bar's
+            ``update``).
+    """
     pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     answers: list[str] = []
@@ -205,6 +212,8 @@ def generate_answers(
         )  # (batch, width + new) for decoders, (batch, new) for encoder-decoders
         new_tokens = output if task == "seq2seq-lm" else output[:, width:]
         answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+        if progress is not None:
+            progress(len(chunk))
     return answers
 
 
@@ -227,6 +236,7 @@ def evaluate(
     max_new_tokens: int = 0,
     batch_size: int = 16,
     generate: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Loss and perplexity on all ``rows``; accuracy (``seq-cls``) or, on the first ``examples`` rows,
     exact match and ROUGE of greedy answers.
@@ -235,14 +245,20 @@ def evaluate(
         rows: tokenized validation rows (``input_ids``, ``labels``, ``prompt_ids``, ``references``).
         max_new_tokens: 0 → the longest reference's token count + ``ANSWER_MARGIN``.
         generate: False skips generation (loss only).
+        progress: show a progress bar (tqdm, on stderr) over the rows scored, then those generated.
 
     Returns:
-        ``{"loss", "perplexity", ...}``; ``"samples"`` holds up to three (prompt, answer, reference)s.
+        ``{"loss", "perplexity", ...}``; with generation also ``"scored"`` (rows generated) and
+        ``"samples"``, up to three ``{"answer", "reference"}``.
     """
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
+    generated = min(examples, len(rows)) if generate and task != "seq-cls" else 0
+    bar = tqdm(total=len(rows) + generated, desc="eval: loss", unit="row", disable=not progress)
     total = count = 0.0
     correct = 0
     try:
@@ -255,17 +271,21 @@ def evaluate(
             count += batch_count.item()
             if task == "seq-cls":
                 correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+            bar.update(len(chunk))
         mean = total / max(count, 1)
         result: dict[str, Any] = {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
         if task == "seq-cls":
             result["accuracy"] = correct / max(len(rows), 1)
-        elif generate and examples > 0:
-            scored = rows.select(range(min(examples, len(rows))))
+        elif generated > 0:
+            scored = rows.select(range(generated))
             references = scored["references"]
             if max_new_tokens <= 0:
                 longest = max(len(tokenizer(r[0], add_special_tokens=False)["input_ids"]) for r in references)
                 max_new_tokens = longest + ANSWER_MARGIN
-            answers = generate_answers(model, tokenizer, scored["prompt_ids"], task, max_new_tokens)
+            bar.set_description("eval: generating")
+            answers = generate_answers(
+                model, tokenizer, scored["prompt_ids"], task, max_new_tokens, progress=bar.update
+            )
             result["exact_match"] = exact_match(answers, references)
             result.update(rouge(answers, references))
             result["scored"] = len(answers)
@@ -273,6 +293,7 @@ def evaluate(
                 {"answer": a, "reference": r[0]} for a, r in zip(answers[:3], references[:3], strict=True)
             ]
     finally:
+        bar.close()
         model.train(was_training)
     return result
 

@@ -30,7 +30,7 @@ import yaml
 from torch import nn
 
 from peftkit.errors import UsageError
-from peftkit.io import check_overwrite, remove_path
+from peftkit.io import atomic_write, check_overwrite, remove_path, save_pretrained
 from peftkit.model import PeftModel, count_parameters, wrap
 from peftkit.training.checkpoints import (
     latest_checkpoint,
@@ -42,7 +42,7 @@ from peftkit.training.checkpoints import (
 from peftkit.training.config import TrainConfig, with_task_defaults
 from peftkit.training.data import PreparedData, check_data, collate, prepare_data
 from peftkit.training.evaluation import evaluate, headline_metric, loss_sum, pad_token_id
-from peftkit.training.method_choice import build_method_config
+from peftkit.training.method_choice import build_method_config, method_entry, resolved_options
 from peftkit.training.reports import (
     METRICS_FILE,
     PLOT_FILE,
@@ -175,12 +175,19 @@ def train(
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=multi_cpu)
     try:
-        return _Run(with_task_defaults(config), accelerator, on_step, evaluate_before).run()
+        return _Run(_resolved(config), accelerator, on_step, evaluate_before).run()
     finally:
         if accelerator.num_processes > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
         AcceleratorState._reset_state(reset_partial_state=True)  # allow another run in this process
+
+
+def _resolved(config: TrainConfig) -> TrainConfig:
+    """``config`` as the run uses it: the bundled task's settings and the method's default options in
+    (so ``train_config.yaml`` records what really trained, not ``method_options: {}``)."""
+    config = with_task_defaults(config)
+    return config.replace(method_options=resolved_options(config.method, config.method_options))
 
 
 @dataclass
@@ -340,6 +347,10 @@ class _Run:
             saved = out / CONFIG_FILE
             if saved.is_file():
                 before = yaml.safe_load(saved.read_text()) or {}
+                if before.get("method") == config.method:  # a file of older peftkit: options unresolved
+                    before["method_options"] = resolved_options(
+                        config.method, before.get("method_options") or {}
+                    )
                 now = config.to_dict()
                 changed = [k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k]]
                 if changed:
@@ -378,7 +389,8 @@ class _Run:
                 remove_path(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             if not self.config.resume:
-                (self.out / CONFIG_FILE).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+                text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
+                atomic_write(self.out / CONFIG_FILE, lambda tmp: tmp.write_text(text))
         self.acc.wait_for_everyone()
 
     def _report_setup(
@@ -400,7 +412,9 @@ class _Run:
                 f"  packed into {stats['packed_rows']} rows of up to {self.config.max_length} tokens"
             )
         validation = len(data.validation) if data.validation is not None else 0
-        lines.append(f"  {validation} held-out rows; headline metric: {metric}")
+        generated = min(self.config.eval_examples, validation) if self.config.task != "seq-cls" else 0
+        scored = f" (loss on all, the first {generated} also by generation)" if generated else ""
+        lines.append(f"  {validation} held-out rows{scored}; headline metric: {metric}")
         batch = self.config.batch_size * self.config.grad_accum * self.world
         lines.append(
             f"steps: {total} of {batch} rows ({total / per_epoch:.2f} epochs), {self.world} process(es)"
@@ -629,9 +643,10 @@ class _Run:
 
     def _save_final(self, model: nn.Module) -> None:
         if self.main:
-            model.save_pretrained(self.out)
-            if not hasattr(model, "peft_config"):  # full fine-tuning: a complete model directory
-                self.tokenizer.save_pretrained(self.out)
+            if hasattr(model, "peft_config"):
+                model.save_pretrained(self.out)
+            else:  # full fine-tuning: a complete model directory, files with the umask's mode
+                save_pretrained([model, self.tokenizer], self.out)
         self.acc.wait_for_everyone()
 
     def _evaluate(
@@ -668,21 +683,28 @@ class _Run:
         if not self.main:
             return
         text, summary = summarize(result, train_time)
-        (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        atomic_write(self.out / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
         self.say(text)
         self.say(_try_it(self.config, self.out))
 
 
 def _try_it(config: TrainConfig, out: Path) -> str:
+    """The commands to try a finished run with: only those that work for its method."""
     from peftkit.training.tasks import builtin_task
 
     task = builtin_task(config.data)
     example = task.example if task else "<your prompt>"
-    merged = out.with_name(out.name + "-merged")
-    return (
-        "\nTry it:\n"
-        f"  peftkit generate {out} {json.dumps(example)}\n"
-        f"  peftkit eval {out}\n"
-        f"  peftkit merge {out} {merged}    # a plain transformers model, no peftkit needed\n"
-        f"Files: {out}/{METRICS_FILE}, {out}/{PLOT_FILE}, {out}/{CONFIG_FILE}"
-    )
+    lines = ["", "Try it:", f"  peftkit generate {out} {json.dumps(example)}", f"  peftkit eval {out}"]
+    entry = method_entry(config.method)
+    if entry is None:
+        lines.append(f"  # {out} is a whole transformers model: from_pretrained({str(out)!r}) loads it alone")
+    elif entry.config_class.mergeable:
+        merged = out.with_name(out.name + "-merged")
+        lines.append(f"  peftkit merge {out} {merged}    # a plain transformers model, no peftkit needed")
+    else:
+        lines.append(
+            f"  # {config.method} cannot be merged into the weights; in Python: "
+            f"peftkit.load(base, {str(out)!r})"
+        )
+    lines.append(f"Files: {out}/{METRICS_FILE}, {out}/{PLOT_FILE}, {out}/{CONFIG_FILE}")
+    return "\n".join(lines)

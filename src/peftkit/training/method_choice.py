@@ -6,6 +6,7 @@ trains) needs no config.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ __all__ = [
     "build_method_config",
     "method_entry",
     "method_fields",
+    "resolved_options",
     "unknown_name",
 ]
 
@@ -104,6 +106,17 @@ def unknown_name(
 
 def _spelled(aliases: Mapping[str, str], spell: Callable[[str], str]) -> dict[str, str]:
     return {spell(key): spell(value) for key, value in aliases.items()}
+
+
+def resolved_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options ``method`` really uses: the user's ``options`` over the method table's defaults
+    (``{}`` for ``full``); what ``train_config.yaml`` records.
+
+    Raises:
+        UsageError: an unknown method name.
+    """
+    entry = method_entry(method)
+    return {} if entry is None else copy.deepcopy(entry.options(options))
 
 
 def build_method_config(method: str, options: Mapping[str, Any], task: str) -> AdapterConfig | None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftkit.formatting import format_bytes, format_count, format_duration
+from peftkit.formatting import format_bytes, format_count, format_duration, format_percent
 from peftkit.io import atomic_write
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MetricsLog",
     "format_table",
+    "loss_figure",
     "peak_memory",
     "plot_losses",
     "read_metrics",
@@ -75,7 +76,7 @@ def trainable_table(model: nn.Module) -> str:
     rows.append(["total parameters", "", total])
     body = format_table(rows, header=["module", "tensors", "params"])
     counts = f"{trainable:,} ({format_count(trainable)}) of {total:,} ({format_count(total)})"
-    return f"{body}\ntrainable: {counts}, {share:.2f}%"
+    return f"{body}\ntrainable: {counts}, {format_percent(share)}"
 
 
 class MetricsLog:
@@ -132,7 +133,21 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def plot_losses(records: Iterable[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Draw the training loss per step and the evaluation loss per evaluation into a PNG."""
+    """Draw :func:`loss_figure` into a PNG at ``path``."""
+    fig = loss_figure(records, title)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def loss_figure(records: Iterable[dict[str, Any]], title: str = "") -> Any:
+    """The training loss per step (a line) and the evaluation loss per evaluation (points, joined only
+    when there are evaluations between the first and the last: two points make no curve).
+
+    Returns:
+        the matplotlib ``Figure``; close it with ``plt.close(fig)``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,7 +160,7 @@ def plot_losses(records: Iterable[dict[str, Any]], path: Path, title: str = "") 
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
     if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+        ax.plot(*zip(*evals, strict=True), "o-" if len(evals) > 2 else "o", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (answer tokens)")
     ax.set_yscale("log")
@@ -153,8 +168,7 @@ def plot_losses(records: Iterable[dict[str, Any]], path: Path, title: str = "") 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    return fig
 
 
 def _is_number(text: str) -> bool:
@@ -165,7 +179,10 @@ def summarize(result: TrainResult, train_time: float) -> tuple[str, dict[str, An
     """The final summary table of a run and its JSON form (``summary.json``)."""
     share = 100 * result.trainable / max(result.total, 1)
     rows: list[list[Any]] = [
-        ["trainable params", f"{result.trainable:,} of {format_count(result.total)} ({share:.2f}%)"],
+        [
+            "trainable params",
+            f"{result.trainable:,} of {format_count(result.total)} ({format_percent(share)})",
+        ],
         ["steps", f"{result.steps}"],
         ["wall time", f"{format_duration(result.wall_time_s)} (training {format_duration(train_time)})"],
         ["tokens/s", f"{result.tokens_per_s:.0f} (training, all processes)"],

@@ -1,11 +1,17 @@
-"""Opening what ``peftkit train`` wrote (or any adapter / model directory) for eval, generate and merge."""
+"""Opening what ``peftkit train`` wrote (or any adapter / model directory) for eval, generate and merge.
+
+A run directory records its settings in ``train_config.yaml``: the base model, and how prompts were
+built (``prompt_template``, ``system_prompt``) and on which data. A directory without that file (an
+adapter copied elsewhere, a model from another tool) records none of them, so none are assumed: prompts
+are the user's text in the model's chat template, and there is no held-out data.
+"""
 
 from __future__ import annotations
 
 import json
 import string
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -13,15 +19,37 @@ from peftkit.errors import UsageError
 from peftkit.io import CONFIG_NAME
 from peftkit.model import load
 from peftkit.training.config import TrainConfig, load_config
+from peftkit.training.data import encode
 from peftkit.training.loop import CONFIG_FILE, load_base_model
 
-__all__ = ["apply_prompt_template", "load_run", "run_config"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
+__all__ = [
+    "NO_DATA",
+    "apply_prompt_template",
+    "build_prompt",
+    "is_recorded",
+    "load_run",
+    "run_config",
+]
+
+NO_DATA = ""  # ``data`` of a directory that records none
 _TASKS_BY_TYPE = {"CAUSAL_LM": "causal-lm", "SEQ_2_SEQ_LM": "seq2seq-lm", "SEQ_CLS": "seq-cls"}
+_MODEL_CONFIG = "config.json"  # transformers' file: the directory holds a whole model
+
+
+def is_recorded(path: str | Path) -> bool:
+    """Whether ``path`` records its run's settings (a ``train_config.yaml``)."""
+    return (Path(path) / CONFIG_FILE).is_file()
 
 
 def run_config(path: str | Path, model: str | None = None) -> TrainConfig:
-    """The settings a run was trained with: its ``train_config.yaml``, else read from the adapter.
+    """The settings a run was trained with: its ``train_config.yaml``, else what the directory tells.
+
+    Without ``train_config.yaml`` the base model and task come from ``adapter_config.json`` (or the
+    directory is the model), nothing else is assumed: ``prompt_template`` and ``system_prompt`` are
+    None and ``data`` is :data:`NO_DATA`; the other keys keep their defaults.
 
     Args:
         path: a run directory, an adapter directory, or a full model directory.
@@ -36,7 +64,7 @@ def run_config(path: str | Path, model: str | None = None) -> TrainConfig:
             f"{path} is not a directory; pass the output_dir of peftkit train or an adapter directory"
         )
     overrides: dict[str, Any] = {"output_dir": str(path)}
-    if (path / CONFIG_FILE).is_file():
+    if is_recorded(path):
         config = load_config(path / CONFIG_FILE, overrides)
     elif (path / CONFIG_NAME).is_file():
         adapter = json.loads((path / CONFIG_NAME).read_text())
@@ -44,11 +72,11 @@ def run_config(path: str | Path, model: str | None = None) -> TrainConfig:
             overrides["model"] = adapter["base_model_name_or_path"]
         if adapter.get("task_type") in _TASKS_BY_TYPE:
             overrides["task"] = _TASKS_BY_TYPE[adapter["task_type"]]
-        config = load_config(None, overrides)
-    elif (path / "config.json").is_file():
-        config = load_config(None, {**overrides, "model": str(path), "method": "full"})
+        config = load_config(None, {**overrides, "data": NO_DATA})
+    elif (path / _MODEL_CONFIG).is_file():
+        config = load_config(None, {**overrides, "model": str(path), "method": "full", "data": NO_DATA})
     else:
-        raise UsageError(f"{path} holds no {CONFIG_NAME} (adapter) or config.json (model)")
+        raise UsageError(f"{path} holds no {CONFIG_NAME} (adapter) or {_MODEL_CONFIG} (model)")
     return config if model is None else config.replace(model=model)
 
 
@@ -57,17 +85,16 @@ def load_run(
 ) -> tuple[nn.Module, Any, TrainConfig]:
     """Load a run's model: the base model with the run's adapter (``adapter=False``: the base alone).
 
-    A full fine-tuning run (a model directory) loads as that model; ``adapter=False`` then gives the
-    base model it started from.
+    A directory holding a whole model (a full fine-tuning run, the output of ``peftkit merge``) loads
+    as that model; ``adapter=False`` then gives the base model it started from.
 
     Returns:
-        ``(model, tokenizer, config)``, the model in eval mode.
+        ``(model, tokenizer, config)``, the model in eval mode, ``config`` from :func:`run_config`.
     """
-
     path = Path(path)
     config = run_config(path, model)
     has_adapter = (path / CONFIG_NAME).is_file()
-    if config.method == "full" and adapter and model is None and (path / "config.json").is_file():
+    if adapter and not has_adapter and model is None and (path / _MODEL_CONFIG).is_file():
         config_for_load = config.replace(model=str(path))
     else:
         config_for_load = config
@@ -78,6 +105,31 @@ def load_run(
         except (ValueError, FileNotFoundError) as e:
             raise UsageError(f"cannot load the adapter in {path}: {e}") from e
     return base.eval(), tokenizer, config
+
+
+def build_prompt(
+    config: TrainConfig, text: str, tokenizer: PreTrainedTokenizerBase, raw: bool = False
+) -> list[int]:
+    """The token ids ``peftkit generate`` feeds the model for ``text``: the prompt as the run built it.
+
+    ``text`` goes into the run's ``prompt_template`` (unless ``raw``), the run's ``system_prompt`` comes
+    first, and the chat is rendered as training rendered it (the chat template, ending where the
+    answer starts; without one, the turns joined by blank lines). ``seq2seq-lm``: the encoder's input.
+
+    Args:
+        config: the run's settings, from :func:`run_config` or :func:`load_run`.
+        text: the input, e.g. the sentence for person-json.
+        raw: leave ``text`` out of the ``prompt_template``.
+
+    Returns:
+        ``input_ids`` of one prompt, (prompt_len,), for ``model.generate(torch.tensor([ids]), ...)``.
+    """
+    content = text if raw else apply_prompt_template(config.prompt_template, text)
+    if config.task == "seq2seq-lm":
+        return list(tokenizer(content)["input_ids"])
+    system = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
+    chat = [*system, {"role": "user", "content": content}, {"role": "assistant", "content": ""}]
+    return encode(tokenizer, chat)[2]
 
 
 def apply_prompt_template(template: str | None, text: str) -> str:
