@@ -42,15 +42,7 @@ class PeftModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module) -> None:
-        if not isinstance(model, nn.Module):
-            pair = isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], nn.Module)
-            hint = (
-                "; peftkit.models.load_model() returns (model, tokenizer): write "
-                "`base, tokenizer = load_model()` and pass `base`"
-                if pair
-                else ""
-            )
-            raise TypeError(f"peftkit needs a torch.nn.Module, got {type(model).__name__}{hint}")
+        _check_module(model)
         super().__init__()
         self.model = model
         _WRAPPERS[id(model)] = self
@@ -668,12 +660,26 @@ def load(
     return peft_model
 
 
+def _check_module(model: object) -> None:
+    """Refuse what is not an ``nn.Module``, naming the usual mistake (``load_model()``'s pair)."""
+    if not isinstance(model, nn.Module):
+        pair = isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], nn.Module)
+        hint = (
+            "; peftkit.models.load_model() returns (model, tokenizer): write "
+            "`base, tokenizer = load_model()` and pass `base`"
+            if pair
+            else ""
+        )
+        raise TypeError(f"peftkit needs a torch.nn.Module, got {type(model).__name__}{hint}")
+
+
 def _check_unwrapped(model: nn.Module, instead: str) -> None:
     """Refuse a PeftModel, or a base model that a live PeftModel wraps or that holds peftkit wrappers.
 
     A second wrapper over the same base would re-freeze the first one's adapters and share (or
     replace) the adapters in its layers. ``instead`` is the call that adds an adapter to the first.
     """
+    _check_module(model)
     if isinstance(model, PeftModel):
         raise TypeError(f"model is a PeftModel already; call {instead} instead")
     owner = _WRAPPERS.get(id(model))
