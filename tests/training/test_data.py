@@ -16,6 +16,7 @@ from peftkit.training.data import (
     DataFormat,
     collate,
     encode,
+    is_dataset_name,
     load_table,
     pack,
     prepare_data,
@@ -284,3 +285,27 @@ def test_dialogsum_prepares_as_summarization_with_three_references(tokenizer) ->
     assert data.validation[0]["references"] == [first["summary1"], first["summary2"], first["summary3"]]
     assert "Summarize the following dialogue" in tokenizer.decode(data.validation[0]["prompt_ids"])
     assert headline_metric("auto", "causal-lm", data.validation["references"]) == "rougeL"
+
+
+def test_a_dataset_directory_with_splits_is_data(tmp_path: Path) -> None:
+    # the same code path as a Hub id (datasets.load_dataset), here offline on a local directory
+    folder = tmp_path / "myset"
+    folder.mkdir()
+    rows = {"train": [("a", "1"), ("b", "2"), ("c", "3")], "test": [("x", "9")]}
+    for split, pairs in rows.items():
+        lines = [json.dumps({"prompt": p, "completion": c}) for p, c in pairs]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    assert is_dataset_name(str(folder)) and is_dataset_name(f"{folder}:test")
+    assert not is_dataset_name(str(folder / "train.jsonl")) and not is_dataset_name("person-json")
+    assert load_table(f"{folder}:test")["prompt"] == ["x"]
+    assert load_table(str(folder))["prompt"] == ["a", "b", "c"]  # split "train" by default
+
+
+def test_a_hub_dataset_offline_says_to_pass_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert is_dataset_name("someone/no-such-set:test")
+    with pytest.raises(
+        UsageError, match=r"cannot load data set 'someone/no-such-set' \(split 'test'\).*--data"
+    ):
+        load_table("someone/no-such-set:test")

@@ -7,6 +7,9 @@ Files: ``.jsonl``/``.json``/``.csv``/``.parquet``, in one of three layouts (colu
 - ``instruction``: ``instruction``, optional ``input``, ``output`` (the Alpaca layout);
 - ``messages``: a list of ``{"role", "content"}`` chat turns.
 
+Instead of a file, ``data`` may name a data set ``datasets.load_dataset`` finds (a Hub id or a
+directory of data files) with an optional split: ``owner/name:train``.
+
 Every row becomes a chat; the tokenizer's chat template renders it when it has one. Labels are -100
 except on the assistant's turns, so the loss counts the completion only. Examples longer than
 ``max_length`` lose the middle of their prompt, or their end when the answer alone is too long
@@ -17,6 +20,7 @@ with several whole examples.
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +51,7 @@ __all__ = [
 ]
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name on the Hugging Face Hub
 IGNORE_INDEX = -100
 KEEP_TOKENS = 16  # truncation keeps a prompt's first and last this many tokens
 Encoded = tuple[list[int], list[int], list[int]]  # (input_ids, labels, prompt_ids)
@@ -99,13 +104,20 @@ class PreparedData:
 
 
 def load_table(path: str | Path) -> datasets.Dataset:
-    """Read a local data file with ``datasets``.
+    """Read a local data file, or a data set by name, with ``datasets``.
+
+    ``path`` is a file (``.jsonl``, ``.json``, ``.csv``, ``.parquet``), or a data set that
+    ``datasets.load_dataset`` finds: a Hugging Face Hub id or a local directory of data files, with an
+    optional ``:split`` (``owner/name:test``; default ``train``).
 
     Raises:
-        UsageError: the file is missing, empty, of an unsupported type, or unreadable.
+        UsageError: the file is missing, empty, of an unsupported type, or unreadable; the data set
+            cannot be loaded (offline, a misspelt id or split).
     """
     import datasets
 
+    if is_dataset_name(str(path)):
+        return _load_dataset(str(path))
     path = Path(path).expanduser()
     builder = BUILDERS.get(path.suffix.lower())
     if not path.is_file():
@@ -123,6 +135,32 @@ def load_table(path: str | Path) -> datasets.Dataset:
         raise UsageError(f"cannot read data file {path}: {str(cause).splitlines()[0]}") from e
     if len(table) == 0:
         raise UsageError(f"data file {path} is empty; it needs at least one example")
+    return table
+
+
+def is_dataset_name(source: str) -> bool:
+    """Whether ``source`` names a data set (a directory, or ``owner/name``, with an optional ``:split``)
+    rather than a data file."""
+    name = source.rsplit(":", 1)[0] if ":" in source else source
+    if Path(source).expanduser().is_file() or Path(name).suffix.lower() in BUILDERS:
+        return False
+    return Path(name).expanduser().is_dir() or DATASET_ID.fullmatch(name) is not None
+
+
+def _load_dataset(source: str) -> datasets.Dataset:
+    import datasets
+
+    name, _, split = source.partition(":") if ":" in source else (source, "", "train")
+    try:
+        table = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # offline, an unknown id or split: datasets' own message, first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(
+            f"cannot load data set {name!r} (split {split or 'train'!r}): {first}; without internet, "
+            "pass a local file instead (--data FILE.jsonl)"
+        ) from e
+    if len(table) == 0:
+        raise UsageError(f"data set {source!r} is empty; it needs at least one example")
     return table
 
 
