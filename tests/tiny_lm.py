@@ -69,10 +69,13 @@ def build_model(vocab_size: int, seed: int = 0, hidden: int = 32):
     return LlamaForCausalLM(config)
 
 
-def save_tiny_lm(directory: Path, plain: bool = False, seed: int = 0) -> Path:
-    """Write a tiny model and tokenizer to ``directory`` (loadable by ``peftkit.models.load_model``)."""
+def save_tiny_lm(directory: Path, plain: bool = False, seed: int = 0, hidden: int = 32) -> Path:
+    """Write a tiny model and tokenizer to ``directory`` (loadable by ``peftkit.models.load_model``).
+
+    ``hidden=128`` for quantized tests: bitsandbytes quantizes in blocks of 64 values.
+    """
     tokenizer = build_tokenizer(plain=plain)
-    model = build_model(len(tokenizer), seed=seed)
+    model = build_model(len(tokenizer), seed=seed, hidden=hidden)
     model.config.eos_token_id = model.config.pad_token_id = tokenizer.eos_token_id
     model.generation_config.eos_token_id = model.generation_config.pad_token_id = tokenizer.eos_token_id
     model.save_pretrained(directory)

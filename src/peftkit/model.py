@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import weakref
@@ -18,6 +19,7 @@ from peftkit.formatting import format_count, format_percent
 from peftkit.io import KEY_PREFIX, read_adapter, resolve_adapter_dir, write_adapter
 from peftkit.layers import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSave, Routing, outer_modules
 from peftkit.methods import config_classes
+from peftkit.quantization import dequantized_linear, is_quantized
 from peftkit.targeting import CLASSIFIER_HEAD_NAMES, find_targets, name_matches
 from peftkit.whole_model import ModelAdapter, is_model_level
 
@@ -270,6 +272,16 @@ class PeftModel(nn.Module):
         """
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         self._check_known(names)
+        quantized = [
+            name
+            for name, w in self._wrappers()
+            if isinstance(w, AdapterLayer) and is_quantized(w.base) and set(names) & set(w.adapters)
+        ]
+        if quantized:
+            raise ValueError(
+                f"cannot merge into the 4-bit/8-bit weights of {quantized[0]} in place (re-quantizing "
+                "would change them); merge_and_unload() returns a dequantized model with the adapter merged"
+            )
         model_level = [self.model_adapters[name] for name in names if name in self.model_adapters]
         layers = [w for _, w in self._wrappers() if isinstance(w, AdapterLayer)]
         merged_before = [len(layer.merged_adapters) for layer in layers]
@@ -302,10 +314,13 @@ class PeftModel(nn.Module):
         """Merge adapters (default: the active ones) and return the plain base model, no peftkit inside.
 
         ``modules_to_save`` copies of the merged adapters replace their originals. This PeftModel is
-        empty afterwards.
+        empty afterwards. A quantized base (4-bit or 8-bit) comes back dequantized, every linear layer
+        a plain ``nn.Linear`` in its compute dtype, with the adapters merged exactly.
         """
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         self.unmerge_adapter()
+        self._check_known(names)
+        self._dequantize()
         self.merge_adapter(names, safe_merge=safe_merge)
         return self._unwrap(keep_copies_of=names)
 
@@ -580,6 +595,22 @@ class PeftModel(nn.Module):
         finally:
             for wrapper in wrappers:
                 wrapper.routing = None
+
+    def _dequantize(self) -> None:
+        """Turn every bitsandbytes layer of the base model into a plain ``nn.Linear`` (for merging)."""
+        quantized = [(name, m) for name, m in self.model.named_modules() if is_quantized(m)]
+        for name, module in quantized:
+            self.model.set_submodule(name, dequantized_linear(module))
+        if quantized:  # transformers would otherwise save and treat the model as quantized
+            if hasattr(self.model, "config") and hasattr(self.model.config, "quantization_config"):
+                del self.model.config.quantization_config
+            for flag in ("hf_quantizer", "quantization_method"):
+                if hasattr(self.model, flag):
+                    setattr(self.model, flag, None)
+            for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+                if isinstance(getattr(self.model, flag, None), bool):
+                    with contextlib.suppress(AttributeError):  # a read-only property follows hf_quantizer
+                        setattr(self.model, flag, False)
 
     def _unwrap(self, keep_copies_of: list[str]) -> nn.Module:
         for name, adapter in self.model_adapters.items():

@@ -19,8 +19,9 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -117,6 +118,8 @@ def load_model(
     name_or_path: str = DEFAULT_MODEL,
     task: str = "causal-lm",
     dtype: torch.dtype | str = "float32",
+    quantize: str | None = None,
+    quantization_options: Mapping[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a base model and its tokenizer, with the model in eval mode.
 
@@ -127,6 +130,10 @@ def load_model(
         task: one of ``TASKS``: ``"causal-lm"``, ``"seq2seq-lm"`` or ``"seq-cls"``.
         dtype: a ``torch.dtype`` or its name (``"bfloat16"``), or ``"auto"`` to
             keep the checkpoint's dtype.
+        quantize: ``"nf4"``, ``"fp4"`` or ``"int8"`` to load the linear layers quantized with
+            bitsandbytes (QLoRA; :mod:`peftkit.quantization`); the output head stays unquantized.
+        quantization_options: more ``BitsAndBytesConfig`` settings (``compute_dtype``,
+            ``double_quant``, or any of its own arguments).
 
     Returns:
         ``(model, tokenizer)``. The tokenizer is ``None`` when a local directory
@@ -142,7 +149,13 @@ def load_model(
     import transformers
 
     auto_model = getattr(transformers, auto_name)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    if quantize is not None:
+        if gguf_file:
+            raise ValueError(
+                "quantize= does not apply to a .gguf file; convert it first (load DEFAULT_MODEL)"
+            )
+        kwargs.update(_quantized_loading(quantize, quantization_options or {}))
 
     try:
         model = auto_model.from_pretrained(source, **{_dtype_kwarg(): dtype}, **kwargs)
@@ -168,6 +181,18 @@ def load_model(
     if task == "seq-cls" and model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def _quantized_loading(scheme: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the linear layers quantized (bitsandbytes)."""
+    import torch
+
+    from peftkit.quantization import quantization_config
+
+    return {
+        "quantization_config": quantization_config(scheme, **options),
+        "device_map": "auto" if torch.cuda.is_available() else "cpu",
+    }
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase | None:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from peftkit.config import AdapterConfig
 from peftkit.errors import closest
 from peftkit.layers import is_conv1d
+from peftkit.quantization import is_quantized
 from peftkit.targeting import name_matches
 
 
@@ -100,11 +101,14 @@ class IA3Linear(nn.Module):
     def __init__(self, base: nn.Module, feedforward: bool, ones: bool = True) -> None:
         super().__init__()
         self.transposed = is_conv1d(base)
-        in_features, out_features = base.weight.shape if self.transposed else base.weight.shape[::-1]
+        if self.transposed:  # Conv1D stores (in, out)
+            in_features, out_features = base.weight.shape
+        else:  # nn.Linear, 4-bit and 8-bit ones included (their stored weight is packed)
+            in_features, out_features = base.in_features, base.out_features
         shape = (1, in_features) if feedforward else (out_features, 1)
         dtype = base.weight.dtype
-        if dtype in (torch.float16, torch.bfloat16):  # small vectors, trained in float32
-            dtype = torch.float32
+        if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point:
+            dtype = torch.float32  # small vectors, trained in float32 (also next to quantized weights)
         self.ia3_l = nn.Parameter(torch.randn(shape, device=base.weight.device, dtype=dtype))
         if ones:
             nn.init.ones_(self.ia3_l)
@@ -125,6 +129,10 @@ class IA3Linear(nn.Module):
         scale = self.ia3_l.flatten()  # (in,) or (out,)
         if not self.feedforward:
             return (base_output.to(scale.dtype) * scale).to(base_output.dtype)
+        if is_quantized(base):  # 4-bit/8-bit weights are read by their own kernel
+            shifted = (x.to(scale.dtype) * (scale - 1)).to(x.dtype)
+            bias = 0 if getattr(base, "bias", None) is None else base.bias
+            return base_output + (base(shifted) - bias).to(base_output.dtype)
         weight = base.weight.T if self.transposed else base.weight  # (out, in)
         shifted = (x.to(scale.dtype) * (scale - 1)).to(weight.dtype)  # (..., in)
         return base_output + F.linear(shifted, weight).to(base_output.dtype)

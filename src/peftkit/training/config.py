@@ -33,6 +33,7 @@ __all__ = [
 
 METRICS = ("auto", "exact_match", "rouge1", "rouge2", "rougeL", "accuracy", "loss")
 DTYPES = ("float32", "bfloat16")
+QUANTIZE = ("none", "nf4", "fp4", "int8")  # bitsandbytes schemes (peftkit.quantization.SCHEMES)
 DATA_FORMATS = ("auto", "prompt_completion", "instruction", "messages")
 
 
@@ -51,6 +52,9 @@ class TrainConfig:
     )
     task: str = _key("causal-lm", "model head", choices=tuple(TASKS))
     dtype: str = _key("float32", "dtype of the base weights", choices=DTYPES)
+    quantize: str = _key(
+        "none", "load the base's linear layers quantized (QLoRA; bitsandbytes)", choices=QUANTIZE
+    )
     method: str = _key("lora", ", ".join(METHOD_NAMES))
     method_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "options of the method's config class, e.g. {r: 8}"}
@@ -282,6 +286,12 @@ def _validate(config: TrainConfig, source: str) -> None:
                 f"{name}={value!r} (from {source}) must be one of {list(choices)}"
                 f"{closest(str(value), choices)}"
             )
+    if config.quantize != "none" and config.method in ("full", "selective", "ln-tuning"):
+        raise UsageError(
+            f"quantize={config.quantize!r} (from {source}) freezes the base's linear weights in "
+            f"{config.quantize}; method {config.method!r} trains base weights: use an adapter method "
+            "(lora, dora, ia3, ...) or quantize: none"
+        )
     if config.resume and config.overwrite:
         raise UsageError(
             "resume and overwrite exclude each other: resume keeps output_dir, overwrite replaces it"

@@ -56,6 +56,10 @@ def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
     else:
         seq = longest_row(config, tokenizer)
         notes.append(f"batch: {config.batch_size} rows of {seq} tokens (the longest training row)")
+    if config.quantize != "none":
+        notes.append(
+            f"quantize={config.quantize} is not modelled yet: the weights are counted at {config.dtype}"
+        )
     if config.bf16:
         notes.append("bf16 autocast is not modelled: the estimate assumes arithmetic in the weights' dtype")
     try:

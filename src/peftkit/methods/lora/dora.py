@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from peftkit.layers import is_conv1d
 from peftkit.methods.lora.layers import LoraLinear
+from peftkit.quantization import dequantize_weight, is_quantized
 
 
 def weight_row_norm(weight: Tensor, delta: Tensor) -> Tensor:
@@ -67,7 +68,9 @@ class DoraLinear(LoraLinear):
                 self.lora_magnitude_vector.copy_(self._norm(base))
 
     def _base_weight(self, base: nn.Module) -> Tensor:
-        """The base weight as (out, in) in the adapter's dtype."""
+        """The base weight as (out, in) in the adapter's dtype (a 4-bit/8-bit one dequantized)."""
+        if is_quantized(base):
+            return dequantize_weight(base).to(self.lora_A.weight.dtype)
         weight = base.weight.T if self.transposed else base.weight
         return weight.to(self.lora_A.weight.dtype)
 
