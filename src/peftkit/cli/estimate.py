@@ -84,6 +84,9 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--padded", action="store_true", help="rows of different lengths (an attention mask)")
     parser.add_argument(
+        "--quantize", default="none", help="none, nf4, fp4 or int8: a QLoRA base for the LoRA column"
+    )
+    parser.add_argument(
         "--gradient-checkpointing", "--grad-checkpointing", dest="gradient_checkpointing", action="store_true"
     )
     parser.add_argument("--device-memory", type=float, default=None, help="GiB available")
@@ -111,6 +114,7 @@ def estimate_from_args(args: argparse.Namespace) -> MemoryEstimate:
         lora_dropout=args.lora_dropout,
         loss=args.loss,
         padded=args.padded,
+        quantize=None if args.quantize == "none" else args.quantize,
     )
 
 

@@ -88,6 +88,12 @@ DTYPES = {
 }
 OPTIMIZERS = ("adamw", "sgd", "adamw8bit")
 LOSSES = ("model", "fused")
+# bits per weight of bitsandbytes' layouts: 4-bit values, plus one absmax per block of 64 weights (a
+# float32, or with double quantization an 8-bit code and a float32 per 256 blocks); int8: a float32
+# scale per output row on top (added per layer).
+QUANTIZED_BITS = {"nf4": 4.0, "fp4": 4.0, "int8": 8.0}
+QUANT_BLOCK = 64
+DOUBLE_QUANT_BLOCK = 256
 ADAMW_8BIT_BLOCK = 2048  # bitsandbytes' block-wise quantisation: one float32 scale per block and state
 
 _OUTPUT_PROJECTIONS = {
@@ -181,6 +187,8 @@ def estimate(
     fast_lora: bool | None = None,
     loss: str = "model",
     padded: bool = False,
+    quantize: str | None = None,
+    double_quant: bool = True,
 ) -> MemoryEstimate:
     """Predict the peak memory of a training step, full fine-tuning next to LoRA.
 
@@ -204,6 +212,10 @@ def estimate(
             (:func:`peftkit.ops.linear_cross_entropy`: no logits, the head's gradients kept instead).
         padded: the batch's rows have different lengths, so an explicit attention mask is passed
             (``peftkit train`` pads each batch to its longest row).
+        quantize: ``"nf4"``, ``"fp4"`` or ``"int8"``: the PEFT column's base has its linear layers
+            (not the output head) quantized with bitsandbytes (QLoRA); the full fine-tuning column
+            stays at ``dtype``.
+        double_quant: 4-bit block scales quantized too (bitsandbytes' ``bnb_4bit_use_double_quant``).
 
     Raises:
         ValueError: an unknown method, dtype or optimizer; a config without the decoder fields
@@ -214,6 +226,8 @@ def estimate(
         raise ValueError(f"optimizer={optimizer!r} must be one of {list(OPTIMIZERS)}")
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r} must be one of {list(LOSSES)}")
+    if quantize not in (None, *QUANTIZED_BITS):
+        raise ValueError(f"quantize={quantize!r} must be None or one of {list(QUANTIZED_BITS)}")
     torch_dtype = _parse_dtype(dtype)
     lora_config = _lora_config(method, r, targets, lora_alpha, lora_dropout)
     config = load_model_config(model_or_config)
@@ -228,6 +242,8 @@ def estimate(
         loss=loss,
         batch=batch,
         padded=padded,
+        quantize=quantize,
+        double_quant=double_quant,
     )
     total = sum(p.numel() for p in model.parameters())
     full = _full_breakdown(model, arch, setting, total)
@@ -256,6 +272,8 @@ class _Setting:
     loss: str = "model"
     batch: int = 1
     padded: bool = False
+    quantize: str | None = None
+    double_quant: bool = True
 
     @property
     def adapter_bytes(self) -> int:
@@ -338,16 +356,26 @@ def _lora_breakdown(
         f", dropout {config.lora_dropout}" if config.lora_dropout else ""
     )
     a = setting.adapter_bytes
+    weights = total * setting.weight_bytes + trainable * a
+    scratch = 0
+    if setting.quantize is not None:
+        linears = _quantized_linears(model, arch)
+        stored = sum(_linear_numel(m) for m in linears)
+        weights += sum(_quantized_bytes(m, setting) for m in linears) - stored * setting.weight_bytes
+        # backward through a quantized layer dequantizes its weight (compute dtype), one layer at a time
+        scratch = max((_linear_numel(m) for m in linears), default=0) * setting.weight_bytes
+        label = label.replace("lora ", f"qlora {setting.quantize} ", 1)
     return _breakdown(
         label,
         trainable=trainable,
-        weights=total * setting.weight_bytes + trainable * a,
+        weights=weights,
         trainable_bytes=a,
         activations=activations,
         arch=arch,
         setting=setting,
         largest_trainable=max(sizes),
         head_gradient=0,
+        backward_scratch=scratch,
     )
 
 
@@ -361,6 +389,7 @@ def _breakdown(
     setting: _Setting,
     largest_trainable: int,
     head_gradient: int,
+    backward_scratch: int = 0,
 ) -> MemoryBreakdown:
     gradients = trainable * trainable_bytes
     if setting.optimizer == "adamw":
@@ -381,6 +410,7 @@ def _breakdown(
         loss_temporaries = max(
             logits * (setting.weight_bytes + 8), logits * (setting.weight_bytes + 4) + head_gradient
         )
+    loss_temporaries += backward_scratch
     at_loss = activations.at_loss + loss_temporaries
     # With checkpointing a layer's activations come back in backward, when (at worst) all gradients exist.
     recomputing = activations.recomputed + gradients if activations.recomputed else 0
@@ -512,6 +542,32 @@ def _head_parameters(model: nn.Module, arch: _Arch) -> int:
 
 
 # ------------------------------------------------------------------------------------------- model
+def _quantized_linears(model: nn.Module, arch: _Arch) -> list[nn.Module]:
+    """The linear layers bitsandbytes quantizes: every ``nn.Linear`` but the output head."""
+    return [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name != arch.lm_head
+    ]
+
+
+def _linear_numel(module: nn.Module) -> int:
+    return module.in_features * module.out_features
+
+
+def _quantized_bytes(module: nn.Module, setting: _Setting) -> int:
+    """Bytes of one quantized linear layer's weight (values, block scales), its bias at full size."""
+    n = _linear_numel(module)
+    bits = QUANTIZED_BITS[setting.quantize] * n
+    if setting.quantize == "int8":
+        bits += 32 * module.out_features
+    elif setting.double_quant:
+        bits += 8 * math.ceil(n / QUANT_BLOCK) + 32 * math.ceil(n / (QUANT_BLOCK * DOUBLE_QUANT_BLOCK))
+    else:
+        bits += 32 * math.ceil(n / QUANT_BLOCK)
+    return math.ceil(bits / 8)
+
+
 def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype in DTYPES.values():

@@ -56,10 +56,6 @@ def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
     else:
         seq = longest_row(config, tokenizer)
         notes.append(f"batch: {config.batch_size} rows of {seq} tokens (the longest training row)")
-    if config.quantize != "none":
-        notes.append(
-            f"quantize={config.quantize} is not modelled yet: the weights are counted at {config.dtype}"
-        )
     if config.bf16:
         notes.append("bf16 autocast is not modelled: the estimate assumes arithmetic in the weights' dtype")
     try:
@@ -72,6 +68,7 @@ def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
             grad_checkpointing=config.gradient_checkpointing,
             loss="fused" if fused_cross_entropy_enabled() else "model",
             padded=True,  # batches are padded to their longest row
+            quantize=None if config.quantize == "none" else config.quantize,
         )
     except ValueError as e:
         raise UsageError(str(e)) from e
