@@ -33,14 +33,43 @@ def register_estimate(subparsers: Any) -> None:
 
 
 def run_estimate(args: argparse.Namespace, argv: Sequence[str]) -> int:
-
     from peftkit.memory import format_estimate
 
     try:
+        if args.budget:
+            return _run_plan(args)
         result = estimate_from_args(args)
     except ValueError as e:
         raise UsageError(str(e)) from e
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_estimate(result))
+    return 0
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from peftkit.memory.planner import format_plan, parse_size, plan
+
+    budget = parse_size(args.budget)
+    targets = args.target_modules
+    rows = plan(
+        args.model,
+        budget,
+        args.max_length,
+        method=args.method,
+        r=args.r,
+        targets=targets if targets == "all-linear" else [t for t in targets.split(",") if t],
+        dtype=args.dtype,
+        optimizer=args.optimizer,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        loss=args.loss,
+        padded=args.padded,
+    )
+    if args.json:
+        print(json.dumps([dataclasses.asdict(row) for row in rows], indent=2))
+    else:
+        print(format_plan(rows, args.model, budget, args.max_length))
     return 0
 
 
@@ -90,6 +119,10 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
         "--gradient-checkpointing", "--grad-checkpointing", dest="gradient_checkpointing", action="store_true"
     )
     parser.add_argument("--device-memory", type=float, default=None, help="GiB available")
+    parser.add_argument(
+        "--budget",
+        help="what fits in this much memory (e.g. 8GiB): full / LoRA / QLoRA x checkpointing, largest batch",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
 
