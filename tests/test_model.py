@@ -7,6 +7,10 @@ wrapping), each row run alone, and the merged weights. Tolerances: fp32, atol 1e
 
 from __future__ import annotations
 
+import copy
+import inspect
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -429,3 +433,44 @@ def test_wrap_and_load_refuse_what_is_not_a_module(tmp_path) -> None:
     peftkit.wrap(base, peftkit.LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path)
     with pytest.raises(TypeError, match=r"needs a torch\.nn\.Module, got str"):
         peftkit.load("not a model", tmp_path)
+
+
+# ----------------------------------------------------------------------------- forward's signature
+@pytest.mark.parametrize("tiny", TINY_MODELS, ids=lambda tiny: tiny.name)
+def test_forward_shows_the_base_models_parameters_and_adapter_names(tiny: TinyModel) -> None:
+    """What transformers.Trainer reads: the instance's forward (dataset columns) and the class's
+    (label names) list the base model's parameters, adapter_names added before **kwargs."""
+    base = tiny.make()
+    expected = [(p.name, p.kind) for p in inspect.signature(base.forward).parameters.values()]
+    at = next((i for i, (_, kind) in enumerate(expected) if kind is inspect.Parameter.VAR_KEYWORD), None)
+    expected.insert(len(expected) if at is None else at, ("adapter_names", inspect.Parameter.KEYWORD_ONLY))
+    model = peftkit.wrap(base, peftkit.LoraConfig(r=2, target_modules=list(tiny.targets[:1])))
+    another = peftkit.wrap(tiny.make(seed=1), peftkit.LoraConfig(r=2, target_modules=list(tiny.targets[:1])))
+
+    shown = [(p.name, p.kind) for p in inspect.signature(model.forward).parameters.values()]
+    on_class = [(p.name, p.kind) for p in inspect.signature(type(model).forward).parameters.values()]
+
+    assert shown == expected
+    assert on_class == [("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *expected]
+    assert isinstance(model, peftkit.PeftModel) and type(model).__name__ == "PeftModel"
+    assert type(another) is type(model), "one class per base-model class"
+
+
+def test_pickle_and_deepcopy_keep_the_wrapper_and_its_outputs() -> None:
+    tiny = TINY_MODELS[1]
+    model = peftkit.wrap(tiny.make(), peftkit.LoraConfig(r=4, target_modules=list(tiny.targets)))
+    randomize_adapters(model)
+    inputs = tiny.inputs()
+    expected = output_of(model, inputs)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+
+    unpickled = torch.load(buffer, weights_only=False)  # the object this test just wrote
+    copied = copy.deepcopy(model)
+
+    for other in (unpickled, copied):
+        assert type(other) is type(model)
+        assert inspect.signature(other.forward) == inspect.signature(model.forward)
+        assert other.active_adapters == ["default"]
+        torch.testing.assert_close(output_of(other, inputs), expected, atol=0, rtol=0)

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from torch import Tensor, nn
@@ -190,8 +191,8 @@ class TokenDataset(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
 def test_trainer_trains_only_the_lora_parameters(tmp_path: Path, checkpointing: bool) -> None:
-    """Trainer runs 3 steps on a PeftModel (optionally turning on checkpointing itself): finite losses,
-    every lora_B moved, nothing outside the adapters moved."""
+    """Trainer (default arguments: unused columns removed) runs 3 steps on a PeftModel (optionally
+    turning on checkpointing itself): finite losses, every lora_B moved, nothing else moved."""
     model = peftkit.wrap(LLAMA.make(), lora_config())
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -203,7 +204,6 @@ def test_trainer_trains_only_the_lora_parameters(tmp_path: Path, checkpointing: 
         logging_steps=1,
         report_to=[],
         save_strategy="no",
-        remove_unused_columns=False,
         use_cpu=True,
         seed=0,
         disable_tqdm=True,
@@ -223,3 +223,69 @@ def test_trainer_trains_only_the_lora_parameters(tmp_path: Path, checkpointing: 
     changed = {name for name in before if not torch.equal(before[name], after[name].detach())}
     assert changed <= trainable
     assert {name for name in trainable if ".lora_B." in name} <= changed
+
+
+def trainer_arguments(output_dir: Path, **changes: object) -> transformers.TrainingArguments:
+    """Trainer's defaults (remove_unused_columns=True) but for a short, quiet, seeded CPU run."""
+    settings = {
+        "output_dir": str(output_dir),
+        "max_steps": 3,
+        "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 2,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "report_to": [],
+        "save_strategy": "no",
+        "use_cpu": True,
+        "seed": 0,
+        "disable_tqdm": True,
+        **changes,
+    }
+    return transformers.TrainingArguments(**settings)
+
+
+def token_rows(rows: int = 6, seed: int = 5) -> datasets.Dataset:
+    """A datasets.Dataset with the model's columns and two it does not take (text, source)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (rows, SEQ), generator=generator).tolist()
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": ids,
+            "attention_mask": [[1] * SEQ for _ in ids],
+            "labels": ids,
+            "text": ["a row the tokenizer made"] * rows,
+            "source": list(range(rows)),
+        }
+    )
+
+
+def test_trainer_keeps_the_columns_the_base_model_takes(tmp_path: Path) -> None:
+    """remove_unused_columns=True (the default) drops exactly the columns the base's forward lacks."""
+    model = peftkit.wrap(LLAMA.make(), lora_config())
+    trainer = transformers.Trainer(model=model, args=trainer_arguments(tmp_path), train_dataset=token_rows())
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    result = trainer.train()
+
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert result.global_step == 3 and math.isfinite(result.training_loss)
+
+
+def test_trainer_evaluate_reports_the_models_loss(tmp_path: Path) -> None:
+    """Trainer finds the label names on the class (find_labels) and so reports eval_loss: the mean of
+    the model's own loss over the evaluation batches (equal-sized), to 1e-6."""
+    model = peftkit.wrap(LLAMA.make(), lora_config())
+    randomize_adapters(model, seed=2)
+    rows = token_rows(rows=4)
+    trainer = transformers.Trainer(model=model, args=trainer_arguments(tmp_path), eval_dataset=rows)
+
+    metrics = trainer.evaluate()
+
+    assert trainer.label_names == ["labels"]
+    model.eval()
+    with torch.no_grad():
+        losses = [
+            model(**{key: torch.tensor(rows[key][start : start + 2]) for key in ("input_ids", "labels")}).loss
+            for start in (0, 2)
+        ]
+    assert metrics["eval_loss"] == pytest.approx(torch.stack(losses).mean().item(), abs=1e-6)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import os
 import weakref
 from collections.abc import Iterator, Sequence
@@ -33,6 +35,9 @@ class PeftModel(nn.Module):
     The base model is changed in place: each targeted module is replaced by a wrapper that keeps the
     original as ``base``. Attributes the wrapper lacks (``config``, ``generation_config``…) are read
     from the base model, so a wrapped transformers model keeps working where one is expected.
+    ``PeftModel(model)`` is an instance of a subclass made once per base-model class whose ``forward``
+    shows the base's parameters plus ``adapter_names`` (what ``inspect.signature`` and
+    ``transformers.Trainer`` read: the dataset columns it keeps, the label names); it behaves as this class.
     Model-level methods (soft prompts, selective) wrap nothing: their adapters live in
     ``model_adapters`` and act through the hooks of :class:`~peftkit.whole_model.ModelAdapter`; at most
     one of them is active at a time.
@@ -40,6 +45,16 @@ class PeftModel(nn.Module):
     Args:
         model: any ``nn.Module``; a transformers model also gets ``generate`` and its ``config``.
     """
+
+    def __new__(cls, model: nn.Module, *args: Any, **kwargs: Any) -> PeftModel:
+        if cls is PeftModel and isinstance(model, nn.Module):
+            cls = _class_for(type(model))
+        return super().__new__(cls)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The subclass is made at run time (no importable name): pickle and deepcopy rebuild it from the
+        # base model's class, then restore nn.Module's state as usual.
+        return (_new_peft_model, (type(self.model),), self.__getstate__())
 
     def __init__(self, model: nn.Module) -> None:
         _check_module(model)
@@ -357,6 +372,9 @@ class PeftModel(nn.Module):
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward with the adapters applied.
 
+        Takes the base model's arguments; ``inspect.signature(model.forward)`` shows them, with
+        ``adapter_names`` added.
+
         Args:
             adapter_names: one adapter name per row of the batch (``"__base__"``: no adapter) to mix
                 adapters in one batch; each row then gets what it would get alone. Layer adapters only.
@@ -596,6 +614,50 @@ class PeftModel(nn.Module):
         self._trainable.clear()
         self._active = []
         return self.model
+
+
+@functools.cache
+def _class_for(base_class: type[nn.Module]) -> type[PeftModel]:
+    """The PeftModel subclass for bases of ``base_class``: its ``forward`` shows the base's parameters.
+
+    transformers reads a model's inputs from its ``forward``: ``Trainer`` keeps the dataset columns named
+    in ``inspect.signature(model.forward)`` and takes label names from ``type(model).forward``, TRL copies
+    ``type(model).forward``'s signature. A class per base class serves both readings.
+    """
+    signature = _forward_signature(base_class)
+    if signature is None:
+        return PeftModel
+
+    def forward(
+        self: PeftModel, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
+    ) -> Any:
+        return PeftModel.forward(self, *args, adapter_names=adapter_names, **kwargs)
+
+    forward.__doc__ = PeftModel.forward.__doc__
+    forward.__qualname__ = f"{PeftModel.__qualname__}.forward"
+    forward.__signature__ = signature  # type: ignore[attr-defined]
+    namespace = {"forward": forward, "__module__": __name__, "__qualname__": PeftModel.__qualname__}
+    return type(PeftModel.__name__, (PeftModel,), namespace)
+
+
+def _forward_signature(base_class: type[nn.Module]) -> inspect.Signature | None:
+    """``base_class.forward``'s signature (``self`` first) with PeftModel's keyword-only
+    ``adapter_names`` put before any ``**kwargs``; None when it cannot be read or has that name."""
+    try:
+        signature = inspect.signature(base_class.forward)
+    except (TypeError, ValueError):  # a forward inspect cannot read (compiled, built-in)
+        return None
+    if "adapter_names" in signature.parameters:
+        return None
+    parameters = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(parameters) if p.kind is p.VAR_KEYWORD), len(parameters))
+    parameters.insert(at, inspect.signature(PeftModel.forward).parameters["adapter_names"])
+    return signature.replace(parameters=parameters)
+
+
+def _new_peft_model(base_class: type[nn.Module]) -> PeftModel:
+    """An empty PeftModel of the class for ``base_class``, for unpickling (see ``PeftModel.__reduce__``)."""
+    return nn.Module.__new__(_class_for(base_class))
 
 
 def _device_of(model: nn.Module) -> torch.device:
