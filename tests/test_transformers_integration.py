@@ -174,6 +174,13 @@ def test_gradient_checkpointing_enable_uses_no_deprecated_transformers_api() -> 
     assert model.get_base_model().is_activation_checkpointing
 
 
+def test_activation_checkpointing_enable_names_what_a_plain_model_lacks() -> None:
+    model = peftkit.wrap(TINY_MODELS[0].make(), peftkit.LoraConfig(r=2, target_modules=["lin1"]))
+
+    with pytest.raises(TypeError, match=r"TinyConvMLP has no activation checkpointing.*use_reentrant=False"):
+        model.activation_checkpointing_enable()
+
+
 # ----------------------------------------------------------------------------- Trainer
 class TokenDataset(torch.utils.data.Dataset):
     """Seeded random token rows; labels are the inputs (causal LM)."""
@@ -289,3 +296,43 @@ def test_trainer_evaluate_reports_the_models_loss(tmp_path: Path) -> None:
             for start in (0, 2)
         ]
     assert metrics["eval_loss"] == pytest.approx(torch.stack(losses).mean().item(), abs=1e-6)
+
+
+def uses_reentrant(model: peftkit.PeftModel) -> bool:
+    """The use_reentrant transformers bound into the first decoder layer's checkpoint function."""
+    return model.get_base_model().model.layers[0]._gradient_checkpointing_func.keywords["use_reentrant"]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "checkpointing_kwargs"),
+    [(torch.float32, None), (torch.float32, {"use_reentrant": True}), (torch.bfloat16, None)],
+    ids=["fp32-default", "fp32-reentrant", "bf16-base-default"],
+)
+def test_trainer_gradient_checkpointing_trains_the_adapters_with_unchanged_losses(
+    tmp_path: Path, dtype: torch.dtype, checkpointing_kwargs: dict[str, bool] | None
+) -> None:
+    """Trainer's gradient_checkpointing=True on a wrapped model: non-reentrant unless asked, the same
+    per-step losses as without checkpointing (the blocks are recomputed with the same arithmetic:
+    equal here, atol 1e-6) and the adapters move. The bf16 base with fp32 adapters stands
+    in for a frozen base of another type (quantized bases, once peftkit has them)."""
+
+    def run(checkpointing: bool) -> tuple[peftkit.PeftModel, list[float]]:
+        model = peftkit.wrap(LLAMA.make().to(dtype), lora_config(lora_dropout=0.0))
+        args = trainer_arguments(
+            tmp_path / str(checkpointing),
+            gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs if checkpointing else None,
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=token_rows())
+        trainer.train()
+        return model, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    checkpointed, losses = run(True)
+    _, expected = run(False)
+
+    assert checkpointed.get_base_model().is_activation_checkpointing
+    assert uses_reentrant(checkpointed) == bool(checkpointing_kwargs)
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert losses == pytest.approx(expected, abs=1e-6, rel=0)
+    b_factors = [p for name, p in checkpointed.named_parameters() if ".lora_B." in name]
+    assert b_factors and all(p.dtype == torch.float32 and p.abs().max() > 0 for p in b_factors)

@@ -407,19 +407,44 @@ class PeftModel(nn.Module):
         """The base model (with peftkit's wrappers inside while adapters are loaded)."""
         return self.model
 
-    def gradient_checkpointing_enable(
-        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict[str, Any] | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
     ) -> None:
-        """Turn on the base model's gradient checkpointing, non-reentrant by default.
+        """Turn on the base model's activation (gradient) checkpointing, non-reentrant by default.
 
         The non-reentrant variant gives adapter gradients even though the frozen inputs of each
-        checkpointed block need no gradient.
+        checkpointed block need no gradient, and reads nothing of the base weights, so it works
+        whatever their type. ``transformers.Trainer`` calls this for ``gradient_checkpointing=True``
+        (``activation_checkpointing=True``), passing ``gradient_checkpointing_kwargs`` as
+        ``activation_checkpointing_kwargs``.
+
+        Raises:
+            TypeError: the base model has no checkpointing of its own (not a transformers model).
         """
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        # Passed on only when set, so transformers versions before these options keep working.
+        options = {} if (every_n_layers, offload) == (1, False) else {"every_n_layers": every_n_layers}
+        if offload:
+            options["offload"] = True
         if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
+        elif hasattr(self.model, "gradient_checkpointing_enable"):
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
         else:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            raise TypeError(
+                f"{type(self.model).__name__} has no activation checkpointing of its own (transformers "
+                "models have it); for another model, wrap its blocks in "
+                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) yourself"
+            )
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> None:
+        """The older name of :meth:`activation_checkpointing_enable` (non-reentrant by default)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
 
     # ----------------------------------------------------------------------------- accounting
     def trainable_parameters(self) -> tuple[int, int]:
