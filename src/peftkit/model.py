@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
+import itertools
+import json
 import os
 import weakref
 from collections.abc import Iterator, Sequence
@@ -161,6 +164,49 @@ class PeftModel(nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+
+    def load_adapter_weights(
+        self, path: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER_NAME
+    ) -> None:
+        """Replace the values of the existing adapter ``adapter_name`` by those saved in ``path``.
+
+        For continuing a training run: the parameters are written in place, so an optimizer holding them
+        stays valid; trainability and the active adapters do not change. ``peftkit.integrations.Trainer``
+        resumes checkpoints this way.
+
+        Raises:
+            FileNotFoundError: no adapter at ``path``.
+            ValueError: an unknown adapter name; a config that differs from this adapter's (the fields
+                are named); a tensor missing, unexpected or of another shape; or an adapter saved as a
+                computed table (P-tuning's encoder output, a projected prefix), which cannot restore
+                the parameters that compute it. Nothing is changed then.
+        """
+        self._check_known([adapter_name])
+        config_dict, tensors = read_adapter(resolve_adapter_dir(path))
+        methods = config_classes()
+        saved = config_from_dict(config_dict, methods)
+        current = config_from_dict(json.loads(self._config_json(adapter_name)), methods)
+        differing = [
+            f"{name}: {getattr(saved, name, None)!r} in the file, {getattr(current, name)!r} here"
+            for name in (f.name for f in dataclasses.fields(current))
+            if name != "base_model_name_or_path" and getattr(saved, name, None) != getattr(current, name)
+        ]
+        if type(saved) is not type(current) or differing:
+            what = "; ".join(differing) or f"{saved.peft_type} in the file, {current.peft_type} here"
+            raise ValueError(
+                f"adapter {str(path)!r} was saved with another config than adapter {adapter_name!r} "
+                f"({what}); wrap the base model with the config it was trained with, or add it as a new "
+                "adapter with load_adapter()"
+            )
+        held = {id(t) for t in itertools.chain(self.parameters(), self.buffers())}
+        computed = [key for key, t in self.adapter_state_dict(adapter_name).items() if id(t) not in held]
+        if computed:
+            raise ValueError(
+                f"adapter {adapter_name!r} is saved as a table its trainable modules compute ({computed[0]}: "
+                "P-tuning's encoder output, a projected prefix), so a file cannot restore those modules; "
+                "continue such a run with `peftkit train --resume`, whose checkpoints keep them"
+            )
+        self._load_tensors(adapter_name, tensors, source=str(path))
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make ``adapter_name`` (or several: their contributions add up) the active adapter(s).
@@ -473,7 +519,8 @@ class PeftModel(nn.Module):
             raise ValueError(f"{BASE_ADAPTER_NAME!r} is reserved for 'no adapter' in adapter_names")
         if adapter_name in self.peft_config:
             raise ValueError(
-                f"an adapter named {adapter_name!r} exists already; pick another name or delete_adapter() it"
+                f"an adapter named {adapter_name!r} exists already; pick another name, delete_adapter() it, "
+                "or replace its values with load_adapter_weights(path, adapter_name)"
             )
 
     def _active_model_adapters(self) -> list[ModelAdapter]:
