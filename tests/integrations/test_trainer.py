@@ -1,9 +1,9 @@
 """peftkit.integrations.Trainer: checkpoints and save_model() as adapter directories, exact resume.
 
 On the tiny Llama of ``tests/tiny_lm.py`` (tied embeddings, which transformers.Trainer's whole-model
-fallback cannot even write) with its tiny tokenizer, fp32 on the CPU. References: Hugging Face PEFT
-loading the saved directory (logits to 1e-5), and the same run without interruption (losses and
-adapter values to 1e-6; measured equal).
+fallback cannot even write) with its tiny tokenizer, fp32 on the CPU. References: the same run on
+Hugging Face PEFT (losses and trained values to 1e-5), HF PEFT loading the saved directory (logits to
+1e-5), and the same run without interruption (losses and adapter values to 1e-6). Measured: equal.
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def lora_model(tokenizer, seed: int = 0, **changes: object) -> peftkit.PeftModel
     return peftkit.wrap(build_model(len(tokenizer), seed=seed), peftkit.LoraConfig(**options))
 
 
-def make_trainer(model, tokenizer, rows, output_dir: Path, **changes: object) -> Trainer:
+def make_trainer(
+    model, tokenizer, rows, output_dir: Path, trainer_class: type = Trainer, **changes: object
+) -> transformers.Trainer:
     settings = {
         "output_dir": str(output_dir),
         "max_steps": 6,
@@ -72,7 +74,7 @@ def make_trainer(model, tokenizer, rows, output_dir: Path, **changes: object) ->
         "log_level": "error",
         **changes,
     }
-    return Trainer(
+    return trainer_class(
         model=model,
         args=transformers.TrainingArguments(**settings),
         train_dataset=rows,
@@ -118,6 +120,37 @@ def test_checkpoints_and_save_model_hold_adapter_directories_hf_peft_loads(token
             base_logits = model(input_ids=input_ids).logits
         torch.testing.assert_close(oracle(input_ids=input_ids).logits, logits, atol=1e-5, rtol=0)
     assert (logits - base_logits).abs().max() > 1e-3, "training should have moved the adapter"
+
+
+def test_training_gives_hf_peft_losses(tokenizer, rows, tmp_path) -> None:
+    """The same run (start values, data, seed; gradient accumulation 2) through transformers.Trainer on
+    Hugging Face PEFT: the same per-step losses and trained adapter (1e-5; measured equal)."""
+    model = lora_model(tokenizer, lora_dropout=0.0)
+    with torch.no_grad():  # LoRA's B starts at zero: give both runs the same random start instead
+        generator = torch.Generator().manual_seed(3)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    oracle = peft.get_peft_model(
+        build_model(len(tokenizer), seed=0),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0),
+    )
+    peft.set_peft_model_state_dict(oracle, adapter_values(model))
+    changes = {"max_steps": 3, "gradient_accumulation_steps": 2, "save_strategy": "no"}
+
+    start = adapter_values(model)
+    trainer = make_trainer(model, tokenizer, rows, tmp_path / "ours", **changes)
+    trainer.train()
+    reference = make_trainer(oracle, tokenizer, rows, tmp_path / "theirs", transformers.Trainer, **changes)
+    reference.train()
+
+    losses, expected = step_losses(trainer), step_losses(reference)
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses.values())
+    assert losses == pytest.approx(expected, abs=1e-5, rel=0)
+    assert any((value - start[key]).abs().max() > 1e-3 for key, value in adapter_values(model).items())
+    trained = peft.get_peft_model_state_dict(oracle)
+    for key, value in adapter_values(model).items():
+        torch.testing.assert_close(value, trained[key], atol=1e-5, rtol=0)
 
 
 def test_resume_from_checkpoint_continues_the_run_exactly(tokenizer, rows, tmp_path) -> None:
