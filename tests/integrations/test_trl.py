@@ -4,6 +4,7 @@ The same tiny Llama (tests/tiny_lm.py, tied embeddings), data, seed and starting
 through both; the oracle is Hugging Face PEFT's run. Tolerances: per-step losses and the trained
 adapter values to 1e-5 in fp32; with TRL's defaults (bf16 autocast, gradient checkpointing) losses to
 1e-3 and values to 1e-4. Measured: equal in every case here. The slow test does the same on SmolLM2.
+Every other method family trains under SFTTrainer and checkpoints its adapter (exact).
 """
 
 from __future__ import annotations
@@ -128,6 +129,42 @@ def test_sft_trainer_gives_hf_peft_losses(case: str, tokenizer, tmp_path: Path) 
     trained = peft.get_peft_model_state_dict(theirs)
     for key, value in ours.adapter_state_dict("default").items():
         torch.testing.assert_close(value.detach(), trained[key], atol=1e-5 if fp32 else 1e-4, rtol=0)
+
+
+METHODS = {
+    "dora": lambda: peftkit.LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "v_proj"]),
+    "ia3": lambda: peftkit.IA3Config(
+        target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]
+    ),
+    "houlsby": lambda: peftkit.HoulsbyConfig(reduction_factor=4),
+    "norms": lambda: peftkit.SelectiveConfig(norms_only=True),
+    "p-tuning": lambda: peftkit.PromptEncoderConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+    "prefix": lambda: peftkit.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_sft_trainer_trains_every_method_and_checkpoints_its_adapter(
+    method: str, tokenizer, tmp_path
+) -> None:
+    """Two steps move every trainable tensor and nothing else; the checkpoint is the saved adapter.
+    TRL's default gradient checkpointing, except for prefix tuning, which refuses it."""
+    model = peftkit.wrap(build_model(len(tokenizer)), METHODS[method]())
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    config = sft_config(
+        tmp_path, max_steps=2, save_strategy="steps", save_steps=2, gradient_checkpointing=method != "prefix"
+    )
+    trainer = SFTTrainer(model, config, train_dataset=conversations(), processing_class=tokenizer)
+
+    trainer.train()
+
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert trainable and changed == trainable
+    assert all(math.isfinite(loss) for loss in step_losses(trainer))
+    _, saved = read_adapter(tmp_path / "checkpoint-2")
+    for key, value in model.adapter_state_dict("default").items():
+        torch.testing.assert_close(saved[key], value.detach(), atol=0, rtol=0)
 
 
 def test_sft_trainer_saves_adapters_and_resumes_exactly(tokenizer, tmp_path: Path) -> None:
