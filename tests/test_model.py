@@ -7,6 +7,11 @@ wrapping), each row run alone, and the merged weights. Tolerances: fp32, atol 1e
 
 from __future__ import annotations
 
+import copy
+import inspect
+import io
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -429,3 +434,121 @@ def test_wrap_and_load_refuse_what_is_not_a_module(tmp_path) -> None:
     peftkit.wrap(base, peftkit.LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path)
     with pytest.raises(TypeError, match=r"needs a torch\.nn\.Module, got str"):
         peftkit.load("not a model", tmp_path)
+
+
+# ----------------------------------------------------------------------------- forward's signature
+@pytest.mark.parametrize("tiny", TINY_MODELS, ids=lambda tiny: tiny.name)
+def test_forward_shows_the_base_models_parameters_and_adapter_names(tiny: TinyModel) -> None:
+    """What transformers.Trainer reads: the instance's forward (dataset columns) and the class's
+    (label names) list the base model's parameters, adapter_names added before **kwargs."""
+    base = tiny.make()
+    expected = [(p.name, p.kind) for p in inspect.signature(base.forward).parameters.values()]
+    at = next((i for i, (_, kind) in enumerate(expected) if kind is inspect.Parameter.VAR_KEYWORD), None)
+    expected.insert(len(expected) if at is None else at, ("adapter_names", inspect.Parameter.KEYWORD_ONLY))
+    model = peftkit.wrap(base, peftkit.LoraConfig(r=2, target_modules=list(tiny.targets[:1])))
+    another = peftkit.wrap(tiny.make(seed=1), peftkit.LoraConfig(r=2, target_modules=list(tiny.targets[:1])))
+
+    shown = [(p.name, p.kind) for p in inspect.signature(model.forward).parameters.values()]
+    on_class = [(p.name, p.kind) for p in inspect.signature(type(model).forward).parameters.values()]
+
+    assert shown == expected
+    assert on_class == [("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *expected]
+    assert isinstance(model, peftkit.PeftModel) and type(model).__name__ == "PeftModel"
+    assert type(another) is type(model), "one class per base-model class"
+
+
+def test_pickle_and_deepcopy_keep_the_wrapper_and_its_outputs() -> None:
+    tiny = TINY_MODELS[1]
+    model = peftkit.wrap(tiny.make(), peftkit.LoraConfig(r=4, target_modules=list(tiny.targets)))
+    randomize_adapters(model)
+    inputs = tiny.inputs()
+    expected = output_of(model, inputs)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+
+    unpickled = torch.load(buffer, weights_only=False)  # the object this test just wrote
+    copied = copy.deepcopy(model)
+
+    for other in (unpickled, copied):
+        assert type(other) is type(model)
+        assert inspect.signature(other.forward) == inspect.signature(model.forward)
+        assert other.active_adapters == ["default"]
+        torch.testing.assert_close(output_of(other, inputs), expected, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- load_adapter_weights
+RELOADED_CONFIGS = {
+    "lora-head": lambda: peftkit.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]
+    ),
+    "ia3": lambda: peftkit.IA3Config(
+        target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]
+    ),
+    "prompt": lambda: peftkit.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+    "prefix": lambda: peftkit.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+    "norms": lambda: peftkit.SelectiveConfig(norms_only=True),
+}
+
+
+@pytest.mark.parametrize("method", list(RELOADED_CONFIGS))
+def test_load_adapter_weights_replaces_values_in_place(method: str, tmp_path: Path) -> None:
+    """The saved values come back exactly into the same parameter objects (an optimizer holding them
+    stays valid); trainability and outputs are those of the saved model."""
+    tiny = TINY_MODELS[1]
+    model = peftkit.wrap(tiny.make(), RELOADED_CONFIGS[method]())
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in trainable:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    inputs = tiny.inputs()
+    expected = output_of(model, inputs)
+    saved = {key: t.detach().clone() for key, t in model.adapter_state_dict("default").items()}
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in trainable:
+                param.mul_(-1.5)
+    params = dict(model.named_parameters())
+    assert not torch.allclose(output_of(model, inputs), expected)
+
+    model.load_adapter_weights(tmp_path)
+
+    assert all(params[name] is p for name, p in model.named_parameters())
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable
+    for key, tensor in model.adapter_state_dict("default").items():
+        torch.testing.assert_close(tensor, saved[key], atol=0, rtol=0)
+    torch.testing.assert_close(output_of(model, inputs), expected, atol=0, rtol=0)
+
+
+def test_load_adapter_weights_refuses_another_config_and_changes_nothing(tmp_path: Path) -> None:
+    tiny = TINY_MODELS[1]
+    peftkit.wrap(
+        tiny.make(), peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+    ).save_pretrained(tmp_path)
+    model = peftkit.wrap(tiny.make(), peftkit.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"]))
+    randomize_adapters(model)
+    before = {key: t.detach().clone() for key, t in model.adapter_state_dict("default").items()}
+
+    with pytest.raises(ValueError, match=r"another config.*lora_alpha: 8 in the file, 16 here"):
+        model.load_adapter_weights(tmp_path)
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['other'\]"):
+        model.load_adapter_weights(tmp_path, "other")
+    with pytest.raises(ValueError, match=r"exists already.*load_adapter_weights\(path, adapter_name\)"):
+        model.load_adapter(tmp_path, "default")
+
+    for key, tensor in model.adapter_state_dict("default").items():
+        assert torch.equal(tensor, before[key])
+
+
+def test_load_adapter_weights_refuses_a_table_an_encoder_computes(tmp_path: Path) -> None:
+    """P-tuning saves its encoder's output: the file cannot restore the encoder that trains."""
+    tiny = TINY_MODELS[1]
+    model = peftkit.wrap(
+        tiny.make(), peftkit.PromptEncoderConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")
+    )
+    model.save_pretrained(tmp_path)
+
+    with pytest.raises(ValueError, match="P-tuning's encoder output"):
+        model.load_adapter_weights(tmp_path)

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from torch import Tensor, nn
@@ -173,6 +174,13 @@ def test_gradient_checkpointing_enable_uses_no_deprecated_transformers_api() -> 
     assert model.get_base_model().is_activation_checkpointing
 
 
+def test_activation_checkpointing_enable_names_what_a_plain_model_lacks() -> None:
+    model = peftkit.wrap(TINY_MODELS[0].make(), peftkit.LoraConfig(r=2, target_modules=["lin1"]))
+
+    with pytest.raises(TypeError, match=r"TinyConvMLP has no activation checkpointing.*use_reentrant=False"):
+        model.activation_checkpointing_enable()
+
+
 # ----------------------------------------------------------------------------- Trainer
 class TokenDataset(torch.utils.data.Dataset):
     """Seeded random token rows; labels are the inputs (causal LM)."""
@@ -190,8 +198,8 @@ class TokenDataset(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
 def test_trainer_trains_only_the_lora_parameters(tmp_path: Path, checkpointing: bool) -> None:
-    """Trainer runs 3 steps on a PeftModel (optionally turning on checkpointing itself): finite losses,
-    every lora_B moved, nothing outside the adapters moved."""
+    """Trainer (default arguments: unused columns removed) runs 3 steps on a PeftModel (optionally
+    turning on checkpointing itself): finite losses, every lora_B moved, nothing else moved."""
     model = peftkit.wrap(LLAMA.make(), lora_config())
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -203,7 +211,6 @@ def test_trainer_trains_only_the_lora_parameters(tmp_path: Path, checkpointing: 
         logging_steps=1,
         report_to=[],
         save_strategy="no",
-        remove_unused_columns=False,
         use_cpu=True,
         seed=0,
         disable_tqdm=True,
@@ -223,3 +230,109 @@ def test_trainer_trains_only_the_lora_parameters(tmp_path: Path, checkpointing: 
     changed = {name for name in before if not torch.equal(before[name], after[name].detach())}
     assert changed <= trainable
     assert {name for name in trainable if ".lora_B." in name} <= changed
+
+
+def trainer_arguments(output_dir: Path, **changes: object) -> transformers.TrainingArguments:
+    """Trainer's defaults (remove_unused_columns=True) but for a short, quiet, seeded CPU run."""
+    settings = {
+        "output_dir": str(output_dir),
+        "max_steps": 3,
+        "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 2,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "report_to": [],
+        "save_strategy": "no",
+        "use_cpu": True,
+        "seed": 0,
+        "disable_tqdm": True,
+        **changes,
+    }
+    return transformers.TrainingArguments(**settings)
+
+
+def token_rows(rows: int = 6, seed: int = 5) -> datasets.Dataset:
+    """A datasets.Dataset with the model's columns and two it does not take (text, source)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (rows, SEQ), generator=generator).tolist()
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": ids,
+            "attention_mask": [[1] * SEQ for _ in ids],
+            "labels": ids,
+            "text": ["a row the tokenizer made"] * rows,
+            "source": list(range(rows)),
+        }
+    )
+
+
+def test_trainer_keeps_the_columns_the_base_model_takes(tmp_path: Path) -> None:
+    """remove_unused_columns=True (the default) drops exactly the columns the base's forward lacks."""
+    model = peftkit.wrap(LLAMA.make(), lora_config())
+    trainer = transformers.Trainer(model=model, args=trainer_arguments(tmp_path), train_dataset=token_rows())
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    result = trainer.train()
+
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert result.global_step == 3 and math.isfinite(result.training_loss)
+
+
+def test_trainer_evaluate_reports_the_models_loss(tmp_path: Path) -> None:
+    """Trainer finds the label names on the class (find_labels) and so reports eval_loss: the mean of
+    the model's own loss over the evaluation batches (equal-sized), to 1e-6."""
+    model = peftkit.wrap(LLAMA.make(), lora_config())
+    randomize_adapters(model, seed=2)
+    rows = token_rows(rows=4)
+    trainer = transformers.Trainer(model=model, args=trainer_arguments(tmp_path), eval_dataset=rows)
+
+    metrics = trainer.evaluate()
+
+    assert trainer.label_names == ["labels"]
+    model.eval()
+    with torch.no_grad():
+        losses = [
+            model(**{key: torch.tensor(rows[key][start : start + 2]) for key in ("input_ids", "labels")}).loss
+            for start in (0, 2)
+        ]
+    assert metrics["eval_loss"] == pytest.approx(torch.stack(losses).mean().item(), abs=1e-6)
+
+
+def uses_reentrant(model: peftkit.PeftModel) -> bool:
+    """The use_reentrant transformers bound into the first decoder layer's checkpoint function."""
+    return model.get_base_model().model.layers[0]._gradient_checkpointing_func.keywords["use_reentrant"]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "checkpointing_kwargs"),
+    [(torch.float32, None), (torch.float32, {"use_reentrant": True}), (torch.bfloat16, None)],
+    ids=["fp32-default", "fp32-reentrant", "bf16-base-default"],
+)
+def test_trainer_gradient_checkpointing_trains_the_adapters_with_unchanged_losses(
+    tmp_path: Path, dtype: torch.dtype, checkpointing_kwargs: dict[str, bool] | None
+) -> None:
+    """Trainer's gradient_checkpointing=True on a wrapped model: non-reentrant unless asked, the same
+    per-step losses as without checkpointing (the blocks are recomputed with the same arithmetic:
+    equal here, atol 1e-6) and the adapters move. The bf16 base with fp32 adapters stands
+    in for a frozen base of another type (quantized bases, once peftkit has them)."""
+
+    def run(checkpointing: bool) -> tuple[peftkit.PeftModel, list[float]]:
+        model = peftkit.wrap(LLAMA.make().to(dtype), lora_config(lora_dropout=0.0))
+        args = trainer_arguments(
+            tmp_path / str(checkpointing),
+            gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs if checkpointing else None,
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=token_rows())
+        trainer.train()
+        return model, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    checkpointed, losses = run(True)
+    _, expected = run(False)
+
+    assert checkpointed.get_base_model().is_activation_checkpointing
+    assert uses_reentrant(checkpointed) == bool(checkpointing_kwargs)
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert losses == pytest.approx(expected, abs=1e-6, rel=0)
+    b_factors = [p for name, p in checkpointed.named_parameters() if ".lora_B." in name]
+    assert b_factors and all(p.dtype == torch.float32 and p.abs().max() > 0 for p in b_factors)

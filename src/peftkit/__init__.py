@@ -34,7 +34,20 @@ _EXPORTS = {
     "measure_training_step": "peftkit.memory",
 }
 _SUBMODULES = frozenset(
-    {"cli", "compare", "config", "io", "layers", "memory", "methods", "model", "models", "ops", "training"}
+    {
+        "cli",
+        "compare",
+        "config",
+        "integrations",
+        "io",
+        "layers",
+        "memory",
+        "methods",
+        "model",
+        "models",
+        "ops",
+        "training",
+    }
 )
 
 __all__ = [

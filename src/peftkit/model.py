@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import functools
+import inspect
+import itertools
+import json
 import os
 import weakref
 from collections.abc import Iterator, Sequence
@@ -35,6 +40,9 @@ class PeftModel(nn.Module):
     The base model is changed in place: each targeted module is replaced by a wrapper that keeps the
     original as ``base``. Attributes the wrapper lacks (``config``, ``generation_config``…) are read
     from the base model, so a wrapped transformers model keeps working where one is expected.
+    ``PeftModel(model)`` is an instance of a subclass made once per base-model class whose ``forward``
+    shows the base's parameters plus ``adapter_names`` (what ``inspect.signature`` and
+    ``transformers.Trainer`` read: the dataset columns it keeps, the label names); it behaves as this class.
     Model-level methods (soft prompts, selective) wrap nothing: their adapters live in
     ``model_adapters`` and act through the hooks of :class:`~peftkit.whole_model.ModelAdapter`; at most
     one of them is active at a time.
@@ -42,6 +50,16 @@ class PeftModel(nn.Module):
     Args:
         model: any ``nn.Module``; a transformers model also gets ``generate`` and its ``config``.
     """
+
+    def __new__(cls, model: nn.Module, *args: Any, **kwargs: Any) -> PeftModel:
+        if cls is PeftModel and isinstance(model, nn.Module):
+            cls = _class_for(type(model))
+        return super().__new__(cls)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The subclass is made at run time (no importable name): pickle and deepcopy rebuild it from the
+        # base model's class, then restore nn.Module's state as usual.
+        return (_new_peft_model, (type(self.model),), self.__getstate__())
 
     def __init__(self, model: nn.Module) -> None:
         _check_module(model)
@@ -148,6 +166,49 @@ class PeftModel(nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+
+    def load_adapter_weights(
+        self, path: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER_NAME
+    ) -> None:
+        """Replace the values of the existing adapter ``adapter_name`` by those saved in ``path``.
+
+        For continuing a training run: the parameters are written in place, so an optimizer holding them
+        stays valid; trainability and the active adapters do not change. ``peftkit.integrations.Trainer``
+        resumes checkpoints this way.
+
+        Raises:
+            FileNotFoundError: no adapter at ``path``.
+            ValueError: an unknown adapter name; a config that differs from this adapter's (the fields
+                are named); a tensor missing, unexpected or of another shape; or an adapter saved as a
+                computed table (P-tuning's encoder output, a projected prefix), which cannot restore
+                the parameters that compute it. Nothing is changed then.
+        """
+        self._check_known([adapter_name])
+        config_dict, tensors = read_adapter(resolve_adapter_dir(path))
+        methods = config_classes()
+        saved = config_from_dict(config_dict, methods)
+        current = config_from_dict(json.loads(self._config_json(adapter_name)), methods)
+        differing = [
+            f"{name}: {getattr(saved, name, None)!r} in the file, {getattr(current, name)!r} here"
+            for name in (f.name for f in dataclasses.fields(current))
+            if name != "base_model_name_or_path" and getattr(saved, name, None) != getattr(current, name)
+        ]
+        if type(saved) is not type(current) or differing:
+            what = "; ".join(differing) or f"{saved.peft_type} in the file, {current.peft_type} here"
+            raise ValueError(
+                f"adapter {str(path)!r} was saved with another config than adapter {adapter_name!r} "
+                f"({what}); wrap the base model with the config it was trained with, or add it as a new "
+                "adapter with load_adapter()"
+            )
+        held = {id(t) for t in itertools.chain(self.parameters(), self.buffers())}
+        computed = [key for key, t in self.adapter_state_dict(adapter_name).items() if id(t) not in held]
+        if computed:
+            raise ValueError(
+                f"adapter {adapter_name!r} is saved as a table its trainable modules compute ({computed[0]}: "
+                "P-tuning's encoder output, a projected prefix), so a file cannot restore those modules; "
+                "continue such a run with `peftkit train --resume`, whose checkpoints keep them"
+            )
+        self._load_tensors(adapter_name, tensors, source=str(path))
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make ``adapter_name`` (or several: their contributions add up) the active adapter(s).
@@ -372,6 +433,9 @@ class PeftModel(nn.Module):
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward with the adapters applied.
 
+        Takes the base model's arguments; ``inspect.signature(model.forward)`` shows them, with
+        ``adapter_names`` added.
+
         Args:
             adapter_names: one adapter name per row of the batch (``"__base__"``: no adapter) to mix
                 adapters in one batch; each row then gets what it would get alone. Layer adapters only.
@@ -404,19 +468,44 @@ class PeftModel(nn.Module):
         """The base model (with peftkit's wrappers inside while adapters are loaded)."""
         return self.model
 
-    def gradient_checkpointing_enable(
-        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict[str, Any] | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
     ) -> None:
-        """Turn on the base model's gradient checkpointing, non-reentrant by default.
+        """Turn on the base model's activation (gradient) checkpointing, non-reentrant by default.
 
         The non-reentrant variant gives adapter gradients even though the frozen inputs of each
-        checkpointed block need no gradient.
+        checkpointed block need no gradient, and reads nothing of the base weights, so it works
+        whatever their type. ``transformers.Trainer`` calls this for ``gradient_checkpointing=True``
+        (``activation_checkpointing=True``), passing ``gradient_checkpointing_kwargs`` as
+        ``activation_checkpointing_kwargs``.
+
+        Raises:
+            TypeError: the base model has no checkpointing of its own (not a transformers model).
         """
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        # Passed on only when set, so transformers versions before these options keep working.
+        options = {} if (every_n_layers, offload) == (1, False) else {"every_n_layers": every_n_layers}
+        if offload:
+            options["offload"] = True
         if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
+        elif hasattr(self.model, "gradient_checkpointing_enable"):
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
         else:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            raise TypeError(
+                f"{type(self.model).__name__} has no activation checkpointing of its own (transformers "
+                "models have it); for another model, wrap its blocks in "
+                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) yourself"
+            )
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> None:
+        """The older name of :meth:`activation_checkpointing_enable` (non-reentrant by default)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
 
     # ----------------------------------------------------------------------------- accounting
     def trainable_parameters(self) -> tuple[int, int]:
@@ -445,7 +534,8 @@ class PeftModel(nn.Module):
             raise ValueError(f"{BASE_ADAPTER_NAME!r} is reserved for 'no adapter' in adapter_names")
         if adapter_name in self.peft_config:
             raise ValueError(
-                f"an adapter named {adapter_name!r} exists already; pick another name or delete_adapter() it"
+                f"an adapter named {adapter_name!r} exists already; pick another name, delete_adapter() it, "
+                "or replace its values with load_adapter_weights(path, adapter_name)"
             )
 
     def _active_model_adapters(self) -> list[ModelAdapter]:
@@ -627,6 +717,50 @@ class PeftModel(nn.Module):
         self._trainable.clear()
         self._active = []
         return self.model
+
+
+@functools.cache
+def _class_for(base_class: type[nn.Module]) -> type[PeftModel]:
+    """The PeftModel subclass for bases of ``base_class``: its ``forward`` shows the base's parameters.
+
+    transformers reads a model's inputs from its ``forward``: ``Trainer`` keeps the dataset columns named
+    in ``inspect.signature(model.forward)`` and takes label names from ``type(model).forward``, TRL copies
+    ``type(model).forward``'s signature. A class per base class serves both readings.
+    """
+    signature = _forward_signature(base_class)
+    if signature is None:
+        return PeftModel
+
+    def forward(
+        self: PeftModel, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
+    ) -> Any:
+        return PeftModel.forward(self, *args, adapter_names=adapter_names, **kwargs)
+
+    forward.__doc__ = PeftModel.forward.__doc__
+    forward.__qualname__ = f"{PeftModel.__qualname__}.forward"
+    forward.__signature__ = signature  # type: ignore[attr-defined]
+    namespace = {"forward": forward, "__module__": __name__, "__qualname__": PeftModel.__qualname__}
+    return type(PeftModel.__name__, (PeftModel,), namespace)
+
+
+def _forward_signature(base_class: type[nn.Module]) -> inspect.Signature | None:
+    """``base_class.forward``'s signature (``self`` first) with PeftModel's keyword-only
+    ``adapter_names`` put before any ``**kwargs``; None when it cannot be read or has that name."""
+    try:
+        signature = inspect.signature(base_class.forward)
+    except (TypeError, ValueError):  # a forward inspect cannot read (compiled, built-in)
+        return None
+    if "adapter_names" in signature.parameters:
+        return None
+    parameters = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(parameters) if p.kind is p.VAR_KEYWORD), len(parameters))
+    parameters.insert(at, inspect.signature(PeftModel.forward).parameters["adapter_names"])
+    return signature.replace(parameters=parameters)
+
+
+def _new_peft_model(base_class: type[nn.Module]) -> PeftModel:
+    """An empty PeftModel of the class for ``base_class``, for unpickling (see ``PeftModel.__reduce__``)."""
+    return nn.Module.__new__(_class_for(base_class))
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -65,3 +65,16 @@ def test_the_probe_sees_heavy_imports() -> None:
         check=True,
     ).stdout
     assert out.strip() == "True"
+
+
+def test_importing_the_integrations_package_loads_no_trainer() -> None:
+    """``peftkit.integrations`` names its trainers lazily: transformers and TRL load on first use."""
+    code = (
+        "import json, sys, peftkit.integrations as integrations; loaded = lambda: "
+        "[name for name in ('torch', 'transformers', 'trl') if name in sys.modules]; before = loaded(); "
+        "integrations.Trainer; print(json.dumps([before, loaded()]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    before, after = json.loads(out)
+    assert before == []
+    assert after == ["torch", "transformers"], "the check can fail: Trainer does need them"

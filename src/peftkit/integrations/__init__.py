@@ -1,0 +1,38 @@
+"""peftkit models in other tools' trainers: ``Trainer`` (transformers) and ``SFTTrainer`` (TRL).
+
+Both are the tool's own class with :class:`~peftkit.integrations.trainer.AdapterCheckpoints` mixed in,
+so checkpoints and ``save_model()`` hold adapter directories and ``resume_from_checkpoint`` restores
+them. The names are imported on first use: ``import peftkit.integrations`` loads neither transformers
+nor TRL, and ``SFTTrainer`` needs TRL installed only when it is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "AdapterCheckpoints": "peftkit.integrations.trainer",
+    "Trainer": "peftkit.integrations.trainer",
+    "load_saved_adapters": "peftkit.integrations.trainer",
+    "SFTTrainer": "peftkit.integrations.trl",
+}
+
+__all__ = ["AdapterCheckpoints", "SFTTrainer", "Trainer", "load_saved_adapters"]
+
+if TYPE_CHECKING:
+    from peftkit.integrations.trainer import AdapterCheckpoints, Trainer, load_saved_adapters
+    from peftkit.integrations.trl import SFTTrainer
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'peftkit.integrations' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
