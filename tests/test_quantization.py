@@ -10,6 +10,7 @@ dequantized model agrees with the unmerged quantized one within 1e-2 on logits o
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -226,3 +227,40 @@ def test_estimate_counts_quantized_weights_as_a_measured_step_holds_them(run_mod
     assert abs(predicted.peak - measured.peak) <= 0.15 * measured.peak
     unquantized = estimate(str(run_model_dir), method=lora, batch=4, seq=64).peft
     assert predicted.weights < unquantized.weights * (0.35 if scheme == "nf4" else 0.5)
+
+
+def test_trainer_with_gradient_checkpointing_trains_lora_on_a_4_bit_base(run_model_dir, tmp_path) -> None:
+    # issue 14's item 4 on a quantized base: transformers' gradient_checkpointing=True through
+    # peftkit.integrations.Trainer; the adapter changes, the 4-bit weights do not
+    import datasets
+    import transformers
+
+    from peftkit.integrations import Trainer
+
+    model, tokenizer = load_model(
+        str(run_model_dir), quantize="nf4", quantization_options={"compute_dtype": "float32"}
+    )
+    model = peftkit.wrap(model, peftkit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = {k: v.detach().clone() for k, v in model.adapter_state_dict("default").items()}
+    packed = model.model.model.layers[0].self_attn.q_proj.base.weight.detach().clone()
+    texts = ["Ada Park is a surgeon in Lima.", "Bo Li paints in Oslo.", "Cy Diaz flies to Pune."] * 2
+    rows = datasets.Dataset.from_dict(dict(tokenizer(texts)))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        gradient_checkpointing=True,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    tokenizer.padding_side = "right"
+    collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+    losses = [entry["train_loss"] for entry in [trainer.train().metrics]]
+    assert all(math.isfinite(loss) for loss in losses)
+    after = model.adapter_state_dict("default")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(model.model.model.layers[0].self_attn.q_proj.base.weight.detach(), packed)

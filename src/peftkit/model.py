@@ -73,6 +73,13 @@ class PeftModel(nn.Module):
         self.model_adapters = nn.ModuleDict()
         self._model_adapters_disabled = False
 
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        """transformers' flag for "adapters are attached": its Trainer refuses to fine-tune a quantized
+        model without them (``validate_quantization_for_training``), and would otherwise read the
+        base model's ``False`` through :meth:`__getattr__`."""
+        return bool(self.peft_config)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)  # parameters, buffers and submodules, incl. "model"
