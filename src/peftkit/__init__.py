@@ -46,6 +46,7 @@ _SUBMODULES = frozenset(
         "model",
         "models",
         "ops",
+        "quantization",
         "training",
     }
 )
