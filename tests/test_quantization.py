@@ -21,7 +21,13 @@ import peftkit
 from peftkit.errors import UsageError
 from peftkit.layers import AdapterLayer
 from peftkit.models import load_model
-from peftkit.quantization import SCHEMES, dequantize_weight, is_quantized, quantization_config
+from peftkit.quantization import (
+    SCHEMES,
+    dequantize_weight,
+    is_quantized,
+    keep_trainable_layout,
+    quantization_config,
+)
 
 pytest.importorskip("bitsandbytes")
 
@@ -88,6 +94,7 @@ def test_same_adapter_on_the_same_quantized_base_gives_hf_peft_logits_both_ways(
     ours = lora_on(quantized(model_dir, scheme), r=4, lora_alpha=8).eval()
     ours.save_pretrained(tmp_path / "ours")
     theirs = HfPeftModel.from_pretrained(quantized(model_dir, scheme), tmp_path / "ours").eval()
+    keep_trainable_layout(theirs)  # the same bitsandbytes kernel as peftkit's (no CPU inference repack)
     with torch.no_grad():
         expected = theirs(input_ids=IDS).logits
         torch.testing.assert_close(ours(input_ids=IDS).logits, expected, atol=1e-5, rtol=0)
@@ -264,3 +271,23 @@ def test_trainer_with_gradient_checkpointing_trains_lora_on_a_4_bit_base(run_mod
     after = model.adapter_state_dict("default")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(model.model.model.layers[0].self_attn.q_proj.base.weight.detach(), packed)
+
+
+def test_gradients_after_an_evaluation_are_those_of_a_fresh_model(model_dir) -> None:
+    # bitsandbytes 0.50 repacks 4-bit weights for its CPU inference kernel on an eval-mode, no-grad
+    # forward, and its backward then gave zero input gradients: a peftkit train run that scored the
+    # base model first diverged. peftkit keeps the standard layout on the models it wraps.
+    def lora_gradients(evaluate_first: bool) -> list[torch.Tensor]:
+        model = lora_on(quantized(model_dir))
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=IDS)
+        model.train()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        return [p.grad for p in model.parameters() if p.requires_grad]
+
+    fresh, evaluated = lora_gradients(False), lora_gradients(True)
+    assert all(g.abs().sum() > 0 for g in evaluated)
+    for a, b in zip(fresh, evaluated, strict=True):
+        torch.testing.assert_close(b, a, atol=0, rtol=0)

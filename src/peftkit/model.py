@@ -24,7 +24,7 @@ from peftkit.formatting import format_count, format_percent
 from peftkit.io import KEY_PREFIX, read_adapter, resolve_adapter_dir, write_adapter
 from peftkit.layers import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSave, Routing, outer_modules
 from peftkit.methods import config_classes
-from peftkit.quantization import dequantized_linear, is_quantized
+from peftkit.quantization import dequantized_linear, is_quantized, keep_trainable_layout
 from peftkit.targeting import CLASSIFIER_HEAD_NAMES, find_targets, name_matches
 from peftkit.whole_model import ModelAdapter, is_model_level
 
@@ -65,6 +65,7 @@ class PeftModel(nn.Module):
         _check_module(model)
         super().__init__()
         self.model = model
+        keep_trainable_layout(model)  # bitsandbytes' CPU inference layout would break adapter gradients
         _WRAPPERS[id(model)] = self
         self.peft_config: dict[str, AdapterConfig] = {}
         self._targets: dict[str, list[str]] = {}

@@ -29,6 +29,7 @@ __all__ = [
     "dequantize_weight",
     "dequantized_linear",
     "is_quantized",
+    "keep_trainable_layout",
     "quantization_config",
     "require_bitsandbytes",
 ]
@@ -81,6 +82,31 @@ def is_quantized(module: nn.Module) -> bool:
     base's ``weight`` does not)."""
     weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
     return type(weight).__name__ in _QUANTIZED_WEIGHTS
+
+
+def keep_trainable_layout(model: nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit layers of ``model`` in their standard layout, so gradients through
+    them stay right.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight for a faster kernel on its
+    first forward in eval mode without gradients (evaluation, generation), and its backward then reads
+    the repacked weight as if it were not: the input gradients come out zero (measured on SmolLM2:
+    LoRA gradients of every layer but the last were zero after one evaluation, and a run diverged).
+    So the repacking is switched off on every 4-bit layer, and a layer already repacked is unpacked
+    with bitsandbytes' own inverse (what its ``state_dict`` and ``.cuda()`` do).
+    """
+    for module in model.modules():
+        if type(getattr(module, "weight", None)).__name__ != "Params4bit":
+            continue
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+        state = module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state
+            )
 
 
 def dequantize_weight(module: nn.Module) -> Tensor:
