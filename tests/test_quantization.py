@@ -69,6 +69,11 @@ def test_load_model_quantizes_the_linear_layers_but_not_the_head(model_dir, sche
     layers = [name for name, m in model.named_modules() if is_quantized(m)]
     assert len(layers) == 2 * 7 and not any("lm_head" in name for name in layers)
     wrapped = lora_on(model)
+    from transformers import AutoModelForCausalLM
+
+    plain_total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    trainable, total = wrapped.trainable_parameters()  # 4-bit weights count as the weights they hold
+    assert total - trainable == plain_total
     adapted = [name for name, m in wrapped.named_modules() if isinstance(m, AdapterLayer)]
     assert len(adapted) == 14 and not any("lm_head" in name for name in adapted)  # all-linear finds them
 

@@ -9,6 +9,7 @@ import functools
 import inspect
 import itertools
 import json
+import math
 import os
 import weakref
 from collections.abc import Iterator, Sequence
@@ -785,9 +786,18 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     embeddings) counts once, as ``nn.Module.parameters`` yields it once."""
     trainable = total = 0
     for param in model.parameters():
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
+        count = _logical_numel(param)
+        total += count
+        trainable += count if param.requires_grad else 0
     return trainable, total
+
+
+def _logical_numel(param: nn.Parameter) -> int:
+    """Weights a parameter stands for: a bitsandbytes 4-bit weight packs two in each stored byte."""
+    state = getattr(param, "quant_state", None)
+    if type(param).__name__ == "Params4bit" and state is not None:
+        return math.prod(state.shape)
+    return param.numel()
 
 
 def wrap(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT_ADAPTER_NAME) -> PeftModel:
