@@ -80,8 +80,12 @@ def quantization_config(
 def is_quantized(module: nn.Module) -> bool:
     """Whether ``module`` owns a bitsandbytes 4-bit or 8-bit weight (a wrapper that only forwards its
     base's ``weight`` does not)."""
-    weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-    return type(weight).__name__ in _QUANTIZED_WEIGHTS
+    return type(_own_weight(module)).__name__ in _QUANTIZED_WEIGHTS
+
+
+def _own_weight(module: nn.Module) -> Any:
+    """The module's own ``weight`` parameter (not one a wrapper forwards from its base), or None."""
+    return module._parameters.get("weight") if hasattr(module, "_parameters") else None
 
 
 def keep_trainable_layout(model: nn.Module) -> None:
@@ -96,7 +100,7 @@ def keep_trainable_layout(model: nn.Module) -> None:
     with bitsandbytes' own inverse (what its ``state_dict`` and ``.cuda()`` do).
     """
     for module in model.modules():
-        if type(getattr(module, "weight", None)).__name__ != "Params4bit":
+        if type(_own_weight(module)).__name__ != "Params4bit":
             continue
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False

@@ -51,21 +51,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     from peftkit.memory.planner import format_plan, parse_size, plan
 
     budget = parse_size(args.budget)
-    targets = args.target_modules
-    rows = plan(
-        args.model,
-        budget,
-        args.max_length,
-        method=args.method,
-        r=args.r,
-        targets=targets if targets == "all-linear" else [t for t in targets.split(",") if t],
-        dtype=args.dtype,
-        optimizer=args.optimizer,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        loss=args.loss,
-        padded=args.padded,
-    )
+    # the planner varies batch, quantization and checkpointing itself
+    rows = plan(args.model, budget, args.max_length, **_shared_settings(args))
     if args.json:
         print(json.dumps([dataclasses.asdict(row) for row in rows], indent=2))
     else:
@@ -130,25 +117,31 @@ def estimate_from_args(args: argparse.Namespace) -> MemoryEstimate:
     """:func:`peftkit.memory.estimate` for arguments parsed with :func:`add_estimate_arguments`."""
     from peftkit.memory import estimate
 
-    targets = args.target_modules
-    targets = targets if targets == "all-linear" else [t for t in targets.split(",") if t]
     return estimate(
         args.model,
-        method=args.method,
-        r=args.r,
-        targets=targets,
         batch=args.batch_size,
         seq=args.max_length,
-        dtype=args.dtype,
-        optimizer=args.optimizer,
         grad_checkpointing=args.gradient_checkpointing,
         device_memory=args.device_memory,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        loss=args.loss,
-        padded=args.padded,
         quantize=None if args.quantize == "none" else args.quantize,
+        **_shared_settings(args),
     )
+
+
+def _shared_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``estimate()`` settings a single estimate and the ``--budget`` plan both take from the flags."""
+    targets = args.target_modules
+    return {
+        "method": args.method,
+        "r": args.r,
+        "targets": targets if targets == "all-linear" else [t for t in targets.split(",") if t],
+        "dtype": args.dtype,
+        "optimizer": args.optimizer,
+        "lora_alpha": args.lora_alpha,
+        "lora_dropout": args.lora_dropout,
+        "loss": args.loss,
+        "padded": args.padded,
+    }
 
 
 def estimate_run(config: TrainConfig) -> str:

@@ -108,12 +108,10 @@ def load_base_model(config: TrainConfig) -> tuple[nn.Module, Any]:
 
     name = DEFAULT_MODEL if config.model == DEFAULT_MODEL_HUB_ID else config.model
     quantize = None if config.quantize == "none" else config.quantize
-    if quantize is not None:
-        from peftkit.quantization import require_bitsandbytes
-
-        require_bitsandbytes()  # its own one-line error, not "cannot load model"
     try:
         model, tokenizer = load_model(name, task=config.task, dtype=config.dtype, quantize=quantize)
+    except UsageError:
+        raise  # already says what to do (e.g. the install command bitsandbytes needs)
     except (FileNotFoundError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot load model {config.model!r}: {first}") from e
