@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -21,11 +20,23 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.config import AdapterConfig, config_from_dict, config_to_json
+from peftkit.errors import UsageError
 from peftkit.formatting import format_count, format_percent
 from peftkit.io import KEY_PREFIX, read_adapter, resolve_adapter_dir, write_adapter
 from peftkit.layers import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSave, Routing, outer_modules
 from peftkit.methods import config_classes
-from peftkit.quantization import dequantized_linear, is_quantized, keep_trainable_layout
+from peftkit.quantization import SCHEMES, dequantized_linear, is_quantized, keep_trainable_layout
+from peftkit.requantization import (
+    QuantizationRecord,
+    RequantizationReport,
+    default_probe,
+    detach_quantization_record,
+    logit_drift,
+    model_logits,
+    quantized_layers,
+    requantize_layers,
+    scheme_record,
+)
 from peftkit.targeting import CLASSIFIER_HEAD_NAMES, find_targets, name_matches
 from peftkit.whole_model import ModelAdapter, is_model_level
 
@@ -379,20 +390,89 @@ class PeftModel(nn.Module):
             adapter.unmerge(self.model)
 
     def merge_and_unload(
-        self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+        self,
+        safe_merge: bool = False,
+        adapter_names: Sequence[str] | None = None,
+        requantize: bool | str = False,
+        probe: Tensor | None = None,
     ) -> nn.Module:
         """Merge adapters (default: the active ones) and return the plain base model, no peftkit inside.
 
         ``modules_to_save`` copies of the merged adapters replace their originals. This PeftModel is
         empty afterwards. A quantized base (4-bit or 8-bit) comes back dequantized, every linear layer
         a plain ``nn.Linear`` in its compute dtype, with the adapters merged exactly.
+
+        Args:
+            requantize: quantize the merged layers again instead (``True``: each layer as it was;
+                ``"nf4"``, ``"fp4"``, ``"int8"``: that scheme). This changes the merged weights: the
+                change of the logits against the unmerged model is measured on ``probe`` and kept
+                as the returned model's ``requantization_report``
+                (a :class:`peftkit.requantization.RequantizationReport`, which also gives the change
+                the adapter itself makes, for scale).
+            probe: ``(batch, seq)`` token ids for that measurement (default: 2×64 ids drawn with a
+                fixed seed from the vocabulary).
+
+        Raises:
+            UsageError: ``requantize`` on a base that is not quantized, or an unknown scheme.
         """
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         self.unmerge_adapter()
         self._check_known(names)
+        if requantize:
+            return self._merge_requantized(names, safe_merge, requantize, probe)
         self._dequantize()
         self.merge_adapter(names, safe_merge=safe_merge)
         return self._unwrap(keep_copies_of=names)
+
+    def _merge_requantized(
+        self, names: list[str], safe_merge: bool, scheme: bool | str, probe: Tensor | None
+    ) -> nn.Module:
+        # Keyed by their paths once unwrapped: a wrapper's quantized base will sit where the wrapper is.
+        layers = {self._unwrapped_path(n): settings for n, settings in quantized_layers(self.model).items()}
+        if not layers:
+            raise UsageError(
+                "requantize: the base model is not quantized; merge without it and load the merged "
+                "model quantized (peftkit.models.load_model(..., quantize='nf4'))"
+            )
+        if isinstance(scheme, str):
+            if scheme not in SCHEMES:
+                raise UsageError(f"requantize: unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+            layers = {name: settings.with_scheme(scheme) for name, settings in layers.items()}
+        probe = default_probe(self.model) if probe is None else probe
+        with self._active_only(names):
+            reference = model_logits(self, probe)
+        with self.disable_adapters():
+            base = model_logits(self, probe)
+        record = self._dequantize(torch.float32)  # merged and quantized again without rounding between
+        self.merge_adapter(names, safe_merge=safe_merge)
+        merged = self._unwrap(keep_copies_of=names)
+        requantize_layers(merged, layers)
+        first = next(iter(layers.values()))
+        scheme_record(record, first.scheme, first.compute_dtype).attach(merged)
+        merged.requantization_report = RequantizationReport(
+            drift=logit_drift(reference, model_logits(merged, probe)),
+            adapter_effect=logit_drift(base, reference),
+        )
+        return merged
+
+    def _unwrapped_path(self, name: str) -> str:
+        """The path the module at ``name`` will have after unwrapping (a wrapper's ``base`` moves up)."""
+        parent, _, child = name.rpartition(".")
+        if child == "base" and isinstance(self.model.get_submodule(parent), AdapterLayer):
+            return parent
+        return name
+
+    @contextmanager
+    def _active_only(self, names: list[str]) -> Iterator[None]:
+        """Make ``names`` the active adapters for the block (the reference a merge of them must match)."""
+        before = list(self._active)
+        if names != before:
+            self.set_adapter(names)
+        try:
+            yield
+        finally:
+            if names != before and before:
+                self.set_adapter(before)
 
     def unload(self) -> nn.Module:
         """Remove every adapter (unmerging first) and return the original base model."""
@@ -695,21 +775,14 @@ class PeftModel(nn.Module):
             for wrapper in wrappers:
                 wrapper.routing = None
 
-    def _dequantize(self) -> None:
-        """Turn every bitsandbytes layer of the base model into a plain ``nn.Linear`` (for merging)."""
+    def _dequantize(self, dtype: torch.dtype | None = None) -> QuantizationRecord:
+        """Turn every bitsandbytes layer of the base model into a plain ``nn.Linear`` (for merging) in
+        ``dtype`` (default: its compute dtype); returns transformers' record that the model was
+        quantized, now removed from it."""
         quantized = [(name, m) for name, m in self.model.named_modules() if is_quantized(m)]
         for name, module in quantized:
-            self.model.set_submodule(name, dequantized_linear(module))
-        if quantized:  # transformers would otherwise save and treat the model as quantized
-            if hasattr(self.model, "config") and hasattr(self.model.config, "quantization_config"):
-                del self.model.config.quantization_config
-            for flag in ("hf_quantizer", "quantization_method"):
-                if hasattr(self.model, flag):
-                    setattr(self.model, flag, None)
-            for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
-                if isinstance(getattr(self.model, flag, None), bool):
-                    with contextlib.suppress(AttributeError):  # a read-only property follows hf_quantizer
-                        setattr(self.model, flag, False)
+            self.model.set_submodule(name, dequantized_linear(module, dtype))
+        return detach_quantization_record(self.model) if quantized else QuantizationRecord()
 
     def _unwrap(self, keep_copies_of: list[str]) -> nn.Module:
         for name, adapter in self.model_adapters.items():

@@ -149,7 +149,10 @@ def load_model(
     import transformers
 
     auto_model = getattr(transformers, auto_name)
-    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    source_kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    kwargs = dict(
+        source_kwargs
+    )  # the tokenizer takes only these (a quantization config would be saved with it)
     if quantize is not None:
         if gguf_file:
             raise ValueError(
@@ -169,7 +172,7 @@ def load_model(
 
     tokenizer = None
     if gguf_file or not Path(source).is_dir() or _has_tokenizer_files(Path(source)):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **source_kwargs)
 
     if tokenizer is not None and task == "causal-lm":
         # A decoder continues from a row's last position, so batched prompts are padded on the left

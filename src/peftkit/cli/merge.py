@@ -9,6 +9,9 @@ from typing import Any
 
 from peftkit.cli.common import add_run_arguments
 from peftkit.errors import UsageError
+from peftkit.quantization import SCHEMES
+
+PROBE_TOKENS = 256
 
 __all__ = ["register_merge", "run_merge"]
 
@@ -25,6 +28,23 @@ def register_merge(subparsers: Any) -> None:
     add_run_arguments(parser, "output_dir of peftkit train, or an adapter directory")
     parser.add_argument("out", help="directory for the merged model")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty OUT")
+    parser.add_argument(
+        "--requantize",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_scheme,
+        metavar="SCHEME",
+        help="a run trained on a quantized base (--quantize): quantize the merged layers again (as they "
+        "were, or with SCHEME: nf4, fp4, int8) instead of saving them dequantized; prints how much the "
+        "logits changed against the unmerged model on --probe-text",
+    )
+    parser.add_argument(
+        "--probe-text",
+        metavar="FILE",
+        help="text to measure the change of the logits on with --requantize (default: a shipped "
+        f"paragraph of general English; its first {PROBE_TOKENS} tokens)",
+    )
     parser.set_defaults(handler=run_merge)
 
 
@@ -39,10 +59,13 @@ def run_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
     model, tokenizer, _ = load_run(args.run_dir, args.model)
     if not isinstance(model, PeftModel):
         raise UsageError(f"{args.run_dir} holds no adapter to merge (a full fine-tuning run is a model)")
+    probe = _probe(args.probe_text, tokenizer) if args.requantize else None
     try:
-        merged = model.merge_and_unload(safe_merge=True)
+        merged = model.merge_and_unload(safe_merge=True, requantize=args.requantize, probe=probe)
     except (ValueError, NotImplementedError) as e:
         raise UsageError(f"cannot merge {args.run_dir}: {e}") from e
+    if args.requantize:
+        print(f"re-quantized the merged layers; {merged.requantization_report}")
     if out.exists():
         remove_path(out)
     save_pretrained([merged, tokenizer], out)
@@ -54,3 +77,22 @@ def run_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
         atomic_write(out / CONFIG_FILE, lambda tmp: tmp.write_text(header + recorded))
         print(f"  with the run's {CONFIG_FILE}: peftkit generate {out} ... prompts as the run did")
     return 0
+
+
+def _scheme(text: str) -> str:
+    if text not in SCHEMES:
+        raise argparse.ArgumentTypeError(f"unknown scheme {text!r}; use one of {', '.join(SCHEMES)}")
+    return text
+
+
+def _probe(path: str | None, tokenizer: Any) -> Any:
+    """``(1, <=PROBE_TOKENS)`` token ids of the probe text (``None``: random ids, when no tokenizer)."""
+    from peftkit.compare.plan import GENERAL_TEXT
+
+    if tokenizer is None:
+        return None
+    source = Path(path) if path else GENERAL_TEXT
+    if not source.is_file():
+        raise UsageError(f"--probe-text: no file {source}")
+    ids = tokenizer(source.read_text(), return_tensors="pt").input_ids
+    return ids[:, :PROBE_TOKENS]
