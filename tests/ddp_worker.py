@@ -1,4 +1,5 @@
-"""Run by tests/test_train.py under torchrun: train with DDP, then save each rank's trainable parameters.
+"""Run under torchrun by tests/torchrun.py: train with DDP (or FSDP2), then save each rank's trainable
+parameters (DDP only: under FSDP2 a process holds shards).
 
 Usage: ``torchrun --nproc_per_node=2 tests/ddp_worker.py '<JSON of TrainConfig keys>'``; each rank writes
 ``<output_dir>/rank-<rank>.safetensors``.
@@ -21,6 +22,8 @@ from peftkit.training.loop import train
 def main() -> None:
     config = load_config(None, json.loads(sys.argv[1]))
     result = train(config)
+    if config.fsdp:  # each process holds shards; the adapter file in output_dir is the whole
+        return
     rank = int(os.environ.get("RANK", "0"))
     save_file(trainable_state(result.model), str(Path(config.output_dir) / f"rank-{rank}.safetensors"))
 

@@ -11,8 +11,6 @@ import math
 import os
 import shlex
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +27,7 @@ from peftkit.training.loop import lr_factor, train
 from peftkit.training.method_choice import METHOD_NAMES
 from peftkit.training.tasks import BUILTIN_TASKS
 from tiny_lm import build_model, build_tokenizer
+from torchrun import run_two_processes
 
 REPO = Path(__file__).resolve().parents[2]
 DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum"
@@ -430,26 +429,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(
     common = settings(tmp_path, model_dir, small_data, max_steps=4, eval_examples=0)
     single = train(load_config(None, {**common, "output_dir": str(tmp_path / "single"), "batch_size": 4}))
     ddp_out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(REPO / "tests" / "ddp_worker.py"),
-        json.dumps({**common, "output_dir": str(ddp_out), "batch_size": 2}),
-    ]
-    # its own session, so that a hang can be killed whole (torchrun and both workers)
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-    assert process.returncode == 0, stderr[-3000:]
+    stdout = run_two_processes({**common, "output_dir": str(ddp_out), "batch_size": 2})
     assert "2 process(es)" in stdout
     rank0, rank1 = (load_file(ddp_out / f"rank-{r}.safetensors") for r in (0, 1))
     assert rank0.keys() == rank1.keys()

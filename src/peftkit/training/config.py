@@ -93,6 +93,9 @@ class TrainConfig:
     threads: int = _key(0, "CPU threads per process; 0: the cores other processes leave free (rechecked)")
     bf16: bool = _key(False, "bfloat16 autocast (mixed precision)")
     gradient_checkpointing: bool = _key(False, "recompute activations in backward to save memory")
+    fsdp: bool = _key(
+        False, "under torchrun: shard parameters across the processes with FSDP2 instead of replicating (DDP)"
+    )
     # --- evaluation
     metric: str = _key(
         "auto", "headline metric; auto: exact_match for short answers, rougeL for long", choices=METRICS

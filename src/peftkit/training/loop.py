@@ -32,6 +32,7 @@ from torch import nn
 from peftkit.errors import UsageError
 from peftkit.io import atomic_write, check_overwrite, remove_path, save_pretrained
 from peftkit.model import PeftModel, count_parameters, wrap
+from peftkit.ops import fused_cross_entropy
 from peftkit.training.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
@@ -55,6 +56,15 @@ from peftkit.training.reports import (
     truncate_metrics,
 )
 from peftkit.training.result import TrainResult
+from peftkit.training.sharding import (
+    check_shardable,
+    full_parameters,
+    gradient_sync,
+    shard,
+    to_float,
+    with_full_state_dict,
+)
+from peftkit.whole_model import is_model_level
 
 __all__ = ["CONFIG_FILE", "TrainResult", "load_base_model", "lr_factor", "train"]
 
@@ -247,6 +257,7 @@ class _Run:
         self.main = accelerator.is_main_process
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
+        self.sharded = config.fsdp and self.world > 1  # FSDP2 (training/sharding.py) instead of DDP
         self.start = time.perf_counter()
         self._permutation: dict[int, list[int]] = {}  # the current epoch's row order
 
@@ -262,9 +273,13 @@ class _Run:
         self._check_output_dir()
         self.acc.wait_for_everyone()  # every process checks before any writes
         method_config = build_method_config(config.method, config.method_options, config.task)
+        if self.sharded:
+            check_shardable(config.quantize, is_model_level(method_config), config.save_every, config.resume)
         self.say(f"peftkit train: {config.method} on {config.model} ({config.task}, {config.dtype})")
         check_data(config)  # bad data is reported before the model loads
         model, data = self._load(method_config)
+        if self.sharded:
+            shard(model)
         steps_per_epoch = self._steps_per_epoch(len(data.train))
         total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
         references = data.validation["references"] if data.validation is not None else []
@@ -281,7 +296,10 @@ class _Run:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, config.warmup_steps, total_steps)
         )
-        wrapped, optimizer = self.acc.prepare(model, optimizer)
+        if self.sharded:  # the model is sharded in place; accelerate would wrap it in DDP
+            wrapped, optimizer = model, self.acc.prepare(optimizer)
+        else:
+            wrapped, optimizer = self.acc.prepare(model, optimizer)
         self._report_setup(model, data, total_steps, steps_per_epoch, metric)
         setup = _Setup(
             model=model,
@@ -422,7 +440,10 @@ class _Run:
         lines.append(
             f"steps: {total} of {batch} rows ({total / per_epoch:.2f} epochs), {self.world} process(es)"
             + (f", {torch.get_num_threads()} CPU thread(s) each" if self.acc.device.type == "cpu" else "")
+            + (", parameters sharded (FSDP2)" if self.sharded else "")
         )
+        if self.config.fsdp and not self.sharded:
+            lines.append("fsdp: one process, nothing to shard (start with torchrun --nproc_per_node N)")
         self.say("\n".join(lines))
         self.say(trainable_table(model))
 
@@ -479,12 +500,12 @@ class _Run:
             batch = collate([setup.train_rows[i] for i in rows], setup.pad_id)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = j == config.grad_accum - 1
-            with contextlib.nullcontext() if sync else acc.no_sync(setup.wrapped):
+            with self._gradient_sync(setup, sync), self._loss_mode():
                 summed, _ = loss_sum(setup.wrapped, batch, config.task)
-                acc.backward(summed * self.world / n_targets)  # DDP averages over processes
+                acc.backward(summed * self.world / n_targets)  # DDP and FSDP2 average over processes
             local_loss += summed.detach()
             local_tokens += batch["attention_mask"].sum()
-        norm = float(acc.clip_grad_norm_(setup.params, config.max_grad_norm or float("inf")))
+        norm = to_float(acc.clip_grad_norm_(setup.params, config.max_grad_norm or float("inf")))
         loss = (acc.reduce(local_loss, "sum") / n_targets).item()
         tokens = int(acc.reduce(local_tokens, "sum").item())
         if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -494,6 +515,17 @@ class _Run:
         setup.scheduler.step()
         setup.optimizer.zero_grad(set_to_none=True)
         return _StepOutcome(loss, norm, tokens)
+
+    def _loss_mode(self) -> Any:
+        """Under FSDP2 the model's own loss: the fused head loss reads the head's weight outside the
+        model's forward, where it is sharded."""
+        return fused_cross_entropy(False) if self.sharded else contextlib.nullcontext()
+
+    def _gradient_sync(self, setup: _Setup, sync: bool) -> Any:
+        """Gradients reduced across processes after this micro-batch (``sync``) or kept local."""
+        if self.sharded:
+            return gradient_sync(setup.model, sync)
+        return contextlib.nullcontext() if sync else self.acc.no_sync(setup.wrapped)
 
     def _after_step(
         self,
@@ -645,19 +677,25 @@ class _Run:
         )
 
     def _save_final(self, model: nn.Module) -> None:
+        if hasattr(model, "peft_config"):
+            with full_parameters(model) if self.sharded else contextlib.nullcontext():
+                if self.main:
+                    model.save_pretrained(self.out)
+                self.acc.wait_for_everyone()
+            return
+        # full fine-tuning: a complete model directory, files with the umask's mode
+        saveable = with_full_state_dict(model) if self.sharded else model
         if self.main:
-            if hasattr(model, "peft_config"):
-                model.save_pretrained(self.out)
-            else:  # full fine-tuning: a complete model directory, files with the umask's mode
-                save_pretrained([model, self.tokenizer], self.out)
+            save_pretrained([saveable, self.tokenizer], self.out)
         self.acc.wait_for_everyone()
 
     def _evaluate(
         self, model, data: PreparedData, step: int, log: MetricsLog | None, when: str, progress: Any = None
     ) -> dict[str, Any]:
-        """Score on the held-out rows (main process; the others wait), leaving the random state as it was."""
+        """Score on the held-out rows (main process; the others wait; under FSDP2 every process runs
+        the same evaluation, as its forward needs them all), leaving the random state as it was."""
         result: dict[str, Any] = {}
-        if self.main and data.validation is not None and len(data.validation) > 0:
+        if (self.main or self.sharded) and data.validation is not None and len(data.validation) > 0:
             with torch.random.fork_rng(devices=[]):
                 result = evaluate(
                     model,
@@ -668,16 +706,22 @@ class _Run:
                     max_new_tokens=self.config.max_new_tokens,
                     batch_size=2 * self.config.batch_size,  # no gradients: twice the rows fit
                 )
-            shown = {k: v for k, v in result.items() if isinstance(v, float)}
-            text = f"eval ({when}): " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
-            if result.get("samples"):
-                sample = result["samples"][0]
-                text += f"\n  e.g. answer {sample['answer']!r}, reference {sample['reference']!r}"
-            (progress.write if progress is not None else print)(text)
-            if log is not None:
-                log.write({"step": step, "split": "eval", **shown})
+            if self.main:
+                self._report_eval(result, step, log, when, progress)
         self.acc.wait_for_everyone()
         return result
+
+    def _report_eval(
+        self, result: dict[str, Any], step: int, log: MetricsLog | None, when: str, progress: Any
+    ) -> None:
+        shown = {k: v for k, v in result.items() if isinstance(v, float)}
+        text = f"eval ({when}): " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
+        if result.get("samples"):
+            sample = result["samples"][0]
+            text += f"\n  e.g. answer {sample['answer']!r}, reference {sample['reference']!r}"
+        (progress.write if progress is not None else print)(text)
+        if log is not None:
+            log.write({"step": step, "split": "eval", **shown})
 
     def _title(self) -> str:
         return f"{self.config.method} on {Path(self.config.model).name}, data {Path(self.config.data).name}"

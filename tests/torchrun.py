@@ -1,0 +1,38 @@
+"""Launch ``tests/ddp_worker.py`` under torchrun with 2 CPU processes (gloo), for the DDP and FSDP2 tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_two_processes(settings: dict[str, Any], timeout: float = 180) -> str:
+    """Train with ``settings`` (TrainConfig keys) in 2 processes; returns stdout, asserts exit code 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "tests" / "ddp_worker.py"),
+        json.dumps(settings),
+    ]
+    # its own session, so that a hang can be killed whole (torchrun and both workers)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    assert process.returncode == 0, stderr[-3000:]
+    return stdout
