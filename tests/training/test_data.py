@@ -309,3 +309,11 @@ def test_a_hub_dataset_offline_says_to_pass_a_file(monkeypatch: pytest.MonkeyPat
         UsageError, match=r"cannot load data set 'someone/no-such-set' \(split 'test'\).*--data"
     ):
         load_table("someone/no-such-set:test")
+
+
+def test_a_missing_relative_data_file_names_the_directory_it_was_looked_for_in(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        UsageError, match=rf"data file not found: data/dev.jsonl \(relative to .*{tmp_path.name}\)"
+    ):
+        load_table("data/dev.jsonl")

@@ -121,7 +121,8 @@ def load_table(path: str | Path) -> datasets.Dataset:
     path = Path(path).expanduser()
     builder = BUILDERS.get(path.suffix.lower())
     if not path.is_file():
-        raise UsageError(f"data file not found: {path}")
+        where = "" if path.is_absolute() else f" (relative to the directory you run in, {Path.cwd()})"
+        raise UsageError(f"data file not found: {path}{where}")
     if builder is None:
         raise UsageError(f"data file {path} has unsupported type {path.suffix!r}; use {', '.join(BUILDERS)}")
     if not path.read_bytes()[:4096].strip():
