@@ -296,3 +296,57 @@ def test_gradients_after_an_evaluation_are_those_of_a_fresh_model(model_dir) -> 
     assert all(g.abs().sum() > 0 for g in evaluated)
     for a, b in zip(fresh, evaluated, strict=True):
         torch.testing.assert_close(b, a, atol=0, rtol=0)
+
+
+def test_the_quantization_options_peftkit_checks_are_bitsandbytesconfigs_arguments() -> None:
+    import inspect
+
+    from transformers import BitsAndBytesConfig
+
+    from peftkit.quantization import BITSANDBYTES_CONFIG_FIELDS
+
+    arguments = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+    assert set(BITSANDBYTES_CONFIG_FIELDS) == arguments - {"load_in_4bit", "load_in_8bit"}
+
+
+def test_peftkit_train_quantize_options_reach_bitsandbytes_and_bad_ones_are_one_line(
+    run_model_dir, tmp_path, capsys
+) -> None:
+    from peftkit.cli import main
+    from peftkit.training.tasks import BUILTIN_TASKS
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(BUILTIN_TASKS["person-json"].train.read_text().splitlines()[:8]) + "\n")
+    common = ["train", "--model", str(run_model_dir), "--data", str(data), "--eval-examples", "0"]
+    common += ["--max-steps", "1", "--batch-size", "4", "--quantize", "nf4"]
+    seen = []
+
+    def record(step, loss, model):
+        seen.append({type(m).__name__: m for m in model.modules()}["Linear4bit"])
+
+    from peftkit.training import loop
+
+    real_train = loop.train
+    options = "{compute_dtype: float32, double_quant: false}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "train", lambda config, **kw: real_train(config, on_step=record, **kw))
+        assert main([*common, "--output-dir", str(tmp_path / "run"), "--quantize-options", options]) == 0
+    capsys.readouterr()
+    layer = seen[0]
+    assert layer.compute_dtype == torch.float32 and layer.weight.quant_state.nested is False
+    assert "compute_dtype: float32" in (tmp_path / "run" / "train_config.yaml").read_text()
+
+    for flags, message in [
+        (
+            ["--quantize-options", "{double_quantization: false}"],
+            r"unknown quantization option 'double_quantization' \(did you mean 'double_quant'\?\)",
+        ),
+        (
+            ["--quantize", "none", "--quantize-options", "{double_quant: false}"],
+            "quantize_options .* apply to a quantized base",
+        ),
+    ]:
+        assert main([*common, "--output-dir", str(tmp_path / "bad"), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message, err), err
+        assert not (tmp_path / "bad").exists()

@@ -17,15 +17,17 @@ import copy
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-from peftkit.errors import UsageError
+from peftkit.errors import UsageError, closest
 
 if TYPE_CHECKING:
     import torch
     from torch import Tensor, nn
 
 __all__ = [
+    "BITSANDBYTES_CONFIG_FIELDS",
     "INSTALL_HINT",
     "SCHEMES",
+    "check_quantization_options",
     "dequantize_weight",
     "dequantized_linear",
     "is_quantized",
@@ -37,6 +39,30 @@ __all__ = [
 SCHEMES = ("nf4", "fp4", "int8")
 INSTALL_HINT = "pip install 'peftkit[qlora]' (or pip install bitsandbytes)"
 _QUANTIZED_WEIGHTS = ("Params4bit", "Int8Params")  # bitsandbytes' parameter classes
+# transformers' BitsAndBytesConfig arguments a user may set (tests check them against its signature;
+# listed here so that options are checked before transformers is imported)
+BITSANDBYTES_CONFIG_FIELDS = (
+    "llm_int8_threshold",
+    "llm_int8_skip_modules",
+    "llm_int8_enable_fp32_cpu_offload",
+    "llm_int8_has_fp16_weight",
+    "bnb_4bit_compute_dtype",
+    "bnb_4bit_quant_type",
+    "bnb_4bit_use_double_quant",
+    "bnb_4bit_quant_storage",
+)
+_OWN_OPTIONS = ("compute_dtype", "double_quant")  # quantization_config's shorter names
+
+
+def check_quantization_options(options: dict[str, Any]) -> None:
+    """Raise a one-line ``UsageError`` for an option :func:`quantization_config` does not take,
+    with the closest known name (``load_in_4bit``/``load_in_8bit`` follow from the scheme)."""
+    known = (*_OWN_OPTIONS, *BITSANDBYTES_CONFIG_FIELDS)
+    for name in options:
+        if name not in known:
+            raise UsageError(
+                f"unknown quantization option {name!r}{closest(name, known)}; options are {', '.join(known)}"
+            )
 
 
 def require_bitsandbytes() -> None:
@@ -63,6 +89,7 @@ def quantization_config(
     """
     if scheme not in SCHEMES:
         raise UsageError(f"unknown quantization {scheme!r}; use one of {', '.join(SCHEMES)}")
+    check_quantization_options(options)
     require_bitsandbytes()
     from transformers import BitsAndBytesConfig
 

@@ -104,7 +104,7 @@ def _other_value(name: str, field: dataclasses.Field):
     if kind.startswith("list"):
         return ["a", "b"]
     if kind.startswith("dict"):
-        return {"r": 4}
+        return {"double_quant": False} if name == "quantize_options" else {"r": 4}
     return f"{name}-value"
 
 
@@ -116,6 +116,8 @@ def test_every_config_key_is_a_flag(name: str) -> None:
     else:
         text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
         argv = [f"--{name.replace('_', '-')}", text]
+    if name == "quantize_options":
+        argv += ["--quantize", "nf4"]  # they apply to a quantized base only
     assert getattr(parse(argv), name) == value
 
 

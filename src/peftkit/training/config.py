@@ -18,6 +18,7 @@ import yaml
 
 from peftkit.errors import UsageError, closest
 from peftkit.models import DEFAULT_MODEL, TASKS
+from peftkit.quantization import check_quantization_options
 from peftkit.training.method_choice import METHOD_NAMES, method_fields, unknown_name
 
 __all__ = [
@@ -54,6 +55,13 @@ class TrainConfig:
     dtype: str = _key("float32", "dtype of the base weights", choices=DTYPES)
     quantize: str = _key(
         "none", "load the base's linear layers quantized (QLoRA; bitsandbytes)", choices=QUANTIZE
+    )
+    quantize_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "with quantize: BitsAndBytesConfig settings, e.g. {compute_dtype: float32, "
+            "double_quant: false, llm_int8_threshold: 6.0, llm_int8_skip_modules: [lm_head]}"
+        },
     )
     method: str = _key("lora", ", ".join(METHOD_NAMES))
     method_options: dict[str, Any] = field(
@@ -295,6 +303,15 @@ def _validate(config: TrainConfig, source: str) -> None:
             f"{config.quantize}; method {config.method!r} trains base weights: use an adapter method "
             "(lora, dora, ia3, ...) or quantize: none"
         )
+    if config.quantize_options:
+        if config.quantize == "none":
+            raise UsageError(
+                f"quantize_options (from {source}) apply to a quantized base; set quantize: nf4, fp4 or int8"
+            )
+        try:
+            check_quantization_options(config.quantize_options)
+        except UsageError as e:
+            raise UsageError(f"{e} (from {source})") from None
     if config.resume and config.overwrite:
         raise UsageError(
             "resume and overwrite exclude each other: resume keeps output_dir, overwrite replaces it"

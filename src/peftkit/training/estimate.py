@@ -69,6 +69,9 @@ def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
             loss="fused" if fused_cross_entropy_enabled() else "model",
             padded=True,  # batches are padded to their longest row
             quantize=None if config.quantize == "none" else config.quantize,
+            double_quant=config.quantize_options.get(
+                "double_quant", config.quantize_options.get("bnb_4bit_use_double_quant", True)
+            ),
         )
     except ValueError as e:
         raise UsageError(str(e)) from e

@@ -119,7 +119,13 @@ def load_base_model(config: TrainConfig) -> tuple[nn.Module, Any]:
     name = DEFAULT_MODEL if config.model == DEFAULT_MODEL_HUB_ID else config.model
     quantize = None if config.quantize == "none" else config.quantize
     try:
-        model, tokenizer = load_model(name, task=config.task, dtype=config.dtype, quantize=quantize)
+        model, tokenizer = load_model(
+            name,
+            task=config.task,
+            dtype=config.dtype,
+            quantize=quantize,
+            quantization_options=config.quantize_options if quantize else None,
+        )
     except UsageError:
         raise  # already says what to do (e.g. the install command bitsandbytes needs)
     except (FileNotFoundError, OSError, ValueError) as e:
