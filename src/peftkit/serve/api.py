@@ -74,37 +74,15 @@ def create_app(engine: Engine, base_name: str, limits: ServeLimits) -> FastAPI:
 
     app = FastAPI(title="peftkit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     registry, tokenizer, metrics = engine.registry, engine.tokenizer, engine.metrics
-
-    def error(status: int, message: str, param: str | None = None) -> JSONResponse:
-        headers = {"Retry-After": str(limits.retry_after_seconds)} if status in (429, 503) else None
-        return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        """Key check on /v1/, body size bound, and the request counter."""
-        path = request.url.path
-        if path.startswith("/v1/") and limits.api_key is not None:
-            given = request.headers.get("authorization", "")
-            scheme, _, key = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), limits.api_key.encode()):
-                response: Response = error(401, "missing or wrong API key (send Authorization: Bearer KEY)")
-                metrics.requests.labels(path, "401").inc()
-                return response
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            response = error(413, f"request body above {limits.max_body_bytes} bytes")
-        else:
-            response = await call_next(request)
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Guard, limits=limits, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error(exc.status, str(exc), exc.param)
+        return _error(exc.status, str(exc), limits, exc.param)
 
     @app.exception_handler(AdapterError)
     async def adapter_error(_: Request, exc: AdapterError) -> JSONResponse:
-        return error(exc.status, str(exc))
+        return _error(exc.status, str(exc), limits)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -180,38 +158,38 @@ def create_app(engine: Engine, base_name: str, limits: ServeLimits) -> FastAPI:
         except RuntimeError as e:
             raise ApiError(503, str(e)) from e
         id_ = new_id("chatcmpl" if kind == "chat" else "cmpl")
-        if parsed.stream:
+        if parsed.stream:  # Starlette cancels the stream (and so the request) when the client leaves
             return StreamingResponse(
                 _stream(job, events, id_, kind, parsed),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
         text: list[str] = []
-        finished = False
+        event = Event()
         try:
-            while True:
+            while not event.final:
                 try:
                     event = await asyncio.wait_for(events.get(), _DISCONNECT_POLL_SECONDS)
-                except asyncio.TimeoutError:
+                except asyncio.TimeoutError:  # nothing reads the client's side meanwhile: look
                     if await http.is_disconnected():
                         return Response(status_code=499)
                     continue
                 text.append(event.text)
                 if event.error is not None:
-                    finished = True
                     raise ApiError(500, event.error)
-                if event.final:
-                    finished = True
-                    break
         finally:
-            if not finished:
+            if not event.final:  # the client left, or the server stops while it waits
                 engine.cancel(job)
         use = usage(event.prompt_tokens, event.completion_tokens)
         build = chat_response if kind == "chat" else completion_response
         return JSONResponse(build(id_, parsed.model, "".join(text), event.finish_reason or "stop", use))
 
     async def _stream(
-        job: GenerationRequest, events: asyncio.Queue[Event], id_: str, kind: str, parsed: ParsedRequest
+        job: GenerationRequest,
+        events: asyncio.Queue[Event],
+        id_: str,
+        kind: str,
+        parsed: ParsedRequest,
     ) -> AsyncIterator[str]:
         model = parsed.model
         finished = False
@@ -247,6 +225,57 @@ def create_app(engine: Engine, base_name: str, limits: ServeLimits) -> FastAPI:
                 engine.cancel(job)
 
     return app
+
+
+def _error(status: int, message: str, limits: ServeLimits, param: str | None = None) -> JSONResponse:
+    """An error answer in OpenAI's shape; 429 and 503 say when to retry."""
+    headers = {"Retry-After": str(limits.retry_after_seconds)} if status in (429, 503) else None
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+
+
+class _Guard:
+    """ASGI middleware: the key check on /v1/, the body size bound, and the request counter.
+
+    Plain ASGI rather than ``@app.middleware``: Starlette's ``BaseHTTPMiddleware`` sits between a
+    streaming response and the client's disconnect message.
+    """
+
+    def __init__(self, app: Any, limits: ServeLimits, metrics: Any) -> None:
+        self.app, self.limits, self.metrics = app, limits, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        refusal = None
+        if path.startswith("/v1/") and self.limits.api_key is not None:
+            scheme, _, key = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                key.encode(), self.limits.api_key.encode()
+            ):
+                refusal = _error(
+                    401, "missing or wrong API key (send Authorization: Bearer KEY)", self.limits
+                )
+        length = headers.get("content-length", "")
+        if refusal is None and length.isdigit() and int(length) > self.limits.max_body_bytes:
+            refusal = _error(413, f"request body above {self.limits.max_body_bytes} bytes", self.limits)
+        status = 500
+
+        async def counting_send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if refusal is not None:
+                await refusal(scope, receive, counting_send)
+            else:
+                await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.requests.labels(path, str(status)).inc()
 
 
 async def _json(request: Request, limits: ServeLimits) -> dict[str, Any]:

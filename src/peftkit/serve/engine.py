@@ -161,9 +161,14 @@ class Engine:
         self._cache = None
 
     @property
-    def running(self) -> int:
-        """How many requests are in the batch now."""
-        return len(self._active)
+    def running(self) -> tuple[GenerationRequest, ...]:
+        """The requests in the batch now."""
+        return tuple(self._active)
+
+    @property
+    def waiting(self) -> int:
+        """How many requests wait to join the batch."""
+        return len(self._waiting)
 
     # ----------------------------------------------------------------------------- the thread
     def _run(self) -> None:

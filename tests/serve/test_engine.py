@@ -1,0 +1,113 @@
+"""The scheduler: a full queue answers 429, a client that goes away frees its slot, shutdown never hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+
+from serve_fixtures import API_KEY, PROMPTS
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _wait_for(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _small_server(serve_files, **settings):
+    from peftkit.serve.api import ServeLimits
+    from peftkit.serve.server import ServeSettings, ThreadedServer, build_app
+
+    app, engine = build_app(
+        ServeSettings(model=str(serve_files["base"]), limits=ServeLimits(max_new_tokens=300), **settings),
+        base_name="tiny",
+    )
+    server = ThreadedServer(app)
+    server.engine = engine
+    return server
+
+
+def test_a_full_queue_answers_429_with_retry_after(serve_files) -> None:
+    with _small_server(serve_files, max_concurrent=1, max_queue=1) as server:
+        engine = server.engine
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+
+        async def scenario() -> tuple[httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+                with engine.lock:  # the engine cannot admit or step: the first request stays queued
+                    first = asyncio.create_task(http.post("/v1/completions", json=body))
+                    for _ in range(500):
+                        if engine.waiting == 1:
+                            break
+                        await asyncio.sleep(0.01)
+                    refused = await http.post("/v1/completions", json=body)
+                return refused, await first
+
+        refused, served = asyncio.run(scenario())
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 4
+
+
+def test_a_client_that_disconnects_frees_its_slot(server) -> None:
+    engine = server.engine
+    slow = engine.model.get_base_model().register_forward_pre_hook(lambda *_: time.sleep(0.02))
+    body = {"model": "beta", "prompt": PROMPTS[1], "max_tokens": 150, "temperature": 0, "stream": True}
+    try:
+        with httpx.stream(
+            "POST", f"{server.url}/v1/completions", json=body, headers=HEADERS, timeout=30
+        ) as r:
+            lines = r.iter_lines()  # kept: a closed line iterator closes the response
+            assert next(lines).startswith("data: ")
+            engine.lock.acquire()  # pause the engine between two steps
+            assert len(engine.running) == 1 and not engine.running[0].cancelled
+        try:  # the response is closed: the server sees the disconnect and cancels the request
+            assert _wait_for(lambda: len(engine.running) == 1 and engine.running[0].cancelled)
+            job = engine.running[0]
+        finally:
+            engine.lock.release()
+        assert _wait_for(lambda: not engine.running)
+        assert len(job.generated) < 150
+    finally:
+        slow.remove()
+
+
+def test_a_queued_request_whose_client_leaves_is_dropped(server) -> None:
+    engine = server.engine
+    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 5, "stream": True}
+    with engine.lock:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=HEADERS, timeout=30):
+            assert _wait_for(lambda: engine.waiting == 1)
+        assert _wait_for(lambda: engine.waiting == 0)
+
+
+def test_stopping_the_server_ends_a_running_stream(serve_files) -> None:
+    server = _small_server(serve_files, max_concurrent=2)
+    lines: list[str] = []
+    body = {"model": "tiny", "prompt": PROMPTS[2], "max_tokens": 300, "temperature": 0, "stream": True}
+
+    def stream() -> None:
+        try:
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
+                lines.extend(response.iter_lines())
+        except httpx.HTTPError:
+            lines.append("closed")
+
+    with server:
+        client = threading.Thread(target=stream)
+        client.start()
+        assert _wait_for(lambda: bool(server.engine.running))
+        started = time.monotonic()
+    client.join(30)
+    assert not client.is_alive()
+    assert time.monotonic() - started < 15
+    assert lines
