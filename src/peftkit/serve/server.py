@@ -13,7 +13,7 @@ from peftkit.serve.api import ServeLimits, create_app
 from peftkit.serve.engine import Engine
 from peftkit.serve.metrics import Metrics
 
-__all__ = ["ServeSettings", "ThreadedServer", "build_app"]
+__all__ = ["ServeSettings", "ThreadedServer", "bind", "build_app"]
 
 
 @dataclass(frozen=True)
@@ -73,19 +73,41 @@ def build_app(settings: ServeSettings, base_name: str | None = None) -> tuple[An
     return create_app(engine, name, settings.limits), engine
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on ``host:port`` (port 0: a free one), for uvicorn to serve on.
+
+    Listening from here on, connections made while the model loads wait in the backlog.
+
+    Raises:
+        OSError: the address is taken or not this machine's.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def uvicorn_server(app: Any) -> Any:
+    """A uvicorn server for ``app``: warnings only, in-flight requests get 5 s to finish on shutdown."""
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+
+
 class ThreadedServer:
     """A uvicorn server on its own thread, on a socket bound here (port 0: a free one); for tests and
     benchmarks. ``with ThreadedServer(app) as server: server.url``."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
-        import uvicorn
-
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((host, port))
+        self.socket = bind(host, port)
         self.url = f"http://{host}:{self.socket.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn_server(app)
         self._thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
         )
