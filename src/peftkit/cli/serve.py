@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from peftkit.cli.common import EXIT_INTERRUPTED
 from peftkit.errors import UsageError
 
 __all__ = ["register_serve", "run_serve"]
 
 _EXTRA = ("fastapi", "uvicorn", "prometheus_client")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def register_serve(subparsers: Any) -> None:
@@ -124,23 +125,28 @@ def run_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except AdapterError as e:
         sock.close()
         raise UsageError(str(e)) from e
-    names = ", ".join(adapters) or "none (runtime loading " + ("on" if args.adapter_root else "off") + ")"
-    print(
-        f"peftkit serve: http://{args.host}:{sock.getsockname()[1]}/v1  model {model!r}, adapters: {names}; "
-        "Ctrl-C stops",
-        file=sys.stderr,
-        flush=True,
-    )
+    server = uvicorn_server(app)
     # On SIGINT/SIGTERM uvicorn stops taking requests, gives running ones 5 s, stops the engine (the rest
-    # get an error), then re-raises the signal: Ctrl-C arrives here as KeyboardInterrupt, SIGTERM ends
-    # the process.
+    # get an error), puts the handlers it found back and raises the signal again. Ours only asks the
+    # server to stop (a signal before uvicorn's own handlers are in place does too), so the command ends
+    # here rather than in a KeyboardInterrupt inside the event loop.
+    previous = {
+        sig: signal.signal(sig, lambda *_: setattr(server, "should_exit", True)) for sig in _STOP_SIGNALS
+    }
     try:
-        uvicorn_server(app).run(sockets=[sock])
-    except KeyboardInterrupt:
-        print("peftkit serve: stopped", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        names = ", ".join(adapters) or "none (runtime loading " + ("on" if args.adapter_root else "off") + ")"
+        print(
+            f"peftkit serve: http://{args.host}:{sock.getsockname()[1]}/v1  model {model!r}, adapters: "
+            f"{names}; Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
+        server.run(sockets=[sock])
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         sock.close()
+    print("peftkit serve: stopped", file=sys.stderr)
     return 0
 
 
