@@ -98,6 +98,7 @@ class AdapterRegistry:
         self.lock = threading.RLock()
         self.records: dict[str, AdapterRecord] = {}
         self.in_use: Counter[str] = Counter()
+        self.version = 0  # counts changes to the loaded adapters (a routing made before one is stale)
         self._clock = 0
 
     # ----------------------------------------------------------------------------- API operations
@@ -214,6 +215,7 @@ class AdapterRegistry:
 
         from peftkit.whole_model import is_model_level
 
+        self.version += 1  # even a load that fails and is undone may have changed wrappers
         try:
             with torch.inference_mode(False):  # ordinary tensors, even when the engine thread loads it
                 self.model.load_adapter(record.path, adapter_name=record.name)
@@ -235,6 +237,7 @@ class AdapterRegistry:
         if record.loaded:
             self.model.delete_adapter(record.name)
             record.loaded = False
+            self.version += 1
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
