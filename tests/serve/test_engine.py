@@ -26,9 +26,9 @@ def _small_server(serve_files, **settings):
     from peftkit.serve.api import ServeLimits
     from peftkit.serve.server import ServeSettings, ThreadedServer, build_app
 
+    limits = ServeLimits(max_new_tokens=300, max_prompt_tokens=100_000)
     app, engine = build_app(
-        ServeSettings(model=str(serve_files["base"]), limits=ServeLimits(max_new_tokens=300), **settings),
-        base_name="tiny",
+        ServeSettings(model=str(serve_files["base"]), limits=limits, **settings), base_name="tiny"
     )
     server = ThreadedServer(app)
     server.engine = engine
@@ -56,6 +56,13 @@ def test_a_full_queue_answers_429_with_retry_after(serve_files) -> None:
     assert refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["type"] == "rate_limit_error"
     assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 4
+
+
+def test_a_prompt_longer_than_the_model_takes_is_400(serve_files) -> None:
+    with _small_server(serve_files) as server:  # --max-prompt-tokens far above the model's 512 positions
+        body = {"model": "tiny", "prompt": "Alice " * 600, "max_tokens": 2}
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400 and "above the limit of 511" in response.json()["error"]["message"]
 
 
 def test_a_client_that_disconnects_frees_its_slot(server) -> None:

@@ -139,10 +139,9 @@ def create_app(engine: Engine, base_name: str, limits: ServeLimits) -> FastAPI:
         else:
             raise ApiError(404, f"The model `{parsed.model}` does not exist.", "model")
         prompt_ids = _encode(tokenizer, parsed, kind)
-        if len(prompt_ids) > limits.max_prompt_tokens:
-            raise ApiError(
-                400, f"the prompt has {len(prompt_ids)} tokens, above the limit of {limits.max_prompt_tokens}"
-            )
+        longest = min(limits.max_prompt_tokens, (engine.max_length or limits.max_prompt_tokens + 1) - 1)
+        if len(prompt_ids) > longest:
+            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens, above the limit of {longest}")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
