@@ -252,15 +252,14 @@ class Engine:
         device = _device(self.model)
         lengths = [request.length for request in self._active]
         columns = self._cache.layers[0].keys.shape[2]
-        ids = torch.tensor([[request.generated[-1]] for request in self._active], device=device)  # (batch, 1)
+        last = [[request.generated[-1]] for request in self._active]
+        ids = torch.tensor(last, device=device)  # (batch, 1)
+        mask = attention_mask([n + 1 for n in lengths], columns + 1, device)  # (batch, columns + 1)
+        positions = torch.tensor(lengths, device=device)[:, None]  # (batch, 1): each row's next position
         out = self.model(
             input_ids=ids,
-            attention_mask=attention_mask(
-                [n + 1 for n in lengths], columns + 1, device
-            ),  # (batch, columns+1)
-            position_ids=torch.tensor(lengths, device=device)[
-                :, None
-            ],  # (batch, 1): each row's next position
+            attention_mask=mask,
+            position_ids=positions,
             past_key_values=self._cache,
             use_cache=True,
             adapter_names=self._step_routing(),
