@@ -9,10 +9,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_lm import save_tiny_lm
+from tiny_lm import build_model, build_tokenizer, save_tiny_lm
 
 ADAPTERS = ("alpha", "beta", "gamma")
 PROMPTS = ("Alice is 30 years old", "Bob lives in Paris", "The name is Carol", "Dan")
+
+
+def _save_sensitive_tiny_lm(directory: Path, weight_scale: float = 6.0) -> Path:
+    """tiny_lm's model with its matrices scaled up: at the default init (std 0.02) its greedy answer
+    hardly depends on more than the last token, so wrong positions or a wrong mask would go unseen."""
+    tokenizer = build_tokenizer()
+    model = build_model(len(tokenizer), seed=0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embed" not in name:
+                param.mul_(weight_scale)
+    model.config.eos_token_id = model.config.pad_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = tokenizer.eos_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 def _save_adapter(base_dir: Path, out: Path, seed: int, r: int = 8) -> Path:
@@ -33,7 +49,7 @@ def serve_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``base``: a tiny model dir; ``root/<name>``: adapters (alpha, beta, gamma r=8, ``wide`` r=16);
     ``wrong``: an adapter for a wider model (under the root too)."""
     top = tmp_path_factory.mktemp("serve")
-    base = save_tiny_lm(top / "base")
+    base = _save_sensitive_tiny_lm(top / "base")
     root = top / "root"
     files = {"base": base, "root": root}
     for seed, name in enumerate(ADAPTERS, start=1):

@@ -118,3 +118,40 @@ def test_stopping_the_server_ends_a_running_stream(serve_files) -> None:
     assert not client.is_alive()
     assert time.monotonic() - started < 15
     assert lines
+
+
+def test_requests_queued_together_are_prefilled_in_one_padded_batch(server, tokenizer, reference) -> None:
+    """Prompts of different lengths and adapters, held in the queue and then admitted at once (one
+    left-padded prefill), each give their own offline greedy answer."""
+    engine = server.engine
+    jobs = [("alpha", PROMPTS[0]), ("tiny", PROMPTS[3]), ("beta", PROMPTS[1]), ("alpha", PROMPTS[3])]
+
+    async def scenario() -> list[str]:
+        async with httpx.AsyncClient(base_url=server.url, headers=HEADERS, timeout=60) as http:
+            with engine.lock:
+                tasks = [
+                    asyncio.create_task(
+                        http.post(
+                            "/v1/completions",
+                            json={"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0},
+                        )
+                    )
+                    for model, prompt in jobs
+                ]
+                for _ in range(500):
+                    if engine.waiting == len(jobs):
+                        break
+                    await asyncio.sleep(0.01)
+                assert engine.waiting == len(jobs)
+            return [(await task).json()["choices"][0]["text"] for task in tasks]
+
+    got = asyncio.run(scenario())
+    want = [
+        tokenizer.decode(
+            reference(tokenizer(prompt).input_ids, None if model == "tiny" else model, 8),
+            skip_special_tokens=True,
+        )
+        for model, prompt in jobs
+    ]
+    assert got == want
+    assert len({len(tokenizer(prompt).input_ids) for _, prompt in jobs}) > 1  # padding was needed

@@ -1,7 +1,8 @@
 """The scheduler: iteration-level (continuous) batching over one base model and its adapters.
 
-One thread owns the model. Each turn of its loop admits waiting requests (each is prefilled alone,
-with its own adapter, and yields its first token), then runs one decoding step: a single batched
+One thread owns the model. Each turn of its loop admits waiting requests (prefilled together in one
+left-padded batch, each row with its own adapter, each yielding its first token), then runs one
+decoding step: a single batched
 forward over every running request, each row routed to its request's adapter (or none) through
 ``PeftModel``'s per-row ``adapter_names``. Finished and cancelled requests leave the batch after the
 step; a request submitted meanwhile joins at the next one. Requests talk back through ``on_event``,
@@ -192,57 +193,74 @@ class Engine:
                         self._active, self._cache = [], None
 
     def _admit(self) -> None:
-        """Prefill waiting requests (first come, first served) while the batch has room."""
-        while len(self._active) < self.max_concurrent:
+        """Take waiting requests (first come, first served) while the batch has room; prefill them."""
+        joining: list[GenerationRequest] = []
+        while len(self._active) + len(joining) < self.max_concurrent:
             with self._wake:
                 if not self._waiting:
-                    return
+                    break
                 request = self._waiting[0]
                 if request.cancelled:
                     self._waiting.popleft()
                     continue
                 try:
                     if not self.registry.acquire(request.adapter):
-                        return  # its adapter needs a slot that running requests hold: wait for one
+                        break  # its adapter needs a slot that running requests hold: wait for one
                 except AdapterError as error:  # unloaded since it was queued, or its files went bad
                     self._waiting.popleft()
                     _send(request, Event(error=str(error)))
                     continue
                 self._waiting.popleft()
                 self.metrics.queue_depth.set(len(self._waiting))
-            try:
-                self._prefill(request)
-            except Exception as error:
+            joining.append(request)
+        if not joining:
+            return
+        try:
+            self._prefill(joining)
+        except Exception as error:
+            for request in joining:
                 self.registry.release(request.adapter)
                 _send(request, Event(error=f"generation failed: {error}"))
 
-    def _prefill(self, request: GenerationRequest) -> None:
-        """Run the prompt alone through the model (its adapter), take the first token, join the batch."""
-        if request.params.seed is not None:
-            request.generator = torch.Generator(device=_device(self.model)).manual_seed(request.params.seed)
-        elif request.params.temperature != 0:
-            request.generator = torch.Generator(device=_device(self.model))
-            request.generator.seed()
+    def _prefill(self, joining: list[GenerationRequest]) -> None:
+        """Run the joining requests' prompts through the model in one left-padded batch (each row with its
+        own adapter), take each one's first token, and add the rows that go on to the batch."""
         device = _device(self.model)
-        ids = torch.tensor([request.prompt_ids], device=device)  # (1, prompt_len)
-        cache = self._new_cache()
+        for request in joining:
+            if request.params.seed is not None:
+                request.generator = torch.Generator(device=device).manual_seed(request.params.seed)
+            elif request.params.temperature != 0:
+                request.generator = torch.Generator(device=device)
+                request.generator.seed()
+        lengths = [len(request.prompt_ids) for request in joining]
+        longest = max(lengths)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        rows = [[pad] * (longest - len(r.prompt_ids)) + r.prompt_ids for r in joining]
+        ids = torch.tensor(rows, device=device)  # (joining, longest)
+        mask = attention_mask(lengths, longest, device)  # (joining, longest)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (joining, longest): 0 from each row's first token
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
         out = self.model(
             input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            position_ids=torch.arange(ids.shape[1], device=device)[None, :],
-            past_key_values=cache,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self._new_cache(),
             use_cache=True,
-            adapter_names=[request.adapter or BASE_ADAPTER_NAME],
+            adapter_names=[request.adapter or BASE_ADAPTER_NAME for request in joining],
             **extra,
         )
-        request.length = ids.shape[1]
-        self.metrics.prompt_tokens.inc(ids.shape[1])
-        if self._advance(request, out.logits[0, -1]):
-            self.registry.release(request.adapter)
-            return
-        self._cache = join_row(self._cache, out.past_key_values)
-        self._active.append(request)
+        self.metrics.prompt_tokens.inc(sum(lengths))
+        going_on = []
+        for row, request in enumerate(joining):
+            request.length = lengths[row]
+            if self._advance(request, out.logits[row, -1]):
+                self.registry.release(request.adapter)
+            else:
+                going_on.append(row)
+        if going_on:
+            rows_cache = drop_rows(out.past_key_values, going_on, max(lengths[row] for row in going_on))
+            self._cache = join_row(self._cache, rows_cache)
+            self._active += [joining[row] for row in going_on]
 
     def _step(self) -> None:
         """One decoding step for every running request: one batched forward, one token per row."""
