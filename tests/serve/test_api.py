@@ -179,7 +179,9 @@ def test_no_or_wrong_key_is_401_and_health_needs_none(server) -> None:
 
 def test_metrics_are_prometheus_text(server, client) -> None:
     client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=3, temperature=0)
+    assert httpx.get(f"{server.url}/no/such/path-123").status_code == 404
     text = httpx.get(f"{server.url}/metrics").text
+    assert 'endpoint="/v1/completions",status="200"' in text and "path-123" not in text
     for name in (
         "peftkit_requests_total",
         "peftkit_completion_tokens_total",

@@ -33,6 +33,16 @@ from peftkit.serve.protocol import (
 
 __all__ = ["ServeLimits", "create_app"]
 
+_ROUTES = {
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+}
+
 _DISCONNECT_POLL_SECONDS = 0.25
 
 
@@ -83,6 +93,10 @@ def create_app(engine: Engine, base_name: str, limits: ServeLimits) -> FastAPI:
     @app.exception_handler(AdapterError)
     async def adapter_error(_: Request, exc: AdapterError) -> JSONResponse:
         return _error(exc.status, str(exc), limits)
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, exc: Exception) -> JSONResponse:
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", limits)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -273,8 +287,8 @@ class _Guard:
                 await refusal(scope, receive, counting_send)
             else:
                 await self.app(scope, receive, counting_send)
-        finally:
-            self.metrics.requests.labels(path, str(status)).inc()
+        finally:  # the label is one of the routes (a client's made-up paths would add series forever)
+            self.metrics.requests.labels(path if path in _ROUTES else "other", str(status)).inc()
 
 
 async def _json(request: Request, limits: ServeLimits) -> dict[str, Any]:
