@@ -65,7 +65,8 @@ def test_serve_without_the_extra_names_the_install_command(monkeypatch, capsys) 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [(["--adapter", "nodir"], "write NAME=DIR"), (["--adapter", "a=/no/such/dir"], "no such directory"),
-     (["--max-concurrent", "0"], "--max-concurrent must be at least 1")],
+     (["--max-concurrent", "0"], "--max-concurrent must be at least 1"),
+     (["--adapter-root", "/no/such/root"], "no such directory")],
 )  # fmt: skip
 def test_bad_serve_flags_are_one_line_errors(flags, message, capsys) -> None:
     assert main(["serve", *flags]) == 2

@@ -164,6 +164,18 @@ def test_unsupported_or_bad_fields_are_400(server, extra) -> None:
     assert error["type"] == "invalid_request_error" and next(iter(extra)) in error["message"]
 
 
+def test_a_body_above_the_limit_is_413_even_without_content_length(server) -> None:
+    def chunks():
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(1100):
+            yield b"x" * 1024
+        yield b'"}'
+
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    response = httpx.post(f"{server.url}/v1/completions", content=chunks(), headers=headers, timeout=30)
+    assert response.status_code == 413 and "above 1048576 bytes" in response.json()["error"]["message"]
+
+
 def test_a_prompt_above_the_limit_is_400(client) -> None:
     with pytest.raises(openai.BadRequestError, match="tokens, above the limit"):
         client.completions.create(model="tiny", prompt="Alice " * 200, max_tokens=2)

@@ -89,6 +89,8 @@ def run_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.adapter_root is not None and not os.path.isdir(args.adapter_root):
+        raise UsageError(f"--adapter-root {args.adapter_root}: no such directory")
     api_key = args.api_key or os.environ.get("PEFTKIT_API_KEY") or None
     if args.host not in _LOOPBACK and api_key is None:
         print(f"peftkit serve: warning: listening on {args.host} without --api-key", file=sys.stderr)

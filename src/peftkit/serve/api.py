@@ -292,9 +292,11 @@ class _Guard:
 
 
 async def _json(request: Request, limits: ServeLimits) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > limits.max_body_bytes:
-        raise ApiError(413, f"request body above {limits.max_body_bytes} bytes")
+    raw = bytearray()
+    async for chunk in request.stream():  # a chunked body has no Content-Length to check beforehand
+        raw += chunk
+        if len(raw) > limits.max_body_bytes:
+            raise ApiError(413, f"request body above {limits.max_body_bytes} bytes")
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
