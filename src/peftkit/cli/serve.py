@@ -31,7 +31,10 @@ def register_serve(subparsers: Any) -> None:
         "pip install 'peftkit[serve]'.",
     )
     parser.add_argument(
-        "--model", default=None, help="base model (default: the bundled SmolLM2-135M-Instruct)"
+        "--model",
+        metavar="BASE",
+        default=None,
+        help="base model (default: the bundled SmolLM2-135M-Instruct)",
     )
     parser.add_argument(
         "--adapter",
@@ -41,9 +44,10 @@ def register_serve(subparsers: Any) -> None:
         help="an adapter to serve as NAME (repeatable; DIR: peftkit train's output_dir or any adapter dir)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--port", type=int, default=8000, metavar="PORT", help="port (default: 8000)")
     parser.add_argument(
         "--api-key",
+        metavar="KEY",
         default=None,
         help="clients must send 'Authorization: Bearer KEY' (or set PEFTKIT_API_KEY)",
     )
@@ -54,20 +58,27 @@ def register_serve(subparsers: Any) -> None:
         help="allow /v1/load_lora_adapter, for directories inside DIR only (default: off)",
     )
     parser.add_argument(
-        "--max-concurrent", type=int, default=8, help="requests decoded together (default: 8)"
+        "--max-concurrent", metavar="N", type=int, default=8, help="requests decoded together (default: 8)"
     )
     parser.add_argument(
-        "--max-queue", type=int, default=64, help="requests waiting; beyond: 429 (default: 64)"
+        "--max-queue", metavar="N", type=int, default=64, help="requests waiting; beyond: 429 (default: 64)"
     )
-    parser.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt (default: 4096)")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="largest max_tokens (default: 512)")
+    parser.add_argument(
+        "--max-prompt-tokens", type=int, metavar="N", default=4096, help="longest prompt (default: 4096)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, metavar="N", default=512, help="largest max_tokens (default: 512)"
+    )
     parser.add_argument(
         "--max-adapters",
+        metavar="N",
         type=int,
         default=None,
         help="adapters in memory at once, LRU eviction (default: all)",
     )
-    parser.add_argument("--max-rank", type=int, default=None, help="refuse adapters of a higher rank")
+    parser.add_argument(
+        "--max-rank", type=int, default=None, metavar="R", help="refuse adapters of a higher rank"
+    )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--quantize", default="none", choices=("none", "nf4", "fp4", "int8"))
     parser.set_defaults(handler=run_serve)
