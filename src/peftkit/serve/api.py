@@ -189,7 +189,7 @@ def create_app(engine: Engine, base_name: str, limits: ServeLimits) -> FastAPI:
                     continue
                 text.append(event.text)
                 if event.error is not None:
-                    raise ApiError(500, event.error)
+                    raise ApiError(event.status, event.error)
         finally:
             if not event.final:  # the client left, or the server stops while it waits
                 engine.cancel(job)
@@ -222,7 +222,7 @@ def create_app(engine: Engine, base_name: str, limits: ServeLimits) -> FastAPI:
                 event = await events.get()
                 if event.error is not None:
                     finished = True
-                    yield f"data: {json.dumps(error_body(500, event.error))}\n\n"
+                    yield f"data: {json.dumps(error_body(event.status, event.error))}\n\n"
                     break
                 if event.text and not event.final:
                     yield chunk(event.text, None)

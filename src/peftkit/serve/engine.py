@@ -37,13 +37,14 @@ class QueueFull(Exception):
 @dataclass(frozen=True)
 class Event:
     """What the engine tells a request: new ``text``; at the end also ``finish_reason`` (``"stop"``,
-    ``"length"``) and the token counts, or an ``error`` message instead."""
+    ``"length"``) and the token counts, or an ``error`` message (and its HTTP ``status``) instead."""
 
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    status: int = 500
 
     @property
     def final(self) -> bool:
@@ -157,7 +158,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
         for request in [*self._waiting, *self._active]:
-            _send(request, Event(error="the server is shutting down"))
+            _send(request, Event(error="the server is shutting down", status=503))
         self._waiting.clear()
         self._active.clear()
         self._cache = None
@@ -208,7 +209,7 @@ class Engine:
                         break  # its adapter needs a slot that running requests hold: wait for one
                 except AdapterError as error:  # unloaded since it was queued, or its files went bad
                     self._waiting.popleft()
-                    _send(request, Event(error=str(error)))
+                    _send(request, Event(error=str(error), status=error.status))
                     continue
                 self._waiting.popleft()
                 self.metrics.queue_depth.set(len(self._waiting))
