@@ -112,3 +112,25 @@ def test_lru_keeps_two_of_three_loaded_and_answers_stay_right(server, client, to
         assert model in registry.loaded_names()
         assert len(registry.loaded_names()) <= 2
     assert set(registry.loaded_names()) == {"gamma", "beta"}  # alpha was the least recently used
+
+
+def test_busy_adapters_are_neither_unloaded_nor_evicted(serve_files) -> None:
+    from peftkit import PeftModel
+    from peftkit.models import load_model
+    from peftkit.serve.adapters import AdapterRegistry
+
+    model = PeftModel(load_model(str(serve_files["base"]))[0])
+    registry = AdapterRegistry(model, "tiny", max_loaded=1, root=serve_files["root"])
+    registry.register("alpha", "alpha")
+    assert registry.acquire("alpha")  # a running request uses it
+    with pytest.raises(AdapterError, match="in use") as caught:
+        registry.unregister("alpha")
+    assert caught.value.status == 409
+    with pytest.raises(AdapterError, match="in use by running requests") as caught:
+        registry.register("beta", "beta")  # the one slot is busy
+    assert caught.value.status == 503
+    assert "beta" not in registry.records and set(model.peft_config) == {"alpha"}
+    registry.release("alpha")
+    registry.register("beta", "beta")  # now alpha, idle, is evicted but stays registered
+    assert set(model.peft_config) == {"beta"} and not registry.records["alpha"].loaded
+    assert registry.acquire("alpha") and set(model.peft_config) == {"alpha"}  # loaded again on demand

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 
@@ -20,6 +21,12 @@ def _wait_for(condition, seconds: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def _cancelled(server) -> float:
+    """The server's count of cancelled requests, from /metrics."""
+    text = httpx.get(f"{server.url}/metrics").text
+    return float(re.search(r"^peftkit_requests_cancelled_total (\S+)$", text, re.M).group(1))
 
 
 def _small_server(serve_files, **settings):
@@ -67,6 +74,7 @@ def test_a_prompt_longer_than_the_model_takes_is_400(serve_files) -> None:
 
 def test_a_client_that_disconnects_frees_its_slot(server) -> None:
     engine = server.engine
+    cancelled_before = _cancelled(server)
     slow = engine.model.get_base_model().register_forward_pre_hook(lambda *_: time.sleep(0.02))
     body = {"model": "beta", "prompt": PROMPTS[1], "max_tokens": 150, "temperature": 0, "stream": True}
     try:
@@ -84,6 +92,7 @@ def test_a_client_that_disconnects_frees_its_slot(server) -> None:
             engine.lock.release()
         assert _wait_for(lambda: not engine.running)
         assert len(job.generated) < 150
+        assert _cancelled(server) == cancelled_before + 1
     finally:
         slow.remove()
 

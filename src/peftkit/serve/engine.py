@@ -138,6 +138,8 @@ class Engine:
 
     def cancel(self, request: GenerationRequest) -> None:
         """Stop working on ``request`` (its client went away): it leaves at the next step, no more events."""
+        if not request.cancelled:
+            self.metrics.cancelled.inc()
         request.cancelled = True
         with self._wake:
             if request in self._waiting:

@@ -10,7 +10,8 @@ _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class Metrics:
-    """Requests, tokens, latency and time to first token, batch occupancy, queue depth, adapters loaded."""
+    """Requests, tokens, latency and time to first token, cancellations, batch occupancy, queue depth,
+    adapters loaded."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -23,6 +24,9 @@ class Metrics:
         )
         self.prompt_tokens = Counter("peftkit_prompt_tokens", "prompt tokens prefilled", registry=r)
         self.completion_tokens = Counter("peftkit_completion_tokens", "tokens generated", registry=r)
+        self.cancelled = Counter(
+            "peftkit_requests_cancelled", "requests whose client went away before the end", registry=r
+        )
         self.latency = Histogram(
             "peftkit_request_latency_seconds", "submission to last token", buckets=_SECONDS, registry=r
         )

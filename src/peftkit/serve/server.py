@@ -13,7 +13,7 @@ from peftkit.serve.api import ServeLimits, create_app
 from peftkit.serve.engine import Engine
 from peftkit.serve.metrics import Metrics
 
-__all__ = ["ServeSettings", "ThreadedServer", "bind", "build_app"]
+__all__ = ["ServeSettings", "ThreadedServer", "bind", "build_app", "uvicorn_server"]
 
 
 @dataclass(frozen=True)
