@@ -14,6 +14,10 @@ from torch import Tensor, nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 
+# The server tests' fixtures (tests/serve/serve_fixtures.py): a conftest.py there would take the name
+# `conftest` from this file for the tests that import from it.
+pytest_plugins = ["serve_fixtures"]
+
 VOCAB = 64
 BATCH = 3
 SEQ = 7

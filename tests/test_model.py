@@ -314,6 +314,24 @@ def test_mixed_batch_wrong_length_and_unknown_name() -> None:
     assert all(w.routing is None for w in model.modules() if isinstance(w, AdapterLayer)), "routing leaked"
 
 
+def test_a_routing_made_once_gives_the_names_outputs_and_stacks_once() -> None:
+    tiny = TINY_MODELS[1]
+    model = peftkit.wrap(tiny.make(), peftkit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("b", peftkit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model, scale=0.5)
+    names = ["b", "__base__", "default"]
+    routing = model.routing(names)
+    with torch.no_grad():
+        for seed in range(2):  # two calls over different inputs reuse one routing
+            inputs = tiny.inputs(batch=3, seed=seed)
+            torch.testing.assert_close(
+                output_of(model, inputs, adapter_names=routing), output_of(model, inputs, adapter_names=names)
+            )
+    assert routing.stacked and all(stack is not None for stack in routing.stacked.values())
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model.routing(["nope"])
+
+
 def test_mixed_batch_generate_equals_rows_alone() -> None:
     tiny = TINY_MODELS[1]
     model = peftkit.wrap(tiny.make(), peftkit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))

@@ -519,7 +519,7 @@ class PeftModel(nn.Module):
         return state
 
     # ----------------------------------------------------------------------------- running
-    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: Sequence[str] | Routing | None = None, **kwargs: Any) -> Any:
         """The base model's forward with the adapters applied.
 
         Takes the base model's arguments; ``inspect.signature(model.forward)`` shows them, with
@@ -528,6 +528,7 @@ class PeftModel(nn.Module):
         Args:
             adapter_names: one adapter name per row of the batch (``"__base__"``: no adapter) to mix
                 adapters in one batch; each row then gets what it would get alone. Layer adapters only.
+                Or a :meth:`routing` made once for several calls over the same rows.
 
         An active soft prompt adds its virtual tokens to the inputs here (see :mod:`peftkit.whole_model`).
         """
@@ -535,8 +536,27 @@ class PeftModel(nn.Module):
             args, kwargs = adapter.prepare_inputs(self.model, args, kwargs)
         if adapter_names is None:
             return self.model(*args, **kwargs)
-        with self._routed(list(adapter_names)):
+        routing = adapter_names if isinstance(adapter_names, Routing) else list(adapter_names)
+        with self._routed(routing):
             return self.model(*args, **kwargs)
+
+    def routing(self, adapter_names: Sequence[str]) -> Routing:
+        """A per-row routing to pass as ``adapter_names`` to several calls over batches of the same rows.
+
+        Each layer stacks its adapters for a routing on the first call that uses it (the batched LoRA
+        path) and the next calls reuse the stacks: a decoding loop outside ``generate`` (a server's
+        steps) then pays for stacking once, not once per step. Valid while the adapters do not change:
+        make a new one after loading, deleting or training adapters.
+
+        Args:
+            adapter_names: one adapter name per row (``"__base__"``: no adapter).
+
+        Raises:
+            ValueError: an unknown adapter name.
+        """
+        names = list(adapter_names)
+        self._check_known([name for name in names if name != BASE_ADAPTER_NAME])
+        return Routing.from_names(names, next(self.model.parameters()).device)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate``; ``adapter_names`` routes each prompt row as in :meth:`forward`.
@@ -752,7 +772,10 @@ class PeftModel(nn.Module):
         return config_to_json(config)
 
     @contextmanager
-    def _routed(self, adapter_names: list[str]) -> Iterator[None]:
+    def _routed(self, adapter_names: list[str] | Routing) -> Iterator[None]:
+        given = adapter_names if isinstance(adapter_names, Routing) else None
+        if given is not None:
+            adapter_names = [name for name, _ in given.groups]
         self._check_known([name for name in adapter_names if name != BASE_ADAPTER_NAME])
         model_level = sorted(
             {name for name in [*adapter_names, *self._active] if name in self.model_adapters}
@@ -764,8 +787,7 @@ class PeftModel(nn.Module):
             )
         if self.merged_adapters:
             raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter()")
-        device = next(self.model.parameters()).device
-        routing = Routing.from_names(adapter_names, device)
+        routing = given or Routing.from_names(adapter_names, next(self.model.parameters()).device)
         wrappers = [wrapper for _, wrapper in self._wrappers()]
         for wrapper in wrappers:
             wrapper.routing = routing
@@ -814,7 +836,7 @@ def _class_for(base_class: type[nn.Module]) -> type[PeftModel]:
         return PeftModel
 
     def forward(
-        self: PeftModel, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
+        self: PeftModel, *args: Any, adapter_names: Sequence[str] | Routing | None = None, **kwargs: Any
     ) -> Any:
         return PeftModel.forward(self, *args, adapter_names=adapter_names, **kwargs)
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-HEAVY = ("torch", "transformers", "datasets", "accelerate")
+HEAVY = ("torch", "transformers", "datasets", "accelerate", "fastapi", "uvicorn")
 PROBE = """
 import contextlib, io, json, sys
 argv = json.loads(sys.argv[1])
@@ -38,7 +38,7 @@ def heavy_modules_loaded(argv: list[str] | None) -> list[str]:
     return json.loads(out)
 
 
-COMMANDS = ["train", "eval", "generate", "merge", "inspect", "estimate", "compare"]
+COMMANDS = ["train", "eval", "generate", "merge", "inspect", "estimate", "compare", "serve"]
 
 
 @pytest.mark.parametrize(

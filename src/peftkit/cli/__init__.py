@@ -1,4 +1,4 @@
-"""The ``peftkit`` command: train, eval, generate, merge, inspect, estimate, compare.
+"""The ``peftkit`` command: train, eval, generate, merge, inspect, estimate, compare, serve.
 
 One module per subcommand (``peftkit.cli.<name>``), each with a ``register_<name>(subparsers)`` function
 that adds its parser and sets ``handler=<function(args, argv) -> exit code>``; :data:`COMMANDS` lists
@@ -25,6 +25,7 @@ from peftkit.cli.evaluate import register_eval
 from peftkit.cli.generate import register_generate
 from peftkit.cli.inspect import register_inspect
 from peftkit.cli.merge import register_merge
+from peftkit.cli.serve import register_serve
 from peftkit.cli.train import register_train
 from peftkit.errors import UsageError, closest
 
@@ -38,6 +39,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     register_inspect,
     register_estimate,
     register_compare,
+    register_serve,
 ]
 
 
