@@ -26,7 +26,7 @@ test: $(STAMP)  ## the whole test suite, slow real-model tests included
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: $(STAMP)  ## ruff (lint + format) and the import layers (lint-imports, contracts in pyproject.toml)
-	$(BIN)/ruff check src tests && $(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks && $(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/lint-imports
 
 clean:

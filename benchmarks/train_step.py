@@ -24,9 +24,9 @@ from common import Variant, interleaved, load_smollm2, machine, random_tokens, s
 from torch import nn
 
 import peftkit
-from peftkit.training.evaluation import loss_sum
 from peftkit.memory import measure_training_step
 from peftkit.ops import fast_lora
+from peftkit.training.evaluation import loss_sum
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -63,7 +63,7 @@ def model_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tenso
 
 
 def peftkit_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The loss of ``peftkit train``: ``peftkit.training.evaluation.loss_sum`` (fused head + cross-entropy), mean."""
+    """The loss of ``peftkit train``: ``training.evaluation.loss_sum`` (fused head + cross-entropy), mean."""
     total, count = loss_sum(model, inputs, "causal-lm")
     return total / count
 
