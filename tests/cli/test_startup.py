@@ -38,7 +38,7 @@ def heavy_modules_loaded(argv: list[str] | None) -> list[str]:
     return json.loads(out)
 
 
-COMMANDS = ["train", "eval", "generate", "merge", "inspect", "estimate", "compare"]
+COMMANDS = ["train", "eval", "generate", "merge", "combine", "inspect", "estimate", "compare"]
 
 
 @pytest.mark.parametrize(

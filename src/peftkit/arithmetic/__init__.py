@@ -7,6 +7,6 @@
 """
 
 from peftkit.arithmetic.maths import COMBINATION_TYPES
-from peftkit.arithmetic.weighted import CombinationReport, combine_lora_adapters
+from peftkit.arithmetic.weighted import CombinationReport, check_combination, combine_lora_adapters
 
-__all__ = ["COMBINATION_TYPES", "CombinationReport", "combine_lora_adapters"]
+__all__ = ["COMBINATION_TYPES", "CombinationReport", "check_combination", "combine_lora_adapters"]

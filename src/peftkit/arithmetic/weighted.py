@@ -35,7 +35,7 @@ from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.layers import LoraConv, LoraEmbedding, LoraLinear
 from peftkit.methods.lora.pissa import PrincipalLoraLinear
 
-__all__ = ["CombinationReport", "combine_lora_adapters", "lora_factors"]
+__all__ = ["CombinationReport", "check_combination", "combine_lora_adapters", "lora_factors"]
 
 
 @dataclass(frozen=True)
@@ -124,14 +124,12 @@ def combine_lora_adapters(
             not a plain or PiSSA/OLoRA LoRA adapter (DoRA, IA³, prompts, bottleneck …), trains biases
             or has ``modules_to_save``.
     """
-    _check_arguments(configs, adapters, weights, combination_type, svd_rank, svd_clamp, density)
-    if majority_sign_method not in SIGN_METHODS:
-        raise ValueError(f"majority_sign_method={majority_sign_method!r} must be one of {list(SIGN_METHODS)}")
-    if majority_sign_method != "total" and combination_type not in SIGN_TYPES:
-        raise ValueError(
-            f"majority_sign_method={majority_sign_method!r} applies to {list(SIGN_TYPES)} only, not "
-            f"combination_type={combination_type!r}"
-        )
+    if isinstance(adapters, str) or not adapters:
+        raise ValueError(f"adapters={adapters!r} must be a non-empty list of adapter names")
+    check_combination(
+        combination_type, len(adapters), weights, svd_rank, svd_clamp, density, majority_sign_method
+    )
+    _check_sources(configs, adapters)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
@@ -174,43 +172,35 @@ def combine_lora_adapters(
     return config, tensors, CombinationReport(combination_type, ranks, errors, total)
 
 
-def _check_arguments(
-    configs: Mapping[str, AdapterConfig],
-    adapters: Sequence[str],
-    weights: Sequence[float],
+def check_combination(
     combination_type: str,
-    svd_rank: int | None,
-    svd_clamp: float | None,
-    density: float | None,
+    adapter_count: int,
+    weights: Sequence[float],
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
 ) -> None:
+    """Refuse arguments of ``add_weighted_adapter`` that do not fit together, before any work.
+
+    Raises:
+        ValueError: naming the argument, its value and what is accepted: an unknown type, a weight
+            count other than ``adapter_count``, a non-finite weight, ``svd_rank`` / ``svd_clamp`` with
+            an exact type, ``density`` missing or outside (0, 1] for the types that read it (or given
+            to one that does not), an unknown ``majority_sign_method`` or one given to a type without
+            sign election.
+    """
     if combination_type not in COMBINATION_TYPES:
         raise ValueError(f"combination_type={combination_type!r} must be one of {list(COMBINATION_TYPES)}")
-    if isinstance(adapters, str) or not adapters:
-        raise ValueError(f"adapters={adapters!r} must be a non-empty list of adapter names")
-    if len(weights) != len(adapters):
-        raise ValueError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    if len(weights) != adapter_count:
+        raise ValueError(f"{len(weights)} weights for {adapter_count} adapters; give one weight per adapter")
     if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
         raise ValueError(f"weights={list(weights)!r} must be finite numbers (negative ones subtract)")
-    unknown = [name for name in adapters if name not in configs]
-    if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(configs)}")
-    for name in adapters:
-        config = configs[name]
-        if not isinstance(config, LoraConfig) or config.use_dora:
-            kind = "DoRA" if isinstance(config, LoraConfig) else config.peft_type
-            raise ValueError(
-                f"adapter {name!r} is {kind}: only LoRA adapters (plain, rsLoRA, PiSSA/OLoRA) combine, "
-                "because the combination is defined on their weight updates s·B·A"
-            )
-        if config.modules_to_save or config.bias != "none":
-            raise ValueError(
-                f"adapter {name!r} also trains {'modules_to_save' if config.modules_to_save else 'biases'}, "
-                "which have no low-rank update to combine; combine adapters without them"
-            )
     exact = combination_type in EXACT_TYPES
     if svd_rank is not None and (exact or not isinstance(svd_rank, int) or svd_rank <= 0):
         raise ValueError(
-            f"svd_rank={svd_rank!r}: linear and cat are exact (rank = the sum of the ranks)"
+            f"svd_rank={svd_rank!r}: linear and cat are exact (rank = the sum of the ranks); "
+            "use an svd type to choose the rank"
             if exact
             else f"svd_rank={svd_rank!r} must be a positive integer"
         )
@@ -231,6 +221,33 @@ def _check_arguments(
             f"density={density!r} applies to {list(DENSITY_TYPES)} only, not combination_type="
             f"{combination_type!r}"
         )
+    if majority_sign_method not in SIGN_METHODS:
+        raise ValueError(f"majority_sign_method={majority_sign_method!r} must be one of {list(SIGN_METHODS)}")
+    if majority_sign_method != "total" and combination_type not in SIGN_TYPES:
+        raise ValueError(
+            f"majority_sign_method={majority_sign_method!r} applies to {list(SIGN_TYPES)} only, not "
+            f"combination_type={combination_type!r}"
+        )
+
+
+def _check_sources(configs: Mapping[str, AdapterConfig], adapters: Sequence[str]) -> None:
+    """Refuse unknown adapters and any that is not plain LoRA (rsLoRA, patterns, PiSSA/OLoRA included)."""
+    unknown = [name for name in adapters if name not in configs]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(configs)}")
+    for name in adapters:
+        config = configs[name]
+        if not isinstance(config, LoraConfig) or config.use_dora:
+            kind = "DoRA" if isinstance(config, LoraConfig) else config.peft_type
+            raise ValueError(
+                f"adapter {name!r} is {kind}: only LoRA adapters (plain, rsLoRA, PiSSA/OLoRA) combine, "
+                "because the combination is defined on their weight updates s·B·A"
+            )
+        if config.modules_to_save or config.bias != "none":
+            raise ValueError(
+                f"adapter {name!r} also trains {'modules_to_save' if config.modules_to_save else 'biases'}, "
+                "which have no low-rank update to combine; combine adapters without them"
+            )
 
 
 def _rank(adapter: nn.Module) -> int:
