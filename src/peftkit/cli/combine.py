@@ -172,7 +172,7 @@ def _check_lora_dir(directory: Path, config_name: str) -> None:
     if kind != "LORA" or config.get("use_dora"):
         what = "DoRA" if kind == "LORA" else kind or "non-LoRA"
         raise UsageError(
-            f"{directory} is a {what} adapter; only LoRA adapters combine (their updates s·B·A add up)"
+            f"{directory} is {what}, not LoRA; only LoRA adapters combine (their updates s·B·A add up)"
         )
 
 
