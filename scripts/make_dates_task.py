@@ -1,10 +1,13 @@
-"""Write a second small task for the adapter-arithmetic benchmark: a date in words → ISO 8601.
+"""Write a second small task for the adapter-arithmetic benchmark: a date in words → DD/MM/YYYY.
 
-Run ``python scripts/make_iso_dates_task.py`` to regenerate ``benchmarks/data/iso_dates/`` (seeded:
-the same files every time): 400 training and 100 held-out rows of ``{"prompt", "completion"}``, e.g.
-``"the 5th of March, 2021"`` → ``"2021-03-05"``. The instruction is not in the rows; train with
-``--prompt-template "Write the date in ISO 8601 format (YYYY-MM-DD).\\n\\n{prompt}"``. Held-out rows use
-years (2031–2040) that no training row has, so the score measures the conversion, not memorised dates.
+Run ``python scripts/make_dates_task.py`` to regenerate ``benchmarks/data/dates/`` (seeded: the same
+files every time): 400 training and 100 held-out rows of ``{"prompt", "completion"}``, e.g.
+``"the 5th of March, 2021"`` → ``"05/03/2021"``. The instruction is not in the rows; train with
+``--prompt-template "Write the date as DD/MM/YYYY.\\n\\n{prompt}"``. Held-out rows use years (2031–2040)
+that no training row has, so the score measures the conversion, not memorised dates.
+
+Not ISO 8601 (``2021-03-05``) on purpose: ``datasets`` reads a JSON column of ISO dates as timestamps,
+and the answers would become ``"2021-03-05 00:00:00"``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "iso_dates"
+OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "dates"
 MONTHS = [datetime.date(2000, m, 1).strftime("%B") for m in range(1, 13)]
 
 
@@ -43,7 +46,7 @@ def rows(years: range, count: int, rng: random.Random) -> list[dict[str, str]]:
         start = datetime.date(years.start, 1, 1)
         span = (datetime.date(years.stop, 1, 1) - start).days
         date = start + datetime.timedelta(days=rng.randrange(span))
-        out.append({"prompt": spell(date, rng), "completion": date.isoformat()})
+        out.append({"prompt": spell(date, rng), "completion": date.strftime("%d/%m/%Y")})
     return out
 
 
