@@ -315,6 +315,15 @@ def test_overwrite_replaces_an_existing_adapter_and_keeps_it_active() -> None:
         torch.testing.assert_close(delta(model, path, "c"), -2.0 * delta(model, path, "b"), atol=1e-6, rtol=0)
 
 
+def test_a_merged_adapter_is_not_overwritten() -> None:
+    model, _ = two_adapter_model(MODELS["llama"])
+    model.add_weighted_adapter(["a", "b"], WEIGHTS, "c", "linear")
+    model.merge_adapter(["c"])
+    with pytest.raises(ValueError, match="'c' is merged; call unmerge_adapter"):
+        model.add_weighted_adapter(["a"], [1.0], "c", "linear", overwrite=True)
+    assert model.merged_adapters == ["c"]
+
+
 def test_modules_only_some_adapters_target_get_only_theirs() -> None:
     model, _ = two_adapter_model(MODELS["llama"])
     report = model.add_weighted_adapter(["a", "b"], WEIGHTS, "c", "linear")
