@@ -35,6 +35,7 @@ _EXPORTS = {
 }
 _SUBMODULES = frozenset(
     {
+        "arithmetic",
         "cli",
         "compare",
         "config",

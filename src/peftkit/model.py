@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from peftkit.arithmetic import CombinationReport, combine_lora_adapters
 from peftkit.config import AdapterConfig, config_from_dict, config_to_json
 from peftkit.errors import UsageError
 from peftkit.formatting import format_count, format_percent
@@ -303,6 +304,79 @@ class PeftModel(nn.Module):
         self._trainable.discard(adapter_name)
         remaining = [name for name in self._active if name != adapter_name]
         self._apply_state(remaining or list(self.peft_config)[:1])
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        seed: int | None = None,
+        overwrite: bool = False,
+    ) -> CombinationReport:
+        """Add ``adapter_name``, a LoRA adapter combining the LoRA ``adapters`` with ``weights``.
+
+        Hugging Face PEFT's arguments, defined on each module's weight updates ΔWᵢ = sᵢ·BᵢAᵢ
+        (:mod:`peftkit.arithmetic`):
+
+        - ``linear``, ``cat``: exactly ``Σ wᵢ·ΔWᵢ`` (the factors concatenated; rank = the sum of ranks);
+          negative weights subtract (``[1, -1]`` on one adapter gives the base model);
+        - ``svd``: the best rank-``svd_rank`` approximation of ``Σ wᵢ·ΔWᵢ``;
+        - ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` (and their ``*_svd`` names, the
+          same maths): the papers' combination of the weighted updates, then that best fit.
+
+        ``svd_rank`` unset: the largest of the adapters' ranks at each module. A module that only some
+        adapters target is a zero update for the others. The result is an ordinary LoRA adapter
+        (scaling 1, per-module ranks as ``rank_pattern``), inactive until :meth:`set_adapter`.
+
+        Args:
+            svd_clamp: clip the fitted factors' entries at this quantile (Hugging Face PEFT's).
+            density: the share of entries each update keeps (TIES, DARE, magnitude pruning), in (0, 1].
+            majority_sign_method: TIES's sign election, ``"total"`` or ``"frequency"``.
+            seed: DARE's random drop; the same seed gives the same adapter (None: torch's global RNG).
+            overwrite: replace an existing adapter named ``adapter_name`` (not a merged one).
+
+        Returns:
+            The rank and the fit's relative error ‖T − ΔW‖/‖T‖ per module and in total (0 when exact).
+
+        Raises:
+            ValueError: a bad argument, an existing name without ``overwrite``, or an adapter that is not
+                LoRA (DoRA, IA³, prompts, prefix, bottleneck …); nothing changes then.
+        """
+        replacing = adapter_name in self.peft_config
+        if replacing and not overwrite:
+            raise ValueError(
+                f"an adapter named {adapter_name!r} exists already; pick another name or pass overwrite=True"
+            )
+        if replacing and adapter_name in self.merged_adapters:
+            raise ValueError(
+                f"adapter {adapter_name!r} is merged; call unmerge_adapter() before replacing it"
+            )
+        if not replacing:
+            self._check_new_name(adapter_name)
+        config, tensors, report = combine_lora_adapters(
+            self.model,
+            self.peft_config,
+            adapters,
+            weights,
+            combination_type,
+            svd_rank=svd_rank,
+            svd_clamp=svd_clamp,
+            density=density,
+            majority_sign_method=majority_sign_method,
+            seed=seed,
+        )
+        active = self.active_adapters
+        if replacing:
+            self.delete_adapter(adapter_name)
+        self.add_adapter(adapter_name, config)
+        self._load_tensors(adapter_name, tensors, source=f"add_weighted_adapter({adapter_name!r})")
+        self._apply_state(active)
+        return report
 
     @contextmanager
     def disable_adapters(self) -> Iterator[None]:

@@ -70,7 +70,8 @@ def parse(argv: list[str]) -> TrainConfig:
 
 # ------------------------------------------------------------------------------------------ help
 @pytest.mark.parametrize(
-    "command", [[], ["train"], ["eval"], ["generate"], ["merge"], ["inspect"], ["estimate"], ["compare"]]
+    "command",
+    [[], ["train"], ["eval"], ["generate"], ["merge"], ["combine"], ["inspect"], ["estimate"], ["compare"]],
 )
 def test_help_everywhere(command: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:

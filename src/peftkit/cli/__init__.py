@@ -1,4 +1,4 @@
-"""The ``peftkit`` command: train, eval, generate, merge, inspect, estimate, compare, serve.
+"""The ``peftkit`` command: train, eval, generate, merge, combine, inspect, estimate, compare, serve.
 
 One module per subcommand (``peftkit.cli.<name>``), each with a ``register_<name>(subparsers)`` function
 that adds its parser and sets ``handler=<function(args, argv) -> exit code>``; :data:`COMMANDS` lists
@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import version
 from typing import Any
 
+from peftkit.cli.combine import register_combine
 from peftkit.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, Parser, parse_train_args
 from peftkit.cli.compare import register_compare
 from peftkit.cli.estimate import register_estimate
@@ -36,6 +37,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     register_eval,
     register_generate,
     register_merge,
+    register_combine,
     register_inspect,
     register_estimate,
     register_compare,
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``peftkit`` parser with every subcommand in :data:`COMMANDS`."""
     parser = Parser(
         prog="peftkit",
-        description="Parameter-efficient fine-tuning: train, evaluate, use, merge; estimate memory.",
+        description="Parameter-efficient fine-tuning: train, evaluate, use, merge, combine; estimate memory.",
     )
     parser.add_argument("--version", action="version", version=f"peftkit {version('peftkit')}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
