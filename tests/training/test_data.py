@@ -317,3 +317,25 @@ def test_a_missing_relative_data_file_names_the_directory_it_was_looked_for_in(t
         UsageError, match=rf"data file not found: data/dev.jsonl \(relative to .*{tmp_path.name}\)"
     ):
         load_table("data/dev.jsonl")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_json_values_keep_their_text_dates_included(tmp_path, suffix) -> None:
+    rows = [
+        {"prompt": "the twelfth of May 2034", "completion": "2034-05-12"},
+        {"prompt": "noon", "completion": "2034-05-12T12:00:00Z", "note": "a key only this row has"},
+    ]
+    path = tmp_path / f"dates{suffix}"
+    path.write_text(json.dumps(rows) if suffix == ".json" else "".join(json.dumps(r) + "\n" for r in rows))
+    table = load_table(path)
+    assert table["completion"] == ["2034-05-12", "2034-05-12T12:00:00Z"]  # not timestamps
+    assert table["note"] == [None, "a key only this row has"]
+
+
+def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n[1, 2]\n')
+    with pytest.raises(
+        UsageError, match=r"cannot read data file .*rows.jsonl: line 2: a JSON object is needed"
+    ):
+        load_table(path)

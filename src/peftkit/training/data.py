@@ -20,6 +20,7 @@ with several whole examples.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import statistics
 from collections.abc import Sequence
@@ -128,7 +129,11 @@ def load_table(path: str | Path) -> datasets.Dataset:
     if not path.read_bytes()[:4096].strip():
         raise UsageError(f"data file {path} is empty; it needs at least one example")
     try:
-        table = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+        rows = _json_rows(path) if builder == "json" else None
+        if rows is not None:
+            table = datasets.Dataset.from_dict({key: [row.get(key) for row in rows] for key in _keys(rows)})
+        else:
+            table = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
     except Exception as e:  # datasets wraps the parser's error; show the innermost one
         cause = e
         while cause.__cause__ is not None:
@@ -137,6 +142,39 @@ def load_table(path: str | Path) -> datasets.Dataset:
     if len(table) == 0:
         raise UsageError(f"data file {path} is empty; it needs at least one example")
     return table
+
+
+def _json_rows(path: Path) -> list[dict[str, Any]] | None:
+    """The objects of a JSON Lines file, or of a JSON file holding a list of objects (None: another
+    JSON layout, left to ``datasets``).
+
+    Read with Python's ``json`` because ``datasets``' JSON reader (pyarrow) turns strings that look
+    like dates into timestamps: an answer ``"2034-05-12"`` would train and score as
+    ``"2034-05-12 00:00:00"``. Python's values keep the file's text.
+
+    Raises:
+        ValueError: a line that is not one JSON object (its number in the message).
+    """
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+        return data if isinstance(data, list) and all(isinstance(row, dict) for row in data) else None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"line {number}: {e}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"line {number}: a JSON object is needed, not {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _keys(rows: list[dict[str, Any]]) -> list[str]:
+    """Every key of ``rows``, in the order first seen (a row without one gets None there)."""
+    return list(dict.fromkeys(key for row in rows for key in row))
 
 
 def is_dataset_name(source: str) -> bool:
