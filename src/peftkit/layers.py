@@ -7,6 +7,7 @@ is computed once per model call (:class:`Routing`) and handed to every layer by 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -14,9 +15,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from peftkit.ops.multi_lora import StackedLora, multi_lora, stack_lora
+from peftkit.ops.multi_lora import AdapterStacks, StackedLora, multi_lora, stack_lora
 
 BASE_ADAPTER_NAME = "__base__"
+STACKS_KEPT = 2  # adapter sets whose stacks a layer keeps for mixed batches
 
 
 @runtime_checkable
@@ -94,6 +96,8 @@ class AdapterLayer(_Wrapper):
         self.base = base
         self.adapters = nn.ModuleDict()
         self.merged_adapters: list[str] = []
+        # recently stacked adapter sets for mixed batches: (versions, weak refs to A and B, stacks)
+        self._stacks: list[tuple[tuple, list, AdapterStacks]] = []
 
     @property
     def weight(self) -> Tensor:
@@ -147,6 +151,7 @@ class AdapterLayer(_Wrapper):
         """This layer's adapters stacked for the current routing (built on first use), or None."""
         assert self.routing is not None
         if id(self) not in self.routing.stacked:
+            used = sorted(used)  # the same adapters stack the same way whatever rows use them
             factors = [getattr(self.adapters[name], "low_rank_factors", lambda: None)() for name, _ in used]
             plain = [f for f in factors if f is not None]
             stackable = (
@@ -158,9 +163,37 @@ class AdapterLayer(_Wrapper):
             )
             rows = [rows for _, rows in used]
             self.routing.stacked[id(self)] = (
-                stack_lora(plain, rows, self.routing.batch_size) if stackable else None
+                stack_lora(plain, rows, self.routing.batch_size, self._stacks_for(plain))
+                if stackable
+                else None
             )
         return self.routing.stacked[id(self)]
+
+    def _stacks_for(self, factors: list[tuple[Tensor, Tensor, float]]) -> AdapterStacks:
+        """The stacks of ``factors``, reused from an earlier batch while the adapters' tensors are the
+        same objects, unchanged since (their ``_version``): a server whose batch changes rows every few
+        steps stacks each set of adapters once. The last :data:`STACKS_KEPT` sets are kept; they hold
+        copies, not the adapters, so an unloaded adapter's tensors are freed (its stacks go when evicted).
+        """
+        key = tuple((_version(A), _version(B), scaling) for A, B, scaling in factors)
+        if any(None in versions for versions in key):  # inference tensors keep no version: no reuse
+            return AdapterStacks(factors)
+        for index, (entry_key, refs, stacks) in enumerate(self._stacks):
+            if entry_key == key and all(
+                ref_A() is A and ref_B() is B for (ref_A, ref_B), (A, B, _) in zip(refs, factors, strict=True)
+            ):
+                self._stacks.insert(0, self._stacks.pop(index))
+                return stacks
+        stacks = AdapterStacks(factors)
+        refs = [(weakref.ref(A), weakref.ref(B)) for A, B, _ in factors]
+        self._stacks.insert(0, (key, refs, stacks))
+        del self._stacks[STACKS_KEPT:]
+        return stacks
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_stacks"] = []  # weak references do not pickle; the stacks are rebuilt on use
+        return state
 
     def merge(self, names: list[str], safe: bool = False) -> None:
         """Fold the named adapters this layer has into ``base``'s weights, in order."""
@@ -173,6 +206,14 @@ class AdapterLayer(_Wrapper):
         """Take merged adapters back out of ``base``'s weights, last merged first, until ``keep`` remain."""
         while len(self.merged_adapters) > keep:
             self.adapters[self.merged_adapters.pop()].unmerge(self.base)
+
+
+def _version(tensor: Tensor) -> int | None:
+    """The tensor's in-place modification counter, or None for an inference tensor (it has none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 class ModulesToSave(_Wrapper):

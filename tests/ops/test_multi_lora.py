@@ -150,3 +150,41 @@ def test_mixed_generate_reuses_the_stacks_and_equals_rows_alone(monkeypatch: pyt
             model.set_adapter(name)
             alone = model.generate(input_ids=one, attention_mask=torch.ones_like(one), **kwargs)
         assert torch.equal(mixed[row : row + 1], alone), f"row {row} ({name})"
+
+
+def test_stacks_serve_every_batch_of_the_same_adapters_until_an_adapter_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server's batch changes rows every few steps: the layers stack each set of adapters once, and
+    a changed, replaced or retrained adapter is stacked anew (a stale stack would fail the comparison)."""
+    import pickle
+
+    model = three_adapters()
+    built: list[int] = []
+    real = layers_module.AdapterStacks
+    monkeypatch.setattr(layers_module, "AdapterStacks", lambda *a: built.append(1) or real(*a))
+    ids = torch.randint(0, 64, (len(NAMES), 3), generator=torch.Generator().manual_seed(6))
+
+    def check(names: list[str]) -> None:
+        order = [NAMES.index(name) for name in names]  # rows of ids in the order of names
+        with torch.no_grad():
+            mixed = model(input_ids=ids[order], adapter_names=names).logits
+        torch.testing.assert_close(mixed, rows_alone(model, ids)[order], atol=ATOL, rtol=0)
+
+    check(NAMES)
+    assert len(built) == 2 * 7  # one stack per adapted layer
+    check(list(reversed(NAMES)))  # other rows, the same adapters
+    check(["c", "b", "default", "__base__", "b", "default"])
+    assert len(built) == 2 * 7  # reused
+    with torch.no_grad():  # an adapter changed in place: its layer stacks again
+        model.model.model.layers[0].self_attn.q_proj.adapters["b"].lora_B.weight.add_(0.5)
+    check(NAMES)
+    assert len(built) == 2 * 7 + 1
+    model.delete_adapter("c")  # replaced by another adapter of the same name and shapes
+    model.add_adapter("c", peftkit.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".adapters.c." in name:
+                param.normal_(0, 0.3)
+    check(NAMES)
+    assert pickle.loads(pickle.dumps(model)) is not None  # the stacks' weak references are not pickled

@@ -1,8 +1,9 @@
 """Many LoRA adapters in one batch: every row gets its own adapter in two batched matmuls per layer.
 
-A layer's adapters are stacked once per model call (:func:`stack_lora`, each layout on first use):
-slot 0 is "no adapter" (zeros), ranks are zero-padded to the largest, and each adapter's scaling is
-folded into its B.
+A layer's adapters are stacked (:class:`AdapterStacks`, each layout on first use; the same stacks
+serve every batch that uses the same adapters): slot 0 is "no adapter" (zeros), ranks are
+zero-padded to the largest, and each adapter's scaling is folded into its B. :func:`stack_lora` adds
+which rows use which slot.
 :func:`multi_lora` then computes ``y + s_k·B_k·A_k·x`` for every row with its own ``k``:
 
 - few tokens (``generate``'s decoding steps): one matmul against all adapters' A rows side by side,
@@ -27,34 +28,29 @@ from torch import Tensor
 MASKED_PATH_MAX_PAIRS = 4096
 
 
-class StackedLora:
-    """One layer's adapters, stacked for a mixed batch; each layout is built on first use.
+class AdapterStacks:
+    """One layer's adapters stacked, whichever rows use them; each layout is built on first use.
+
+    Slot 0 is "no adapter"; adapter k (in the order given) is slot k + 1.
 
     Attributes:
-        slots: adapters + 1: slot 0 is "no adapter".
+        slots: adapters + 1.
         rank, in_features, out_features, dtype: of the stacks (ranks zero-padded to the largest).
-        row_slot: (batch,) the slot of each row.
     """
 
-    def __init__(
-        self, factors: Sequence[tuple[Tensor, Tensor, float]], rows: Sequence[Tensor], batch_size: int
-    ) -> None:
-        if not factors or len(factors) != len(rows):
-            raise ValueError(
-                f"need one row group per adapter, got {len(factors)} adapters, {len(rows)} groups"
-            )
+    def __init__(self, factors: Sequence[tuple[Tensor, Tensor, float]]) -> None:
+        if not factors:
+            raise ValueError("need at least one adapter to stack")
         self._factors = list(factors)
         first_A, first_B, _ = factors[0]
         self.dtype = first_A.dtype
+        self.device = first_A.device
         self._like = {"dtype": first_A.dtype, "device": first_A.device}
         self.rank = max(A.shape[0] for A, _, _ in factors)
         self.in_features, self.out_features = first_A.shape[1], first_B.shape[0]
         self.slots = len(factors) + 1
-        self.row_slot = torch.zeros(batch_size, dtype=torch.long, device=first_A.device)
-        for slot, indices in enumerate(rows, start=1):
-            self.row_slot[indices.to(self.row_slot.device)] = slot
         self._per_row: tuple[Tensor, Tensor] | None = None
-        self._side_by_side: tuple[Tensor, Tensor, Tensor] | None = None
+        self._side_by_side: tuple[Tensor, Tensor] | None = None
 
     def per_row(self) -> tuple[Tensor, Tensor]:
         """(slots, in, r) of Aᵀ and (slots, r, out) of s·Bᵀ, slot 0 zeros, for the many-token path.
@@ -71,10 +67,9 @@ class StackedLora:
             self._per_row = stacked_A, stacked_B
         return self._per_row
 
-    def side_by_side(self) -> tuple[Tensor, Tensor, Tensor]:
-        """For the few-token path: all adapters' Aᵀ side by side (in, n·r), their s·Bᵀ stacked
-        (n·r, out), row-major K x N as small matmuls like them, and per row a (batch, 1, n·r) mask of
-        1 on its adapter's columns (all 0 for a row without one)."""
+    def side_by_side(self) -> tuple[Tensor, Tensor]:
+        """For the few-token path: all adapters' Aᵀ side by side (in, n·r) and their s·Bᵀ stacked
+        (n·r, out), row-major K x N as small matmuls like them."""
         if self._side_by_side is None:
             width = (self.slots - 1) * self.rank
             all_A = torch.zeros(self.in_features, width, **self._like)
@@ -83,14 +78,57 @@ class StackedLora:
                 start = index * self.rank
                 all_A[:, start : start + lora_A.shape[0]] = lora_A.T
                 all_B[start : start + lora_B.shape[1]] = lora_B.T * scaling
-            onehot = F.one_hot(self.row_slot, self.slots)[:, 1:].to(all_A.dtype)  # (batch, n)
-            row_columns = onehot.repeat_interleave(self.rank, dim=1).unsqueeze(1)  # (batch, 1, n·r)
-            self._side_by_side = all_A, all_B, row_columns
+            self._side_by_side = all_A, all_B
         return self._side_by_side
 
 
+class StackedLora:
+    """One layer's adapters for one batch: the :class:`AdapterStacks` (shareable between batches that
+    use the same adapters) and which slot each row uses.
+
+    Attributes:
+        stacks: the adapters' stacks.
+        row_slot: (batch,) the slot of each row.
+    """
+
+    def __init__(
+        self,
+        factors: Sequence[tuple[Tensor, Tensor, float]],
+        rows: Sequence[Tensor],
+        batch_size: int,
+        stacks: AdapterStacks | None = None,
+    ) -> None:
+        if not factors or len(factors) != len(rows):
+            raise ValueError(
+                f"need one row group per adapter, got {len(factors)} adapters, {len(rows)} groups"
+            )
+        self.stacks = stacks if stacks is not None else AdapterStacks(factors)
+        self.dtype, self.rank, self.slots = self.stacks.dtype, self.stacks.rank, self.stacks.slots
+        self.in_features, self.out_features = self.stacks.in_features, self.stacks.out_features
+        self.row_slot = torch.zeros(batch_size, dtype=torch.long, device=self.stacks.device)
+        for slot, indices in enumerate(rows, start=1):
+            self.row_slot[indices.to(self.row_slot.device)] = slot
+        self._row_columns: Tensor | None = None
+
+    def per_row(self) -> tuple[Tensor, Tensor]:
+        """See :meth:`AdapterStacks.per_row`."""
+        return self.stacks.per_row()
+
+    def side_by_side(self) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`AdapterStacks.side_by_side` and per row a (batch, 1, n·r) mask of 1 on its adapter's
+        columns (all 0 for a row without one)."""
+        all_A, all_B = self.stacks.side_by_side()
+        if self._row_columns is None:
+            onehot = F.one_hot(self.row_slot, self.slots)[:, 1:].to(all_A.dtype)  # (batch, n)
+            self._row_columns = onehot.repeat_interleave(self.rank, dim=1).unsqueeze(1)  # (batch, 1, n·r)
+        return all_A, all_B, self._row_columns
+
+
 def stack_lora(
-    factors: Sequence[tuple[Tensor, Tensor, float]], rows: Sequence[Tensor], batch_size: int
+    factors: Sequence[tuple[Tensor, Tensor, float]],
+    rows: Sequence[Tensor],
+    batch_size: int,
+    stacks: AdapterStacks | None = None,
 ) -> StackedLora:
     """Stack ``(A, B, scaling)`` per adapter, the k-th used by the rows in ``rows[k]``.
 
@@ -98,11 +136,12 @@ def stack_lora(
         factors: per adapter, A (r_k, in) and B (out, r_k) of one dtype and device, and its scaling.
         rows: per adapter, a long tensor of the row indices it serves (disjoint).
         batch_size: rows in the batch; rows in no group get slot 0 (no adapter).
+        stacks: ``AdapterStacks(factors)`` made before (for another batch of the same adapters), reused.
 
     Raises:
         ValueError: no adapters, or ``factors`` and ``rows`` of different lengths.
     """
-    return StackedLora(factors, rows, batch_size)
+    return StackedLora(factors, rows, batch_size, stacks)
 
 
 def multi_lora(x: Tensor, base_output: Tensor, stacked: StackedLora, in_place: bool = False) -> Tensor:
