@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import subprocess
+import sys
 from collections.abc import Callable
 
 import torch
@@ -93,8 +95,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated variant names, exact or a part of them (default: all)"
+    )
     parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument(
+        "--peaks-apart",
+        action="store_true",
+        help="measure each variant's peak in a process of its own (big shapes: one process holding every "
+        "variant's step runs out of memory)",
+    )
+    parser.add_argument("--peak-of", default="", help=argparse.SUPPRESS)  # internal: one variant's peak
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine())
@@ -132,9 +143,17 @@ def main() -> None:
     ours, theirs = ia3_configs()
     variants["HF PEFT IA3 (k, v, down)"] = (hf_model(base, theirs), True, model_loss)
     variants["peftkit IA3 (k, v, down)"] = (peftkit_model(base, ours), True, model_loss)
+    if args.peak_of:
+        model, fast, loss = variants[args.peak_of]
+        step = stepper(model, inputs, fast, loss)
+        with fast_lora(fast):
+            print(f"PEAK {measure_training_step(model, inputs, step.optimizer, loss).peak}")
+        return
     if args.only:
         keep = [name.strip() for name in args.only.split(",") if name.strip()]
-        variants = {k: v for k, v in variants.items() if any(name in k for name in keep)}
+        exact = [name for name in keep if name in variants]
+        parts = [name for name in keep if name not in variants]
+        variants = {k: v for k, v in variants.items() if k in exact or any(name in k for name in parts)}
 
     steps = {name: stepper(model, inputs, fast, loss) for name, (model, fast, loss) in variants.items()}
     print(f"timing {len(steps)} variants, batch {args.batch} x seq {args.seq}, {args.rounds} rounds")
@@ -146,11 +165,31 @@ def main() -> None:
 
     peaks = {}
     for name, (model, fast, loss) in variants.items():
+        if args.peaks_apart:
+            peaks[name] = peak_in_own_process(name, args)
+            continue
         with fast_lora(fast):
             measured = measure_training_step(model, inputs, steps[name].optimizer, loss)
         peaks[name] = measured.peak
     print_results(timed, peaks, args)
     print(machine())
+
+
+def peak_in_own_process(name: str, args: argparse.Namespace) -> int:
+    """The tracked peak of variant ``name``, measured by this script in a fresh process."""
+    command = [
+        sys.executable,
+        __file__,
+        "--peak-of",
+        name,
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+    ]
+    command += ["--threads", str(args.threads), "--r", str(args.r)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return int(next(line.split()[1] for line in out.splitlines() if line.startswith("PEAK ")))
 
 
 def print_results(timed: list[Variant], peaks: dict[str, int], args: argparse.Namespace) -> None:
