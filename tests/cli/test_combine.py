@@ -142,3 +142,10 @@ def test_adapters_of_different_bases_need_model(
     assert main(argv) == 2
     assert "record different base models" in capsys.readouterr().err
     assert main([*argv, "--model", str(model_dir)]) == 0
+
+
+def test_the_command_offers_every_combination_type_add_weighted_adapter_takes() -> None:
+    from peftkit.arithmetic.maths import COMBINATION_TYPES
+    from peftkit.cli.combine import METHODS
+
+    assert sorted(METHODS) == sorted(COMBINATION_TYPES)  # the command's copy is spelt out for start-up

@@ -200,65 +200,47 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def chat_response(id_: str, model: str, text: str, finish_reason: str, use: dict[str, int]) -> dict[str, Any]:
     """A whole ``chat.completion``."""
-    return {
-        "id": id_,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
-        ],
-        "usage": use,
-    }
+    message = {"role": "assistant", "content": text}
+    return _envelope(
+        id_, "chat.completion", model, [_choice(message=message, finish_reason=finish_reason)], use
+    )
 
 
 def chat_chunk(
     id_: str, model: str, delta: dict[str, str], finish_reason: str | None, use: dict[str, int] | None = None
 ) -> dict[str, Any]:
     """One ``chat.completion.chunk`` of a stream (``choices`` empty for the closing usage chunk)."""
-    choices = [] if use is not None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
-    chunk = {
-        "id": id_,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-    }
-    if use is not None:
-        chunk["usage"] = use
-    return chunk
+    choices = [] if use is not None else [_choice(delta=delta, finish_reason=finish_reason)]
+    return _envelope(id_, "chat.completion.chunk", model, choices, use)
 
 
 def completion_response(
     id_: str, model: str, text: str, finish_reason: str, use: dict[str, int]
 ) -> dict[str, Any]:
     """A whole ``text_completion``."""
-    return {
-        "id": id_,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": use,
-    }
+    choice = _choice(text=text, logprobs=None, finish_reason=finish_reason)
+    return _envelope(id_, "text_completion", model, [choice], use)
 
 
 def completion_chunk(
     id_: str, model: str, text: str, finish_reason: str | None, use: dict[str, int] | None = None
 ) -> dict[str, Any]:
     """One streamed ``text_completion`` piece (``choices`` empty for the closing usage chunk)."""
-    choices = (
-        []
-        if use is not None
-        else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
-    )
-    chunk = {
-        "id": id_,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-    }
+    choices = [] if use is not None else [_choice(text=text, logprobs=None, finish_reason=finish_reason)]
+    return _envelope(id_, "text_completion", model, choices, use)
+
+
+def _choice(**fields: Any) -> dict[str, Any]:
+    """The only choice of a response (``n`` is 1): index 0 and ``fields``."""
+    return {"index": 0, **fields}
+
+
+def _envelope(
+    id_: str, kind: str, model: str, choices: list[dict[str, Any]], use: dict[str, int] | None
+) -> dict[str, Any]:
+    """OpenAI's response object around ``choices``; ``usage`` only when given (streams end with it)."""
+    body: dict[str, Any] = {"id": id_, "object": kind, "created": int(time.time()), "model": model}
+    body["choices"] = choices
     if use is not None:
-        chunk["usage"] = use
-    return chunk
+        body["usage"] = use
+    return body
