@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -21,7 +22,13 @@ from peftkit.training.loop import train
 
 def main() -> None:
     config = load_config(None, json.loads(sys.argv[1]))
-    result = train(config)
+    ctrl_c_at = int(os.environ.get("PEFTKIT_TEST_CTRL_C_AT", "0"))  # press Ctrl-C after this step
+
+    def press_ctrl_c(step: int, loss: float, model: object) -> None:
+        if step == ctrl_c_at:
+            signal.raise_signal(signal.SIGINT)
+
+    result = train(config, on_step=press_ctrl_c if ctrl_c_at else None)
     if config.fsdp:  # each process holds shards; the adapter file in output_dir is the whole
         return
     rank = int(os.environ.get("RANK", "0"))

@@ -13,9 +13,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_two_processes(settings: dict[str, Any], timeout: float = 180) -> str:
-    """Train with ``settings`` (TrainConfig keys) in 2 processes; returns stdout, asserts exit code 0."""
+def run_two_processes(settings: dict[str, Any], timeout: float = 180, ctrl_c_at: int = 0) -> str:
+    """Train with ``settings`` (TrainConfig keys) in 2 processes; returns stdout, asserts exit code 0.
+
+    ``ctrl_c_at``: rank 0 presses Ctrl-C after that step (0: never).
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    env["PEFTKIT_TEST_CTRL_C_AT"] = str(ctrl_c_at)
     command = [
         sys.executable,
         "-m",

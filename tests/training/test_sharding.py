@@ -92,6 +92,17 @@ def test_fsdp2_trains_lora_on_a_4_bit_base_as_one_process_does(tmp_path, rows) -
     assert (differences <= 1e-4).float().mean() >= 0.99
 
 
+def test_ctrl_c_under_fsdp2_stops_every_process_and_writes_no_partial_checkpoint(
+    tmp_path, model_dir, rows
+) -> None:
+    train_file, _ = rows
+    settings = {"model": str(model_dir), "data": str(train_file), "max_steps": 5, "batch_size": 2}
+    settings |= {"eval_examples": 0, "threads": 1, "fsdp": True, "output_dir": str(tmp_path / "run")}
+    stdout = run_two_processes(settings, ctrl_c_at=2)
+    assert "interrupted at step 2; no checkpoint (FSDP2 runs write none yet)" in stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()  # rank 0's shards would not be a checkpoint
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [

@@ -569,7 +569,8 @@ class _Run:
         if self.on_step is not None and self.main:
             self.on_step(step, outcome.loss, setup.model)
         if self._should_stop(stop.requested):  # read after on_step, which may have pressed Ctrl-C
-            state.checkpoint = self._save(setup, state)
+            # under FSDP2 a checkpoint would hold rank 0's shards only: none is written (sharding.py)
+            state.checkpoint = None if self.sharded else self._save(setup, state)
             state.stopped = "interrupted"
             return
         if config.save_every and (step % config.save_every == 0 or step == setup.total_steps):
@@ -609,7 +610,9 @@ class _Run:
             train_time_s=state.train_time,
             data=setup.data,
         )
-        if state.stopped == "interrupted":
+        if state.stopped == "interrupted" and state.checkpoint is None:
+            self.say(f"interrupted at step {state.step}; no checkpoint (FSDP2 runs write none yet)")
+        elif state.stopped == "interrupted":
             self.say(
                 f"interrupted at step {state.step}; checkpoint saved to {state.checkpoint}. Continue with "
                 "the same command plus --resume"
