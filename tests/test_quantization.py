@@ -219,8 +219,8 @@ def test_peftkit_train_bad_quantize_input_is_one_line_and_exit_2(
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
 def test_estimate_counts_quantized_weights_as_a_measured_step_holds_them(run_model_dir, scheme) -> None:
     # reference: measure_training_step on the loaded quantized model (parameters as stored, the
-    # saved activations of a real step). Weights and activations within 3%; the peak within 15%
-    # (measured: nf4 +11%, int8 -4%: the loss's temporaries around nf4's peak are smaller than modelled)
+    # saved activations of a real step). Weights and activations within 3%; the peak within 10%, the
+    # issue's target
     from peftkit.memory import estimate, measure_training_step
 
     lora = peftkit.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -236,7 +236,7 @@ def test_estimate_counts_quantized_weights_as_a_measured_step_holds_them(run_mod
     predicted = estimate(str(run_model_dir), method=lora, batch=4, seq=64, quantize=scheme).peft
     assert abs(predicted.weights - measured.weights) <= 0.03 * measured.weights
     assert abs(predicted.activations - measured.activations) <= 0.03 * measured.activations
-    assert abs(predicted.peak - measured.peak) <= 0.15 * measured.peak
+    assert abs(predicted.peak - measured.peak) <= 0.10 * measured.peak
     unquantized = estimate(str(run_model_dir), method=lora, batch=4, seq=64).peft
     assert predicted.weights < unquantized.weights * (0.35 if scheme == "nf4" else 0.5)
 
