@@ -1,7 +1,7 @@
 """Quantized bases (QLoRA) on bitsandbytes' CPU kernels: loading, LoRA/DoRA/IA3 on 4-bit and 8-bit
 layers, gradient checkpointing, Hugging Face PEFT as the oracle both ways, and exact merges.
 
-The model is a 2-layer Llama with hidden size 128 (bitsandbytes quantizes in blocks of 64, so the
+The model is tests/tiny_lm.py's 2-layer Llama at hidden size 128 (bitsandbytes quantizes in blocks of 64, so the
 project's 32-wide tiny models are too narrow). Tolerances: logits of the same quantized base and the
 same adapter tensors agree with Hugging Face PEFT's within 1e-5 (the same kernels run); a merged,
 dequantized model agrees with the unmerged quantized one within 1e-2 on logits of size ~1 (the CPU
@@ -36,20 +36,9 @@ IDS = torch.tensor([[1, 5, 9, 13, 17, 21], [2, 4, 6, 8, 10, 12]])
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_lm import save_tiny_lm
 
-    path = tmp_path_factory.mktemp("llama-128")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-lm-128"), hidden=128)
 
 
 def quantized(model_dir: Path, scheme: str = "nf4"):
@@ -174,21 +163,14 @@ def test_bad_quantization_input_is_one_clear_error(monkeypatch) -> None:
         quantization_config("nf4")
 
 
-@pytest.fixture(scope="module")
-def run_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_lm import save_tiny_lm
-
-    return save_tiny_lm(tmp_path_factory.mktemp("tiny-lm-128"), hidden=128)
-
-
-def test_peftkit_train_quantize_nf4_trains_and_saves_a_plain_lora_file(run_model_dir, tmp_path) -> None:
+def test_peftkit_train_quantize_nf4_trains_and_saves_a_plain_lora_file(model_dir, tmp_path) -> None:
     from peftkit.cli import main
     from peftkit.training.tasks import BUILTIN_TASKS
 
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(BUILTIN_TASKS["person-json"].train.read_text().splitlines()[:16]) + "\n")
     out = tmp_path / "run"
-    argv = ["train", "--model", str(run_model_dir), "--data", str(data), "--output-dir", str(out)]
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out)]
     argv += ["--quantize", "nf4", "--max-steps", "2", "--batch-size", "4", "--eval-examples", "0"]
     assert main(argv) == 0
     config = (out / "adapter_config.json").read_text()
@@ -204,44 +186,40 @@ def test_peftkit_train_quantize_nf4_trains_and_saves_a_plain_lora_file(run_model
         (["--quantize", "int8", "--method", "selective"], "method 'selective' trains base weights"),
     ],
 )
-def test_peftkit_train_bad_quantize_input_is_one_line_and_exit_2(
-    run_model_dir, tmp_path, flags, message, capsys
-):
+def test_peftkit_train_bad_quantize_input_is_one_line_and_exit_2(model_dir, tmp_path, flags, message, capsys):
     from peftkit.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", "--model", str(run_model_dir), "--output-dir", str(out), *flags]) == 2
+    assert main(["train", "--model", str(model_dir), "--output-dir", str(out), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert not out.exists()
 
 
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
-def test_estimate_counts_quantized_weights_as_a_measured_step_holds_them(run_model_dir, scheme) -> None:
+def test_estimate_counts_quantized_weights_as_a_measured_step_holds_them(model_dir, scheme) -> None:
     # reference: measure_training_step on the loaded quantized model (parameters as stored, the
     # saved activations of a real step). Weights and activations within 3%; the peak within 10%, the
     # issue's target
     from peftkit.memory import estimate, measure_training_step
 
     lora = peftkit.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    model, _ = load_model(
-        str(run_model_dir), quantize=scheme, quantization_options={"compute_dtype": "float32"}
-    )
+    model, _ = load_model(str(model_dir), quantize=scheme, quantization_options={"compute_dtype": "float32"})
     model = peftkit.wrap(model, lora)
     torch.manual_seed(0)
     ids = torch.randint(0, 100, (4, 64))
     measured = measure_training_step(
         model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     )
-    predicted = estimate(str(run_model_dir), method=lora, batch=4, seq=64, quantize=scheme).peft
+    predicted = estimate(str(model_dir), method=lora, batch=4, seq=64, quantize=scheme).peft
     assert abs(predicted.weights - measured.weights) <= 0.03 * measured.weights
     assert abs(predicted.activations - measured.activations) <= 0.03 * measured.activations
     assert abs(predicted.peak - measured.peak) <= 0.10 * measured.peak
-    unquantized = estimate(str(run_model_dir), method=lora, batch=4, seq=64).peft
+    unquantized = estimate(str(model_dir), method=lora, batch=4, seq=64).peft
     assert predicted.weights < unquantized.weights * (0.35 if scheme == "nf4" else 0.5)
 
 
-def test_trainer_with_gradient_checkpointing_trains_lora_on_a_4_bit_base(run_model_dir, tmp_path) -> None:
+def test_trainer_with_gradient_checkpointing_trains_lora_on_a_4_bit_base(model_dir, tmp_path) -> None:
     # issue 14's item 4 on a quantized base: transformers' gradient_checkpointing=True through
     # peftkit.integrations.Trainer; the adapter changes, the 4-bit weights do not
     import datasets
@@ -250,7 +228,7 @@ def test_trainer_with_gradient_checkpointing_trains_lora_on_a_4_bit_base(run_mod
     from peftkit.integrations import Trainer
 
     model, tokenizer = load_model(
-        str(run_model_dir), quantize="nf4", quantization_options={"compute_dtype": "float32"}
+        str(model_dir), quantize="nf4", quantization_options={"compute_dtype": "float32"}
     )
     model = peftkit.wrap(model, peftkit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     before = {k: v.detach().clone() for k, v in model.adapter_state_dict("default").items()}
@@ -310,14 +288,14 @@ def test_the_quantization_options_peftkit_checks_are_bitsandbytesconfigs_argumen
 
 
 def test_peftkit_train_quantize_options_reach_bitsandbytes_and_bad_ones_are_one_line(
-    run_model_dir, tmp_path, capsys
+    model_dir, tmp_path, capsys
 ) -> None:
     from peftkit.cli import main
     from peftkit.training.tasks import BUILTIN_TASKS
 
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(BUILTIN_TASKS["person-json"].train.read_text().splitlines()[:8]) + "\n")
-    common = ["train", "--model", str(run_model_dir), "--data", str(data), "--eval-examples", "0"]
+    common = ["train", "--model", str(model_dir), "--data", str(data), "--eval-examples", "0"]
     common += ["--max-steps", "1", "--batch-size", "4", "--quantize", "nf4"]
     seen = []
 

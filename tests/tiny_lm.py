@@ -96,3 +96,19 @@ def tiny_llama_config():
         vocab_size=300,
         max_position_embeddings=128,
     )
+
+
+def llama_70b_config():
+    """Llama-3-70B's shapes, for estimates on the meta device (no weights are made)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import torch
+from arithmetic_helpers import two_lora_configs
 from torch import Tensor
 
 import peftkit
@@ -89,22 +90,8 @@ def assert_same_deltas(ours: dict[str, Tensor], theirs: dict[str, Tensor], atol:
         torch.testing.assert_close(delta, theirs[path], atol=atol, rtol=0, msg=path)
 
 
-def mixed_configs(tiny: TinyModel) -> tuple[peftkit.LoraConfig, peftkit.LoraConfig]:
-    targets = list(tiny.targets)
-    a = peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=targets[1:])
-    b = peftkit.LoraConfig(
-        r=6,
-        lora_alpha=3,
-        use_rslora=True,
-        target_modules=targets[:2],
-        rank_pattern={targets[1]: 2},
-        alpha_pattern={targets[0]: 5},
-    )
-    return a, b
-
-
 def test_cat_gives_hf_peft_cats_updates(tiny: TinyModel, tmp_path: Path) -> None:
-    model, hf, _ = both_libraries(tiny, *mixed_configs(tiny), tmp_path)
+    model, hf, _ = both_libraries(tiny, *two_lora_configs(tiny), tmp_path)
     model.add_weighted_adapter(["a", "b"], WEIGHTS, "c", "cat")
     hf.add_weighted_adapter(["a", "b"], WEIGHTS, "c", combination_type="cat")
     assert_same_deltas(ours_deltas(model, "c"), hf_deltas(hf, "c"), atol=1e-6)
@@ -131,7 +118,7 @@ def test_svd_of_equal_ranks_gives_hf_peft_svds_updates(name: str, tmp_path: Path
 def test_hf_peft_loads_the_combined_adapter_with_equal_logits(
     tiny: TinyModel, combination_type: str, options: dict, tmp_path: Path
 ) -> None:
-    model, _, reference = both_libraries(tiny, *mixed_configs(tiny), tmp_path / "inputs")
+    model, _, reference = both_libraries(tiny, *two_lora_configs(tiny), tmp_path / "inputs")
     base_out = logits(twin(reference), tiny)
     model.add_weighted_adapter(["a", "b"], WEIGHTS, "c", combination_type, **options)
     model.save_pretrained(tmp_path / "out", selected_adapters=["c"])

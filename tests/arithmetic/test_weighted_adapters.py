@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from arithmetic_helpers import two_lora_configs as configs
 from torch import Tensor, nn
 
 import peftkit
@@ -31,22 +32,6 @@ ATOL = 1e-5
 MIN_EFFECT = 1e-3  # the adapters must move the outputs at least this much, or equality proves nothing
 MODELS = {tiny.name: tiny for tiny in TINY_MODELS}
 WEIGHTS = [0.7, -0.3]
-
-
-def configs(tiny: TinyModel) -> tuple[peftkit.LoraConfig, peftkit.LoraConfig]:
-    """Two LoRA adapters of different ranks and alphas, one rsLoRA with rank and alpha patterns, that
-    overlap on the second target only: the first target is b's alone, the later ones a's alone."""
-    targets = list(tiny.targets)
-    a = peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=targets[1:])
-    b = peftkit.LoraConfig(
-        r=6,
-        lora_alpha=3,
-        use_rslora=True,
-        target_modules=targets[:2],
-        rank_pattern={targets[1]: 2},
-        alpha_pattern={targets[0]: 5},
-    )
-    return a, b
 
 
 def two_adapter_model(tiny: TinyModel, seed: int = 0) -> tuple[peftkit.PeftModel, nn.Module]:

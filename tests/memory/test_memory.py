@@ -18,7 +18,7 @@ from peftkit.memory import (
     measure_training_step,
 )
 from peftkit.ops import fast_lora
-from tiny_lm import tiny_llama_config
+from tiny_lm import llama_70b_config, tiny_llama_config
 
 TOLERANCE = 0.15
 COMPONENTS = ("weights", "gradients", "optimizer_states", "activations", "peak")
@@ -103,21 +103,6 @@ def test_fast_lora_dropout_saves_a_bool_mask_instead_of_two_float_copies() -> No
     first_layer_noise = 3 * tokens * h * 4
     expected = layers * (adapted_inputs * (8 - 1) - shared_inputs) - first_layer_noise
     assert plain.activations - fast.activations == expected
-
-
-def llama_70b_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        tie_word_embeddings=False,
-    )
 
 
 def test_70b_config_from_the_meta_device() -> None:

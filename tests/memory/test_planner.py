@@ -9,7 +9,7 @@ from peftkit.cli import main
 from peftkit.errors import UsageError
 from peftkit.memory import estimate
 from peftkit.memory.planner import METHODS, format_plan, parse_size, plan
-from tiny_lm import tiny_llama_config
+from tiny_lm import llama_70b_config, tiny_llama_config
 
 GIB = 2**30
 
@@ -58,17 +58,7 @@ def test_peftkit_estimate_budget_prints_the_plan(tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_a_70b_config_is_planned_without_weights() -> None:
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=128256,
-    )
-    rows = plan(config, 48 * GIB, seq=1024, dtype="bfloat16")
+    rows = plan(llama_70b_config(), 48 * GIB, seq=1024, dtype="bfloat16")
     best = rows[0]
     assert best.method == "QLoRA nf4" and best.batch >= 1  # 70B only fits in 48 GiB with a 4-bit base
     assert all(row.batch == 0 for row in rows if row.method in ("full fine-tuning", "LoRA"))
