@@ -2,10 +2,10 @@
 layers, gradient checkpointing, Hugging Face PEFT as the oracle both ways, and exact merges.
 
 The model is tests/tiny_lm.py's 2-layer Llama at hidden size 128 (bitsandbytes quantizes in blocks
-of 64, so the project's 32-wide tiny models are too narrow). Tolerances: logits of the same quantized base and the
-same adapter tensors agree with Hugging Face PEFT's within 1e-5 (the same kernels run); a merged,
-dequantized model agrees with the unmerged quantized one within 1e-2 on logits of size ~1 (the CPU
-4-bit kernel computes in lower precision than the dequantized float32 matmul, measured ~3e-3).
+of 64, so the project's 32-wide tiny models are too narrow). Tolerances: logits of the same quantized
+base and the same adapter tensors agree with Hugging Face PEFT's within 1e-5 (the same kernels run);
+a merged, dequantized model agrees with the unmerged quantized one within 1e-2 on logits of size ~1
+(the CPU 4-bit kernel computes in lower precision than the dequantized float32 matmul, measured ~3e-3).
 """
 
 from __future__ import annotations
