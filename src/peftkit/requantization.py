@@ -243,7 +243,9 @@ class RequantizationReport:
     adapter_effect: LogitDrift
 
     def __str__(self) -> str:
-        ratio = self.drift.mean_abs / self.adapter_effect.mean_abs if self.adapter_effect.mean_abs else 0.0
+        if not self.adapter_effect.mean_abs:
+            return f"against the unmerged model, {self.drift}. The adapter itself changes no logit"
+        ratio = self.drift.mean_abs / self.adapter_effect.mean_abs
         return (
             f"against the unmerged model, {self.drift}. For scale, the adapter itself changes the base "
             f"model's logits by {self.adapter_effect.mean_abs:.4g} on average: the drift is {ratio:.2f}x that"
@@ -290,8 +292,8 @@ def model_logits(model: nn.Module, probe: Tensor) -> Tensor:
 
     4-bit layers compute with bitsandbytes' standard CPU kernel here, as they do under a ``PeftModel``
     (which switches off the repacked bfloat16 kernel, see ``keep_trainable_layout``): a comparison of
-    a wrapped and a plain model then measures the weights, not the kernels (the two kernels alone
-    differ by ~1% of the logits on SmolLM2). The layers keep their setting afterwards.
+    a wrapped and a plain model then measures the weights, not the kernels (the repacked one computes
+    with bfloat16 block scales). The layers keep their setting afterwards.
     """
     import torch
 
