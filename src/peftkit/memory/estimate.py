@@ -406,7 +406,7 @@ def _breakdown(
     else:
         logits = setting.tokens * arch.vocab
         # Around the loss's backward: two float32 logits-sized tensors (the float32 logits, or their
-        # float32 copy, and their gradient; measured the same for float32, bfloat16 and 4-bit bases);
+        # float32 copy, and their gradient; measured the same for float32 and 4-bit bases);
         # an 8-bit base holds about one more (measured 3.2-3.3 on SmolLM2; which tensor is not known).
         # At the output head's backward the head's weight gradient joins the logits and one gradient.
         copies = 3 if setting.quantize == "int8" else 2
