@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from peftkit.ops.multi_lora import AdapterStacks, StackedLora, multi_lora, stack_lora
+from peftkit.ops.multi_lora import AdapterStacks, StackedLora, multi_lora, row_slots
 
 BASE_ADAPTER_NAME = "__base__"
 STACKS_KEPT = 2  # adapter sets whose stacks a layer keeps for mixed batches
@@ -46,11 +46,28 @@ class Routing:
         groups: ``(adapter name, row indices)`` per adapter; rows routed to ``"__base__"`` are in none.
         stacked: per layer (by ``id``), its LoRA adapters stacked for this call on first use, or None
             where they cannot be; ``generate`` reuses them for every decoding step.
+        plans: per layer (by ``id``), what it stacks whatever the rows (:class:`StackPlan`), made on
+            first use; :meth:`reroute` hands them to the routing of other rows.
+        shared: what the layers' stacks share, built by the first layer that needs it: each row's
+            slot per list of stacked adapters (:meth:`row_slot`), its column masks per rank.
+        layers: per model (by ``id``), the wrapped layers the routing is set on, found on its first call.
     """
 
     batch_size: int
     groups: tuple[tuple[str, Tensor], ...]
     stacked: dict[int, StackedLora | None] = field(default_factory=dict, compare=False, repr=False)
+    plans: dict[int, StackPlan] = field(default_factory=dict, compare=False, repr=False)
+    shared: dict[Any, Tensor] = field(default_factory=dict, compare=False, repr=False)
+    layers: dict[int, list[nn.Module]] = field(default_factory=dict, compare=False, repr=False)
+
+    def reroute(self, adapter_names: list[str], device: torch.device | str | None = None) -> Routing:
+        """The routing of other rows over the same adapters, taking over this one's per-layer plans and
+        layer lists: a server whose rows change every few steps pays the per-layer work once. Valid,
+        like this routing, while the adapters do not change."""
+        routing = Routing.from_names(adapter_names, device)
+        routing.plans.update(self.plans)
+        routing.layers.update(self.layers)
+        return routing
 
     @classmethod
     def from_names(cls, adapter_names: list[str], device: torch.device | str | None = None) -> Routing:
@@ -64,6 +81,34 @@ class Routing:
             if name != BASE_ADAPTER_NAME
         )
         return cls(batch_size=len(adapter_names), groups=groups)
+
+    def row_slot(self, stacked_names: tuple[str, ...], device: torch.device) -> Tensor:
+        """(batch,) long: each row's slot among ``stacked_names`` (k + 1 for the k-th, 0: none of them);
+        made once per list of names, shared by the layers that stack those adapters."""
+        key = ("row_slot", stacked_names, device)
+        if key not in self.shared:
+            by_name = dict(self.groups)
+            empty = torch.empty(0, dtype=torch.long)
+            rows = [by_name.get(name, empty) for name in stacked_names]
+            self.shared[key] = row_slots(rows, self.batch_size, device)
+        return self.shared[key]
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """What one layer stacks for mixed batches, whatever their rows.
+
+    Attributes:
+        names: the stacked adapters, in slot order (slot k + 1 is ``names[k]``).
+        stacks: their stacks, or None where they cannot be stacked together (dtype or device differ).
+        left_out: the layer's adapters that are not plain LoRA: a batch using one takes the per-group path.
+        requires_grad: a stacked factor needs gradients: the stacks (copies) serve only without grad.
+    """
+
+    names: tuple[str, ...]
+    stacks: AdapterStacks | None
+    left_out: tuple[str, ...]
+    requires_grad: bool
 
 
 class _Wrapper(nn.Module):
@@ -148,26 +193,45 @@ class AdapterLayer(_Wrapper):
         return out
 
     def _stacked_lora(self, used: list[tuple[str, Tensor]]) -> StackedLora | None:
-        """This layer's adapters stacked for the current routing (built on first use), or None."""
+        """This layer's adapters stacked for the current routing (built on first use), or None when an
+        adapter in use cannot be stacked or the stacks would cut a gradient (see :class:`StackPlan`)."""
         assert self.routing is not None
         if id(self) not in self.routing.stacked:
-            used = sorted(used)  # the same adapters stack the same way whatever rows use them
-            factors = [getattr(self.adapters[name], "low_rank_factors", lambda: None)() for name, _ in used]
-            plain = [f for f in factors if f is not None]
+            plan = self.routing.plans.get(id(self))
+            if plan is None:
+                plan = self.routing.plans[id(self)] = self._stack_plan()
             stackable = (
-                len(plain) == len(factors)
-                and len({(A.dtype, A.device) for A, _, _ in plain}) == 1
-                and not (
-                    torch.is_grad_enabled() and any(A.requires_grad or B.requires_grad for A, B, _ in plain)
-                )
+                plan.stacks is not None
+                and not any(name in plan.left_out for name, _ in used)
+                and not (plan.requires_grad and torch.is_grad_enabled())
             )
-            rows = [rows for _, rows in used]
             self.routing.stacked[id(self)] = (
-                stack_lora(plain, rows, self.routing.batch_size, self._stacks_for(plain))
-                if stackable
+                StackedLora(
+                    plan.stacks, self.routing.row_slot(plan.names, plan.stacks.device), self.routing.shared
+                )
+                if stackable and plan.stacks is not None
                 else None
             )
         return self.routing.stacked[id(self)]
+
+    def _stack_plan(self) -> StackPlan:
+        """Every plain-LoRA adapter of the layer stacked, not only those a batch uses: the stacks then
+        stay the same from batch to batch (a server's batches change adapters as requests come and go)
+        and are built once; :func:`~peftkit.ops.multi_lora.multi_lora` counts them when it chooses its
+        path. No stacks when the factors differ in dtype or device."""
+        factors: dict[str, tuple[Tensor, Tensor, float]] = {}
+        left_out = []
+        for name in sorted(self.adapters):  # the same adapters stack the same way whatever rows use them
+            found = getattr(self.adapters[name], "low_rank_factors", lambda: None)()
+            if found is None or name in self.merged_adapters:
+                left_out.append(name)
+            else:
+                factors[name] = found
+        plain = list(factors.values())
+        if not plain or len({(A.dtype, A.device) for A, _, _ in plain}) != 1:
+            return StackPlan((), None, tuple(self.adapters), False)
+        requires_grad = any(A.requires_grad or B.requires_grad for A, B, _ in plain)
+        return StackPlan(tuple(factors), self._stacks_for(plain), tuple(left_out), requires_grad)
 
     def _stacks_for(self, factors: list[tuple[Tensor, Tensor, float]]) -> AdapterStacks:
         """The stacks of ``factors``, reused from an earlier batch while the adapters' tensors are the
@@ -278,11 +342,17 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, module)`` for every module; peftkit's wrappers are reported, their insides are not."""
-    wrapper_prefixes: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in wrapper_prefixes):
+    """``(name, module)`` for every module, in ``named_modules``' order; peftkit's wrappers are reported,
+    their insides are not (nor walked: a model with many adapters has most of its modules there)."""
+    seen: set[int] = set()
+    pending: list[tuple[str, nn.Module]] = [("", model)]
+    while pending:
+        name, module = pending.pop()
+        if id(module) in seen:
             continue
-        if isinstance(module, (AdapterLayer, ModulesToSave)):
-            wrapper_prefixes.append(name + ".")
+        seen.add(id(module))
         yield name, module
+        if isinstance(module, (AdapterLayer, ModulesToSave)):
+            continue
+        children = [(f"{name}.{key}" if name else key, child) for key, child in module._modules.items()]
+        pending.extend(reversed([(path, child) for path, child in children if child is not None]))

@@ -614,7 +614,7 @@ class PeftModel(nn.Module):
         with self._routed(routing):
             return self.model(*args, **kwargs)
 
-    def routing(self, adapter_names: Sequence[str]) -> Routing:
+    def routing(self, adapter_names: Sequence[str], like: Routing | None = None) -> Routing:
         """A per-row routing to pass as ``adapter_names`` to several calls over batches of the same rows.
 
         Each layer stacks its adapters for a routing on the first call that uses it (the batched LoRA
@@ -624,13 +624,16 @@ class PeftModel(nn.Module):
 
         Args:
             adapter_names: one adapter name per row (``"__base__"``: no adapter).
+            like: a routing made earlier for other rows while the adapters were the same: what its
+                layers found out (which adapters stack, the stacks) is taken over, not found again.
 
         Raises:
             ValueError: an unknown adapter name.
         """
         names = list(adapter_names)
         self._check_known([name for name in names if name != BASE_ADAPTER_NAME])
-        return Routing.from_names(names, next(self.model.parameters()).device)
+        device = next(self.model.parameters()).device
+        return like.reroute(names, device) if like is not None else Routing.from_names(names, device)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate``; ``adapter_names`` routes each prompt row as in :meth:`forward`.
@@ -706,7 +709,7 @@ class PeftModel(nn.Module):
 
     # ----------------------------------------------------------------------------- internals
     def _wrappers(self) -> Iterator[tuple[str, AdapterLayer | ModulesToSave]]:
-        for name, module in self.model.named_modules():
+        for name, module in outer_modules(self.model):  # wrappers are never nested (targeting skips them)
             if isinstance(module, (AdapterLayer, ModulesToSave)):
                 yield name, module
 
@@ -862,7 +865,9 @@ class PeftModel(nn.Module):
         if self.merged_adapters:
             raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter()")
         routing = given or Routing.from_names(adapter_names, next(self.model.parameters()).device)
-        wrappers = [wrapper for _, wrapper in self._wrappers()]
+        wrappers = routing.layers.get(id(self))
+        if wrappers is None:  # a routing is valid while the adapters stay: their layers are found once
+            wrappers = routing.layers[id(self)] = [wrapper for _, wrapper in self._wrappers()]
         for wrapper in wrappers:
             wrapper.routing = routing
         try:

@@ -49,8 +49,9 @@ def test_multi_lora_equals_each_row_alone(tokens: int, dtype: torch.dtype) -> No
     x = torch.randn(len(slot_of_row), tokens, IN, generator=generator).to(dtype)
     y = torch.randn(len(slot_of_row), tokens, OUT, generator=generator).to(dtype)
     stacked = stack_lora(factors, rows, len(slot_of_row))
-    small = len(slot_of_row) * tokens * 4 <= multi_lora_module.MASKED_PATH_MAX_PAIRS
-    assert small == (tokens == 1)  # each case takes the path it is named after
+    assert multi_lora_module.masked_path_applies(tokens, len(factors)) == (
+        tokens == 1
+    )  # each case takes the path it is named after
     expected = per_row(x, y, factors, slot_of_row)
     atol = ATOL if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(multi_lora(x, y, stacked), expected, atol=atol, rtol=0)
@@ -137,8 +138,8 @@ def test_mixed_generate_reuses_the_stacks_and_equals_rows_alone(monkeypatch: pyt
     ids = torch.randint(1, 64, (len(NAMES), 5), generator=torch.Generator().manual_seed(5))
     kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
     built: list[int] = []
-    real = layers_module.stack_lora
-    monkeypatch.setattr(layers_module, "stack_lora", lambda *a: built.append(1) or real(*a))
+    real = layers_module.StackedLora
+    monkeypatch.setattr(layers_module, "StackedLora", lambda *a: built.append(1) or real(*a))
     mixed = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=NAMES, **kwargs)
     assert len(built) == 2 * 7  # once per layer for the whole generate call, not once per step
     for row, name in enumerate(NAMES):
@@ -175,6 +176,7 @@ def test_stacks_serve_every_batch_of_the_same_adapters_until_an_adapter_changes(
     assert len(built) == 2 * 7  # one stack per adapted layer
     check(list(reversed(NAMES)))  # other rows, the same adapters
     check(["c", "b", "default", "__base__", "b", "default"])
+    check(["b", "__base__", "b", "b", "b", "b"])  # some of the adapters: the layer's one stack serves
     assert len(built) == 2 * 7  # reused
     with torch.no_grad():  # an adapter changed in place: its layer stacks again
         model.model.model.layers[0].self_attn.q_proj.adapters["b"].lora_B.weight.add_(0.5)
@@ -188,3 +190,32 @@ def test_stacks_serve_every_batch_of_the_same_adapters_until_an_adapter_changes(
                 param.normal_(0, 0.3)
     check(NAMES)
     assert pickle.loads(pickle.dumps(model)) is not None  # the stacks' weak references are not pickled
+
+
+def test_a_routing_made_like_another_takes_over_its_plans_and_equals_rows_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server's next batch: other rows, the same adapters. ``routing(names, like=...)`` reuses what
+    the layers found for the last routing (no layer plans again) and gives each row its own adapter."""
+    model = three_adapters()
+    ids = torch.randint(0, 64, (len(NAMES), 3), generator=torch.Generator().manual_seed(7))
+    expected = rows_alone(model, ids)
+    planned: list[int] = []
+    real = layers_module.AdapterLayer._stack_plan
+    monkeypatch.setattr(
+        layers_module.AdapterLayer, "_stack_plan", lambda self: planned.append(1) or real(self)
+    )
+    first = model.routing(NAMES)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids, adapter_names=first).logits, expected, atol=ATOL, rtol=0
+        )
+    assert len(planned) == 2 * 7
+    order = [3, 5, 1, 2]  # other rows, fewer of them, one adapter ("b") not used at all
+    names = [NAMES[row] for row in order]
+    assert "b" in NAMES and "b" not in names
+    second = model.routing(names, like=first)
+    with torch.no_grad():
+        mixed = model(input_ids=ids[order], adapter_names=second).logits
+    torch.testing.assert_close(mixed, expected[order], atol=ATOL, rtol=0)
+    assert len(planned) == 2 * 7  # taken over

@@ -6,12 +6,12 @@ zero-padded to the largest, and each adapter's scaling is folded into its B. :fu
 which rows use which slot.
 :func:`multi_lora` then computes ``y + s_k·B_k·A_k·x`` for every row with its own ``k``:
 
-- few tokens (``generate``'s decoding steps): one matmul against all adapters' A rows side by side,
-  the other adapters' columns zeroed per row, then one matmul against all B columns. Each adapter's
-  weights are read once, nothing is copied, and the number of kernels does not grow with the number
-  of adapters.
-- many tokens (prompts, scoring): each row's A and B are gathered (a copy of r·(in + out) values per
-  row) and applied with ``bmm``; the arithmetic is that of a single adapter.
+- few tokens per row (``generate``'s decoding steps; see :func:`masked_path_applies`): one matmul
+  against all adapters' A rows side by side, the other adapters' columns zeroed per row, then one
+  matmul against all B columns. Each adapter's weights are read once, nothing is copied, and the
+  number of kernels does not grow with the number of adapters.
+- many tokens per row (prompts, scoring): each row's A and B are gathered (a copy of r·(in + out)
+  values per row) and applied with ``bmm``; the arithmetic is that of a single adapter.
 
 :func:`multi_lora_reference` is the twin: a plain loop over the adapters' row groups.
 """
@@ -19,13 +19,22 @@ which rows use which slot.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: Up to this many (token × adapter slot) pairs, all adapters are applied to every token and masked.
-MASKED_PATH_MAX_PAIRS = 4096
+#: The masked path applies every adapter to every token: per row, tokens × (adapters − 1) rank-r
+#: products wasted. Up to this many it is still faster than gathering each row's A and B (measured per
+#: layer on SmolLM2's shapes, r16, 1 thread: the two paths cross at 8–16 for 2, 4 and 8 adapters).
+MASKED_PATH_MAX_WASTE = 12
+
+
+def masked_path_applies(tokens: int, adapters: int) -> bool:
+    """Whether :func:`multi_lora` applies all ``adapters`` to each of a row's ``tokens`` and masks
+    (decoding steps), rather than gathering each row's own A and B (prompts)."""
+    return tokens * (adapters - 1) <= MASKED_PATH_MAX_WASTE
 
 
 class AdapterStacks:
@@ -86,28 +95,22 @@ class StackedLora:
     """One layer's adapters for one batch: the :class:`AdapterStacks` (shareable between batches that
     use the same adapters) and which slot each row uses.
 
+    The column masks of the few-token path depend only on the row slots and the rank, so a batch's
+    layers share them through ``shared`` (a dict the batch owns): built once per batch, not per layer.
+
     Attributes:
         stacks: the adapters' stacks.
-        row_slot: (batch,) the slot of each row.
+        row_slot: (batch,) the slot of each row (0: no adapter).
     """
 
     def __init__(
-        self,
-        factors: Sequence[tuple[Tensor, Tensor, float]],
-        rows: Sequence[Tensor],
-        batch_size: int,
-        stacks: AdapterStacks | None = None,
+        self, stacks: AdapterStacks, row_slot: Tensor, shared: dict[Any, Tensor] | None = None
     ) -> None:
-        if not factors or len(factors) != len(rows):
-            raise ValueError(
-                f"need one row group per adapter, got {len(factors)} adapters, {len(rows)} groups"
-            )
-        self.stacks = stacks if stacks is not None else AdapterStacks(factors)
-        self.dtype, self.rank, self.slots = self.stacks.dtype, self.stacks.rank, self.stacks.slots
-        self.in_features, self.out_features = self.stacks.in_features, self.stacks.out_features
-        self.row_slot = torch.zeros(batch_size, dtype=torch.long, device=self.stacks.device)
-        for slot, indices in enumerate(rows, start=1):
-            self.row_slot[indices.to(self.row_slot.device)] = slot
+        self.stacks = stacks
+        self.dtype, self.rank, self.slots = stacks.dtype, stacks.rank, stacks.slots
+        self.in_features, self.out_features = stacks.in_features, stacks.out_features
+        self.row_slot = row_slot
+        self._shared = shared if shared is not None else {}
         self._row_columns: Tensor | None = None
 
     def per_row(self) -> tuple[Tensor, Tensor]:
@@ -119,9 +122,22 @@ class StackedLora:
         columns (all 0 for a row without one)."""
         all_A, all_B = self.stacks.side_by_side()
         if self._row_columns is None:
-            onehot = F.one_hot(self.row_slot, self.slots)[:, 1:].to(all_A.dtype)  # (batch, n)
-            self._row_columns = onehot.repeat_interleave(self.rank, dim=1).unsqueeze(1)  # (batch, 1, n·r)
+            key = (id(self.row_slot), self.slots, self.rank, all_A.dtype)
+            if key not in self._shared:
+                onehot = F.one_hot(self.row_slot, self.slots)[:, 1:].to(all_A.dtype)  # (batch, n)
+                columns = onehot.repeat_interleave(self.rank, dim=1).unsqueeze(1)  # (batch, 1, n·r)
+                self._shared[key] = columns
+                self._shared[("row_slot", *key)] = self.row_slot  # keeps the id above this tensor's
+            self._row_columns = self._shared[key]
         return all_A, all_B, self._row_columns
+
+
+def row_slots(rows: Sequence[Tensor], batch_size: int, device: torch.device | str | None = None) -> Tensor:
+    """(batch_size,) long: k + 1 for the rows in ``rows[k]``, 0 for rows in none."""
+    slots = torch.zeros(batch_size, dtype=torch.long, device=device)
+    for slot, indices in enumerate(rows, start=1):
+        slots[indices.to(slots.device)] = slot
+    return slots
 
 
 def stack_lora(
@@ -134,14 +150,17 @@ def stack_lora(
 
     Args:
         factors: per adapter, A (r_k, in) and B (out, r_k) of one dtype and device, and its scaling.
-        rows: per adapter, a long tensor of the row indices it serves (disjoint).
+        rows: per adapter, a long tensor of the row indices it serves (disjoint; may be empty).
         batch_size: rows in the batch; rows in no group get slot 0 (no adapter).
         stacks: ``AdapterStacks(factors)`` made before (for another batch of the same adapters), reused.
 
     Raises:
         ValueError: no adapters, or ``factors`` and ``rows`` of different lengths.
     """
-    return StackedLora(factors, rows, batch_size, stacks)
+    if not factors or len(factors) != len(rows):
+        raise ValueError(f"need one row group per adapter, got {len(factors)} adapters, {len(rows)} groups")
+    stacks = stacks if stacks is not None else AdapterStacks(factors)
+    return StackedLora(stacks, row_slots(rows, batch_size, stacks.device))
 
 
 def multi_lora(x: Tensor, base_output: Tensor, stacked: StackedLora, in_place: bool = False) -> Tensor:
@@ -163,7 +182,7 @@ def multi_lora(x: Tensor, base_output: Tensor, stacked: StackedLora, in_place: b
     tokens = x3.shape[1]
     fused = base_output.dtype == stacked.dtype
     in_place = in_place and fused and base_output.is_contiguous()
-    if batch * tokens * slots <= MASKED_PATH_MAX_PAIRS:  # few ops: decoding runs this per layer and token
+    if masked_path_applies(tokens, slots - 1):  # few ops: decoding runs this per layer and token
         all_A, all_B, row_columns = stacked.side_by_side()
         h2 = torch.mm(x3.reshape(batch * tokens, in_features), all_A)  # (batch·tokens, n·r)
         h2.view(batch, tokens, -1).mul_(row_columns)  # other adapters' columns to zero

@@ -249,7 +249,7 @@ class Engine:
             position_ids=positions,
             past_key_values=self._new_cache(),
             use_cache=True,
-            adapter_names=[request.adapter or BASE_ADAPTER_NAME for request in joining],
+            adapter_names=self._routing_for([request.adapter for request in joining]),
             **extra,
         )
         self.metrics.prompt_tokens.inc(sum(lengths))
@@ -298,10 +298,17 @@ class Engine:
         """The rows' routing, kept while the rows' adapters and the loaded adapters stay the same: the
         layers' adapter stacks are then built once, not at every step (2.1x the base model's step time
         against 1.04x, SmolLM2, 8 rows over 4 adapters, measured)."""
-        names = tuple(request.adapter or BASE_ADAPTER_NAME for request in self._active)
+        return self._routing_for([request.adapter for request in self._active])
+
+    def _routing_for(self, adapters: list[str | None]) -> Any:
+        """The routing of rows using ``adapters`` (None: the base model): the last one while nothing
+        changed, else one made like it (the layers' stacking plans kept) while the loaded adapters are
+        the same, else a new one."""
+        names = tuple(adapter or BASE_ADAPTER_NAME for adapter in adapters)
         key = (names, self.registry.version)
         if self._routing is None or self._routing[:2] != key:
-            self._routing = (*key, self.model.routing(names))
+            like = self._routing[2] if self._routing is not None and self._routing[1] == key[1] else None
+            self._routing = (*key, self.model.routing(names, like=like))
         return self._routing[2]
 
     def _leave(self, leaving: list[GenerationRequest]) -> None:

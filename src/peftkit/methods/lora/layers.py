@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as module_state
 
 from peftkit.layers import add_to_weight, is_conv1d
 from peftkit.ops import dropout_mask, fast_lora_enabled, lora_linear
@@ -128,28 +129,33 @@ class LoraLinear(_AdditiveLora):
 
     def _fast_path_applies(self, x: Tensor) -> bool:
         """float32/bfloat16, no autocast (its per-op casts would mix dtypes in the hand-written backward),
-        plain ``nn.Linear`` factors, and no hooks that expect to see their calls."""
+        plain ``nn.Linear`` factors, and no hooks that expect to see their calls.
+
+        Reads the submodules from ``_modules`` directly: mixed batches ask every adapter of every layer.
+        """
+        lora_A, lora_B = self._modules["lora_A"], self._modules["lora_B"]
         return (
             fast_lora_enabled()
-            and not torch.is_autocast_enabled(x.device.type)
+            and type(lora_A) is nn.Linear
+            and type(lora_B) is nn.Linear
             and x.dtype in FAST_DTYPES
-            and self.lora_A.weight.dtype in FAST_DTYPES
-            and type(self.lora_A) is nn.Linear
-            and type(self.lora_B) is nn.Linear
-            and not _has_hooks(self.lora_A, self.lora_B, self.dropout)
+            and lora_A.weight.dtype in FAST_DTYPES
+            and not torch.is_autocast_enabled(x.device.type)
+            and not _has_hooks(lora_A, lora_B, self._modules["dropout"])
         )
 
     def low_rank_factors(self) -> tuple[Tensor, Tensor, float] | None:
         """(A, B, s) when this adapter adds exactly ``s·B·A·x`` (forward not overridden, no dropout
         active, no hooks), else None; mixed batches stack such adapters (:mod:`peftkit.ops.multi_lora`)."""
-        dropping = isinstance(self.dropout, nn.Dropout) and self.dropout.training
+        dropout = self._modules["dropout"]
+        A = self._modules["lora_A"].weight
         if (
             type(self).forward is not LoraLinear.forward
-            or dropping
-            or not self._fast_path_applies(self.lora_A.weight)
+            or (dropout.training and isinstance(dropout, nn.Dropout))
+            or not self._fast_path_applies(A)
         ):
             return None
-        return self.lora_A.weight, self.lora_B.weight, self.scaling
+        return A, self._modules["lora_B"].weight, self.scaling
 
     def delta_weight(self) -> Tensor:
         """ΔW in the base weight's layout: (out, in), or (in, out) for ``Conv1D``."""
@@ -269,8 +275,6 @@ def _factory_kwargs(weight: Tensor) -> dict[str, Any]:
 
 def _has_hooks(*modules: nn.Module) -> bool:
     """Whether forward hooks (on these modules or global) would miss calls the fast path skips."""
-    from torch.nn.modules import module as module_state
-
     if module_state._global_forward_hooks or module_state._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
