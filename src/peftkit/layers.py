@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from peftkit.ops.multi_lora import AdapterStacks, StackedLora, multi_lora, row_slots
 
 BASE_ADAPTER_NAME = "__base__"
-STACKS_KEPT = 2  # adapter sets whose stacks a layer keeps for mixed batches
+STACKS_KEPT = 1  # stacks a layer keeps for mixed batches (it stacks all its LoRA adapters: one set)
 
 
 @runtime_checkable
@@ -236,8 +236,8 @@ class AdapterLayer(_Wrapper):
     def _stacks_for(self, factors: list[tuple[Tensor, Tensor, float]]) -> AdapterStacks:
         """The stacks of ``factors``, reused from an earlier batch while the adapters' tensors are the
         same objects, unchanged since (their ``_version``): a server whose batch changes rows every few
-        steps stacks each set of adapters once. The last :data:`STACKS_KEPT` sets are kept; they hold
-        copies, not the adapters, so an unloaded adapter's tensors are freed (its stacks go when evicted).
+        steps stacks its adapters once. The last :data:`STACKS_KEPT` are kept; they hold copies, not
+        the adapters, so an unloaded adapter's tensors are freed (its stacks go with the next set).
         """
         key = tuple((_version(A), _version(B), scaling) for A, B, scaling in factors)
         if any(None in versions for versions in key):  # inference tensors keep no version: no reuse
