@@ -4,8 +4,10 @@
 
 Variants per shape (in -> out, rank 16, float32, the frozen base weight's matmul included in all):
 the frozen base layer alone; autograd LoRA as Hugging Face PEFT and peftkit's plain path compute it
-(``nn.Dropout`` on the adapter input); peftkit's fast path (``peftkit.ops.lora_linear``). Interleaved,
-medians; "LoRA cost" is the time over the frozen layer alone.
+(``nn.Dropout`` on the adapter input); peftkit's fast path (``peftkit.ops.lora_linear``); with
+``--compile``, the autograd LoRA through ``torch.compile`` (inductor: the dropout mask is generated in
+the fused kernels from a seed and regenerated in backward). Interleaved, medians; "LoRA cost" is the
+time over the frozen layer alone.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ SHAPES = {
 }
 
 
-def layer_variants(d_in: int, d_out: int, p: float, r: int, tokens: int) -> list[Variant]:
+def layer_variants(d_in: int, d_out: int, p: float, r: int, tokens: int, compiled: bool) -> list[Variant]:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(d_out, d_in, generator=generator) / d_in**0.5
     lora_A = (torch.randn(r, d_in, generator=generator) / d_in**0.5).requires_grad_()
@@ -48,11 +50,22 @@ def layer_variants(d_in: int, d_out: int, p: float, r: int, tokens: int) -> list
         mask, keep = dropout_mask(x, p) if p else (None, 1.0)
         lora_linear(x, F.linear(x, weight), lora_A, lora_B, 2.0, mask, keep).backward(upstream)
 
-    return [
+    def lora_layer(x: torch.Tensor) -> torch.Tensor:
+        update = F.linear(F.linear(F.dropout(x, p, training=True), lora_A), lora_B) * 2.0
+        return F.linear(x, weight) + update
+
+    compiled_layer = torch.compile(lora_layer, dynamic=False)
+
+    def compiled_lora() -> None:
+        x = x_value.clone().requires_grad_()
+        compiled_layer(x).backward(upstream)
+
+    variants = [
         Variant("frozen layer alone", base_only),
         Variant("autograd LoRA (HF PEFT's maths)", autograd_lora),
         Variant("peftkit fast path", fast_lora),
     ]
+    return [*variants, Variant("torch.compile of the autograd LoRA", compiled_lora)] if compiled else variants
 
 
 def main() -> None:
@@ -61,13 +74,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile variant")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine())
     rows = []
     for label, (d_in, d_out) in SHAPES.items():
         for p in (0.0, 0.05):
-            variants = layer_variants(d_in, d_out, p, args.r, args.tokens)
+            variants = layer_variants(d_in, d_out, p, args.r, args.tokens, args.compile)
             interleaved(variants, args.rounds, warmup=3, verbose=False)
             base = variants[0].median
             for variant in variants:
