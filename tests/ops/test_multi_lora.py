@@ -62,6 +62,29 @@ def test_multi_lora_equals_each_row_alone(tokens: int, dtype: torch.dtype) -> No
     torch.testing.assert_close(multi_lora_reference(x, y, factors, rows), expected, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("slot_of_row, used", [([2, 0, 2], (1, 2)), ([3, 1, 0], (0, 3)), ([0, 3, 3], (2, 3))])
+def test_the_few_token_path_reads_only_the_adapters_in_use(
+    slot_of_row: list[int], used: tuple[int, int]
+) -> None:
+    """Three adapters stacked, some of them used: only the span of used adapters is read (a request
+    alone reads its own adapter), and every row still gets its own."""
+    factors = adapters((2, 4, 3))
+    rows = [
+        torch.tensor([i for i, s in enumerate(slot_of_row) if s == k], dtype=torch.long) for k in (1, 2, 3)
+    ]
+    stacked = stack_lora(factors, rows, len(slot_of_row))
+    assert stacked.used_adapters() == used
+    all_A, all_B, columns = stacked.side_by_side()
+    width = (used[1] - used[0]) * stacked.rank
+    assert all_A.shape[1] == all_B.shape[0] == columns.shape[-1] == width
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(len(slot_of_row), 1, IN, generator=generator)
+    y = torch.randn(len(slot_of_row), 1, OUT, generator=generator)
+    torch.testing.assert_close(
+        multi_lora(x, y, stacked), per_row(x, y, factors, slot_of_row), atol=ATOL, rtol=0
+    )
+
+
 def test_stack_lora_refuses_mismatched_groups() -> None:
     with pytest.raises(ValueError, match="one row group per adapter"):
         stack_lora(adapters((2,)), [], 3)

@@ -117,19 +117,33 @@ class StackedLora:
         """See :meth:`AdapterStacks.per_row`."""
         return self.stacks.per_row()
 
+    def used_adapters(self) -> tuple[int, int]:
+        """``(first, stop)``: the adapters (0-based, slot − 1) the rows use lie in ``range(first, stop)``;
+        the few-token path reads only those (one request alone reads its own adapter only)."""
+        key = ("used", id(self.row_slot))
+        if key not in self._shared:
+            used = self.row_slot[self.row_slot > 0]
+            first, last = (int(used.min()), int(used.max())) if used.numel() else (1, 0)
+            self._shared[key] = (first - 1, last)
+            self._shared[("row_slot", *key)] = self.row_slot  # keeps the id above this tensor's
+        return self._shared[key]
+
     def side_by_side(self) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`AdapterStacks.side_by_side` and per row a (batch, 1, n·r) mask of 1 on its adapter's
-        columns (all 0 for a row without one)."""
+        """The used adapters' (see :meth:`used_adapters`) part of :meth:`AdapterStacks.side_by_side`
+        (views, no copies), and per row a (batch, 1, columns) mask of 1 on its adapter's columns (all
+        0 for a row without one)."""
         all_A, all_B = self.stacks.side_by_side()
+        first, stop = self.used_adapters()
+        columns = slice(first * self.rank, stop * self.rank)
         if self._row_columns is None:
             key = (id(self.row_slot), self.slots, self.rank, all_A.dtype)
             if key not in self._shared:
                 onehot = F.one_hot(self.row_slot, self.slots)[:, 1:].to(all_A.dtype)  # (batch, n)
-                columns = onehot.repeat_interleave(self.rank, dim=1).unsqueeze(1)  # (batch, 1, n·r)
-                self._shared[key] = columns
+                mask = onehot.repeat_interleave(self.rank, dim=1).unsqueeze(1)  # (batch, 1, n·r)
+                self._shared[key] = mask[:, :, columns]
                 self._shared[("row_slot", *key)] = self.row_slot  # keeps the id above this tensor's
             self._row_columns = self._shared[key]
-        return all_A, all_B, self._row_columns
+        return all_A[:, columns], all_B[columns], self._row_columns
 
 
 def row_slots(rows: Sequence[Tensor], batch_size: int, device: torch.device | str | None = None) -> Tensor:
@@ -176,13 +190,14 @@ def multi_lora(x: Tensor, base_output: Tensor, stacked: StackedLora, in_place: b
     Returns:
         (batch, ..., out_features) in ``base_output``'s dtype.
     """
-    slots, in_features, out_features = stacked.slots, stacked.in_features, stacked.out_features
+    in_features, out_features = stacked.in_features, stacked.out_features
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, in_features).to(stacked.dtype)  # (batch, tokens, in)
     tokens = x3.shape[1]
     fused = base_output.dtype == stacked.dtype
     in_place = in_place and fused and base_output.is_contiguous()
-    if masked_path_applies(tokens, slots - 1):  # few ops: decoding runs this per layer and token
+    first, stop = stacked.used_adapters()
+    if masked_path_applies(tokens, stop - first):  # few ops: decoding runs this per layer and token
         all_A, all_B, row_columns = stacked.side_by_side()
         h2 = torch.mm(x3.reshape(batch * tokens, in_features), all_A)  # (batch·tokens, n·r)
         h2.view(batch, tokens, -1).mul_(row_columns)  # other adapters' columns to zero
