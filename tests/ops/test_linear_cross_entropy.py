@@ -13,8 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftkit
-from peftkit.ops import fused_cross_entropy, fused_cross_entropy_enabled, linear_cross_entropy
-from peftkit.training.evaluation import loss_sum, plain_output_head
+from peftkit.ops import (
+    fused_cross_entropy,
+    fused_cross_entropy_enabled,
+    linear_cross_entropy,
+    plain_output_head,
+)
+from peftkit.training.evaluation import loss_sum
 from tiny_lm import build_model
 
 N, HIDDEN, VOCAB = 37, 16, 50

@@ -2,8 +2,10 @@
 
 Both are the tool's own class with :class:`~peftkit.integrations.trainer.AdapterCheckpoints` mixed in,
 so checkpoints and ``save_model()`` hold adapter directories and ``resume_from_checkpoint`` restores
-them. The names are imported on first use: ``import peftkit.integrations`` loads neither transformers
-nor TRL, and ``SFTTrainer`` needs TRL installed only when it is used.
+them; ``Trainer`` also computes a causal LM's loss with the fused head
+(:class:`~peftkit.integrations.trainer.FusedLoss`). The names are imported on first use:
+``import peftkit.integrations`` loads neither transformers nor TRL, and ``SFTTrainer`` needs TRL
+installed only when it is used.
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ from typing import TYPE_CHECKING, Any
 # public name -> the module that defines it
 _EXPORTS = {
     "AdapterCheckpoints": "peftkit.integrations.trainer",
+    "FusedLoss": "peftkit.integrations.trainer",
     "Trainer": "peftkit.integrations.trainer",
     "load_saved_adapters": "peftkit.integrations.trainer",
     "SFTTrainer": "peftkit.integrations.trl",
 }
 
-__all__ = ["AdapterCheckpoints", "SFTTrainer", "Trainer", "load_saved_adapters"]
+__all__ = ["AdapterCheckpoints", "FusedLoss", "SFTTrainer", "Trainer", "load_saved_adapters"]
 
 if TYPE_CHECKING:
-    from peftkit.integrations.trainer import AdapterCheckpoints, Trainer, load_saved_adapters
+    from peftkit.integrations.trainer import AdapterCheckpoints, FusedLoss, Trainer, load_saved_adapters
     from peftkit.integrations.trl import SFTTrainer
 
 

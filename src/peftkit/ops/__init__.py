@@ -11,6 +11,7 @@ from peftkit.ops.linear_cross_entropy import (
     fused_cross_entropy_enabled,
     linear_cross_entropy,
     linear_cross_entropy_reference,
+    plain_output_head,
 )
 from peftkit.ops.lora_linear import (
     dropout_mask,
@@ -31,5 +32,6 @@ __all__ = [
     "linear_cross_entropy_reference",
     "lora_linear",
     "lora_linear_reference",
+    "plain_output_head",
     "set_fast_lora",
 ]

@@ -22,13 +22,14 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "fused_cross_entropy",
     "fused_cross_entropy_enabled",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "plain_output_head",
 ]
 
 IGNORE_INDEX = -100
@@ -137,3 +138,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = None if d_hidden is None else (d_hidden * grad_loss).to(hidden_dtype)
         grad_weight = None if d_weight is None else (d_weight * grad_loss).to(weight_dtype)
         return grad_hidden, grad_weight, None, None
+
+
+# The config fields of models whose logits are more than the head's output (scaled, soft-capped).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def plain_output_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output head when the fused loss can stand in for it, else None."""
+    while hasattr(model, "module"):  # DistributedDataParallel and similar wrappers
+        model = model.module
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if type(head) is not nn.Linear or head.bias is not None or "forward" in vars(head):
+        return None  # adapted, biased, or already hooked (accelerate's device hooks replace forward)
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return head

@@ -17,7 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.ops.linear_cross_entropy import fused_cross_entropy_enabled, linear_cross_entropy
+from peftkit.ops.linear_cross_entropy import (
+    fused_cross_entropy_enabled,
+    linear_cross_entropy,
+    plain_output_head,
+)
 from peftkit.training.data import IGNORE_INDEX, collate, median_words
 
 if TYPE_CHECKING:
@@ -31,7 +35,6 @@ __all__ = [
     "generate_answers",
     "headline_metric",
     "loss_sum",
-    "plain_output_head",
     "rouge",
     "text_loss",
     "token_loss_sum",
@@ -41,7 +44,6 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 ANSWER_MARGIN = 8  # generated tokens beyond the longest reference: room to overshoot, and be scored wrong
 SHORT_ANSWER_WORDS = 16  # "auto" scores answers of up to this many words (median) by exact match
 # Config attributes by which some models transform the head's logits (Gemma 2, Cohere, Granite…)
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def token_loss_sum(logits: Tensor, labels: Tensor, task: str) -> tuple[Tensor, Tensor]:
@@ -112,20 +114,6 @@ def loss_sum(model: nn.Module, batch: dict[str, Tensor], task: str) -> tuple[Ten
         if head is not None:
             return _fused_loss_sum(model, head, batch)
     return token_loss_sum(forward_logits(model, batch, task), batch["labels"], task)
-
-
-def plain_output_head(model: nn.Module) -> nn.Linear | None:
-    """The model's output head when the fused loss can stand in for it, else None."""
-    while hasattr(model, "module"):  # DistributedDataParallel and similar wrappers
-        model = model.module
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if type(head) is not nn.Linear or head.bias is not None or "forward" in vars(head):
-        return None  # adapted, biased, or already hooked (accelerate's device hooks replace forward)
-    config = getattr(model, "config", None)
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
-        return None
-    return head
 
 
 def _fused_loss_sum(model: nn.Module, head: nn.Linear, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
