@@ -200,17 +200,17 @@ class AdapterLayer(_Wrapper):
             plan = self.routing.plans.get(id(self))
             if plan is None:
                 plan = self.routing.plans[id(self)] = self._stack_plan()
-            stackable = (
-                plan.stacks is not None
-                and not any(name in plan.left_out for name, _ in used)
-                and not (plan.requires_grad and torch.is_grad_enabled())
-            )
+            stacks = plan.stacks
+            if any(name in plan.left_out for name, _ in used) or (
+                plan.requires_grad and torch.is_grad_enabled()
+            ):
+                stacks = None
             self.routing.stacked[id(self)] = (
-                StackedLora(
-                    plan.stacks, self.routing.row_slot(plan.names, plan.stacks.device), self.routing.shared
+                None
+                if stacks is None
+                else StackedLora(
+                    stacks, self.routing.row_slot(plan.names, stacks.device), self.routing.shared
                 )
-                if stackable and plan.stacks is not None
-                else None
             )
         return self.routing.stacked[id(self)]
 
