@@ -25,16 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: The masked path applies every adapter to every token: per row, tokens × (adapters − 1) rank-r
-#: products wasted. Up to this many it is still faster than gathering each row's A and B (measured per
-#: layer on SmolLM2's shapes, r16, 1 thread: the two paths cross at 8–16 for 2, 4 and 8 adapters).
-MASKED_PATH_MAX_WASTE = 12
+#: The masked path applies every adapter in the rows' span to every token: per row, tokens × (adapters
+#: − 1) rank-r products wasted. With several tokens per row it is faster than gathering each row's A
+#: and B up to this many (``python benchmarks/multi_lora_paths.py --threads 1``: at SmolLM2's shapes,
+#: r16, the two paths cross between 4 and 8 for 2, 4, 8 and 16 adapters); with one token per row (a
+#: decoding step) it was faster at every size measured, up to 16 adapters over 16 rows.
+MASKED_PATH_MAX_WASTE = 6
 
 
 def masked_path_applies(tokens: int, adapters: int) -> bool:
     """Whether :func:`multi_lora` applies all ``adapters`` to each of a row's ``tokens`` and masks
     (decoding steps), rather than gathering each row's own A and B (prompts)."""
-    return tokens * (adapters - 1) <= MASKED_PATH_MAX_WASTE
+    return tokens == 1 or tokens * (adapters - 1) <= MASKED_PATH_MAX_WASTE
 
 
 class AdapterStacks:
