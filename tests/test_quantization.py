@@ -287,6 +287,13 @@ def test_the_quantization_options_peftkit_checks_are_bitsandbytesconfigs_argumen
     assert set(BITSANDBYTES_CONFIG_FIELDS) == arguments - {"load_in_4bit", "load_in_8bit"}
 
 
+@pytest.mark.parametrize(
+    ("option", "value"), [("bnb_4bit_use_double_quant", False), ("bnb_4bit_compute_dtype", torch.float32)]
+)
+def test_bitsandbytesconfigs_own_names_for_peftkits_two_options_are_accepted(option, value) -> None:
+    assert getattr(quantization_config("nf4", **{option: value}), option) == value
+
+
 def test_peftkit_train_quantize_options_reach_bitsandbytes_and_bad_ones_are_one_line(
     model_dir, tmp_path, capsys
 ) -> None:

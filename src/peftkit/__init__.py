@@ -21,6 +21,7 @@ _EXPORTS = {
     "IA3Config": "peftkit.methods.ia3",
     "LoraConfig": "peftkit.methods.lora.config",
     "convert_to_lora": "peftkit.methods.lora.pissa",
+    "replace_lora_weights_loftq": "peftkit.methods.lora.loftq",
     "PromptEncoderConfig": "peftkit.methods.p_tuning",
     "PrefixTuningConfig": "peftkit.methods.prefix_tuning",
     "PromptTuningConfig": "peftkit.methods.prompt_tuning",
@@ -71,6 +72,7 @@ __all__ = [
     "load",
     "lora_plus_optimizer",
     "measure_training_step",
+    "replace_lora_weights_loftq",
     "wrap",
 ]
 
@@ -80,6 +82,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     from peftkit.methods.bottleneck import BottleneckConfig, HoulsbyConfig, PfeifferConfig
     from peftkit.methods.ia3 import IA3Config
     from peftkit.methods.lora.config import LoraConfig
+    from peftkit.methods.lora.loftq import replace_lora_weights_loftq
     from peftkit.methods.lora.pissa import convert_to_lora
     from peftkit.methods.p_tuning import PromptEncoderConfig
     from peftkit.methods.prefix_tuning import PrefixTuningConfig

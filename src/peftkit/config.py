@@ -83,6 +83,11 @@ class AdapterConfig:
         """The adapter for ``base`` found at ``module_name``: an :class:`peftkit.layers.Adapter`."""
         raise NotImplementedError
 
+    def initialize(self, model: nn.Module, adapter_name: str) -> None:
+        """Finish initialising adapter ``adapter_name`` once it is in ``model`` (the base model), for
+        initialisations that need more than one layer (LoRA's LoftQ reads the base's float weights).
+        Nothing by default."""
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready dict Hugging Face PEFT writes: its field names, ``peft_type`` upper-case."""
         data: dict[str, Any] = {"peft_type": self.peft_type}

@@ -82,7 +82,8 @@ def quantization_config(
         double_quant: quantize the 4-bit block scales too (``bnb_4bit_use_double_quant``, ~0.4 bits
             per weight saved).
         options: any other ``BitsAndBytesConfig`` argument (``llm_int8_threshold``,
-            ``llm_int8_skip_modules``, ``bnb_4bit_quant_storage``...), passed through.
+            ``llm_int8_skip_modules``, ``bnb_4bit_quant_storage``...), passed through;
+            ``bnb_4bit_compute_dtype`` and ``bnb_4bit_use_double_quant`` are the two above.
 
     Raises:
         UsageError: an unknown scheme, or bitsandbytes is not installed.
@@ -91,6 +92,9 @@ def quantization_config(
         raise UsageError(f"unknown quantization {scheme!r}; use one of {', '.join(SCHEMES)}")
     check_quantization_options(options)
     require_bitsandbytes()
+    # BitsAndBytesConfig's own names for the two settings above (passed on twice, they were a TypeError)
+    compute_dtype = options.pop("bnb_4bit_compute_dtype", compute_dtype)
+    double_quant = options.pop("bnb_4bit_use_double_quant", double_quant)
     from transformers import BitsAndBytesConfig
 
     if scheme == "int8":

@@ -98,7 +98,8 @@ class PeftModel(Files, Merging, Running, nn.Module):
 
         Raises:
             ValueError: a bad or taken name, a config that targets nothing (the message lists the
-                candidates), or ``modules_to_save`` naming no module.
+                candidates), ``modules_to_save`` naming no module, or an initialisation that cannot
+                run (``init_lora_weights="loftq"`` on an unquantized base).
         """
         self._check_new_name(adapter_name)
         config = self._with_task_head(config)
@@ -142,6 +143,11 @@ class PeftModel(Files, Merging, Running, nn.Module):
         if trainable:
             self._trainable.add(adapter_name)
         self._apply_state(self._active or [adapter_name])
+        try:
+            config.initialize(self.model, adapter_name)
+        except Exception:
+            self.delete_adapter(adapter_name)  # leave the model as it was
+            raise
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make ``adapter_name`` (or several: their contributions add up) the active adapter(s).

@@ -3,7 +3,8 @@
 - :mod:`~peftkit.methods.lora.config`: ``LoraConfig`` and the table of variants;
 - :mod:`~peftkit.methods.lora.layers`: the adapters (Linear/Conv1D, Embedding, Conv) and ΔW maths;
 - :mod:`~peftkit.methods.lora.dora`: DoRA (magnitude and direction);
-- :mod:`~peftkit.methods.lora.pissa`: PiSSA / OLoRA initialisation and ``convert_to_lora``.
+- :mod:`~peftkit.methods.lora.pissa`: PiSSA / OLoRA initialisation and ``convert_to_lora``;
+- :mod:`~peftkit.methods.lora.loftq`: LoftQ initialisation on quantized bases.
 """
 
 from peftkit.methods.lora.config import VARIANTS, LoraConfig, LoraVariant
@@ -16,6 +17,7 @@ from peftkit.methods.lora.layers import (
     linear_delta_weight,
     lora_scaling,
 )
+from peftkit.methods.lora.loftq import loftq_factors, replace_lora_weights_loftq
 from peftkit.methods.lora.pissa import PrincipalLoraLinear, convert_to_lora, is_principal_init
 
 __all__ = [
@@ -31,5 +33,7 @@ __all__ = [
     "convert_to_lora",
     "is_principal_init",
     "linear_delta_weight",
+    "loftq_factors",
     "lora_scaling",
+    "replace_lora_weights_loftq",
 ]

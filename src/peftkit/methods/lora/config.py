@@ -19,12 +19,13 @@ from peftkit.config import AdapterConfig
 from peftkit.layers import is_conv1d
 from peftkit.methods.lora.dora import DoraLinear
 from peftkit.methods.lora.layers import LoraConv, LoraEmbedding, LoraLinear, lora_scaling
+from peftkit.methods.lora.loftq import LOFTQ_INIT, replace_lora_weights_loftq
 from peftkit.methods.lora.pissa import PrincipalLoraLinear, is_principal_init
 
 __all__ = ["VARIANTS", "LoraConfig", "LoraVariant"]
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian")
+INIT_MODES = (True, False, "gaussian", LOFTQ_INIT)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,10 @@ class LoraConfig(AdapterConfig):
         use_rslora: rank-stabilised scaling.
         init_lora_weights: True (Kaiming-uniform A, zero B), ``"gaussian"`` (normal A with std 1/r,
             zero B), False (random A and B: the wrapped model differs from the base; for tests), or
-            ``"pissa"`` / ``"pissa_niter_K"`` / ``"olora"`` (:mod:`peftkit.methods.lora.pissa`).
+            ``"pissa"`` / ``"pissa_niter_K"`` / ``"olora"`` (:mod:`peftkit.methods.lora.pissa`), or
+            ``"loftq"`` (quantized bases: A, B cancel the quantization error at the start,
+            :mod:`peftkit.methods.lora.loftq`; written to files as True, the factors being a plain
+            LoRA on the quantized base).
         rank_pattern: per-module rank, ``{name regex: r}``, matched as ``(.*\\.)?(key)$``.
         alpha_pattern: per-module alpha, same matching.
         fan_in_fan_out: kept for file compatibility; transformers' ``Conv1D`` is detected by type.
@@ -93,7 +97,11 @@ class LoraConfig(AdapterConfig):
         if self.init_lora_weights not in INIT_MODES and not principal:
             raise ValueError(
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} must be True, False, 'gaussian', "
-                "'pissa', 'pissa_niter_<iterations>' or 'olora'"
+                "'pissa', 'pissa_niter_<iterations>', 'olora' or 'loftq'"
+            )
+        if self.init_lora_weights == LOFTQ_INIT and self.use_dora:
+            raise ValueError(
+                "LoraConfig.init_lora_weights='loftq' with use_dora=True is not supported; use one"
             )
         chosen = [f"{v.field}={getattr(self, v.field)!r}" for v in VARIANTS if v.applies(self)]
         if len(chosen) > 1:
@@ -111,6 +119,22 @@ class LoraConfig(AdapterConfig):
     def alpha_for(self, module_name: str) -> float:
         """The alpha for ``module_name``: the first matching ``alpha_pattern`` key, else ``lora_alpha``."""
         return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+
+    def initialize(self, model: nn.Module, adapter_name: str) -> None:
+        """LoftQ (``init_lora_weights="loftq"``) once the adapter is in ``model``: it reads the base's
+        float weights from where the base was loaded (:func:`replace_lora_weights_loftq`)."""
+        if self.init_lora_weights == LOFTQ_INIT:
+            replace_lora_weights_loftq(model, adapter_name=adapter_name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`AdapterConfig.to_dict`, with ``"loftq"`` written as True: LoftQ's factors are a
+        plain LoRA on the quantized base (as Hugging Face PEFT's ``replace_lora_weights_loftq`` leaves
+        them), and a loader must not initialise them again (Hugging Face PEFT's ``"loftq"`` would
+        re-quantize the base)."""
+        data = super().to_dict()
+        if data["init_lora_weights"] == LOFTQ_INIT:
+            data["init_lora_weights"] = True
+        return data
 
     def is_supported(self, module: nn.Module) -> bool:
         return isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)) or is_conv1d(module)
