@@ -1,8 +1,6 @@
 """wrap and load: what they refuse.
 
-References are independent of the code under test: the untouched base model (a deep copy taken before
-wrapping), each row run alone, and the merged weights. Tolerances: fp32, atol 1e-5 on outputs,
-1e-6 on restored weights.
+References and tolerances: see model_cases.py.
 """
 
 from __future__ import annotations
