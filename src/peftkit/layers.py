@@ -8,7 +8,7 @@ is computed once per model call (:class:`Routing`) and handed to every layer by 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -110,6 +110,11 @@ class StackPlan:
     left_out: tuple[str, ...]
     requires_grad: bool
 
+    def covers(self, adapters: Iterable[str]) -> bool:
+        """Whether the plan was made for exactly these adapter names (a routing made ``like=`` an older
+        one after an adapter was loaded or deleted gets a new plan; in-place changes are not seen)."""
+        return sorted(adapters) == sorted((*self.names, *self.left_out))
+
 
 class _Wrapper(nn.Module):
     """State shared by peftkit's wrappers, set by the model for all of them at once."""
@@ -198,7 +203,7 @@ class AdapterLayer(_Wrapper):
         assert self.routing is not None
         if id(self) not in self.routing.stacked:
             plan = self.routing.plans.get(id(self))
-            if plan is None:
+            if plan is None or not plan.covers(self.adapters):  # none yet, or adapters came or went
                 plan = self.routing.plans[id(self)] = self._stack_plan()
             stacks = plan.stacks
             if any(name in plan.left_out for name, _ in used) or (

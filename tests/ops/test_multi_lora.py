@@ -242,3 +242,17 @@ def test_a_routing_made_like_another_takes_over_its_plans_and_equals_rows_alone(
         mixed = model(input_ids=ids[order], adapter_names=second).logits
     torch.testing.assert_close(mixed, expected[order], atol=ATOL, rtol=0)
     assert len(planned) == 2 * 7  # taken over
+
+    model.add_adapter("d", peftkit.LoraConfig(r=2, target_modules="all-linear"))  # the plans are stale now
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".adapters.d.lora_B" in name:
+                param.normal_(0, 0.3)
+    third = model.routing(["d", "b"], like=second)
+    with torch.no_grad():
+        mixed = model(input_ids=ids[[0, 0]], adapter_names=third).logits  # row 0 under "d", then "b"
+        model.set_adapter("d")
+        alone = model(input_ids=ids[:1]).logits
+    torch.testing.assert_close(mixed[:1], alone, atol=ATOL, rtol=0)  # "d" is not left out
+    torch.testing.assert_close(mixed[1:], expected[:1], atol=ATOL, rtol=0)  # NAMES[0] is "b"
+    assert len(planned) == 2 * (2 * 7)  # planned again, once per adapted layer

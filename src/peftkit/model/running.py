@@ -47,7 +47,9 @@ class Running:
         Args:
             adapter_names: one adapter name per row (``"__base__"``: no adapter).
             like: a routing made earlier for other rows while the adapters were the same: what its
-                layers found out (which adapters stack, the stacks) is taken over, not found again.
+                layers found out (which adapters stack, the stacks) is taken over, not found again. A
+                layer whose adapters came or went since plans again; an adapter changed in place (trained,
+                edited) is not seen: make a new routing then.
 
         Raises:
             ValueError: an unknown adapter name.
