@@ -113,7 +113,8 @@ class StackedLora:
         self.in_features, self.out_features = stacks.in_features, stacks.out_features
         self.row_slot = row_slot
         self._shared = shared if shared is not None else {}
-        self._row_columns: Tensor | None = None
+        self._used: tuple[int, int] | None = None
+        self._side_by_side: tuple[Tensor, Tensor, Tensor] | None = None
 
     def per_row(self) -> tuple[Tensor, Tensor]:
         """See :meth:`AdapterStacks.per_row`."""
@@ -122,30 +123,31 @@ class StackedLora:
     def used_adapters(self) -> tuple[int, int]:
         """``(first, stop)``: the adapters (0-based, slot − 1) the rows use lie in ``range(first, stop)``;
         the few-token path reads only those (one request alone reads its own adapter only)."""
-        key = ("used", id(self.row_slot))
-        if key not in self._shared:
-            used = self.row_slot[self.row_slot > 0]
-            first, last = (int(used.min()), int(used.max())) if used.numel() else (1, 0)
-            self._shared[key] = (first - 1, last)
-            self._shared[("row_slot", *key)] = self.row_slot  # keeps the id above this tensor's
-        return self._shared[key]
+        if self._used is None:
+            key = ("used", id(self.row_slot))
+            if key not in self._shared:
+                used = self.row_slot[self.row_slot > 0]
+                first, last = (int(used.min()), int(used.max())) if used.numel() else (1, 0)
+                self._shared[key] = (first - 1, last)
+                self._shared[("row_slot", *key)] = self.row_slot  # kept: ids keyed here stay its
+            self._used = self._shared[key]
+        return self._used
 
     def side_by_side(self) -> tuple[Tensor, Tensor, Tensor]:
         """The used adapters' (see :meth:`used_adapters`) part of :meth:`AdapterStacks.side_by_side`
         (views, no copies), and per row a (batch, 1, columns) mask of 1 on its adapter's columns (all
-        0 for a row without one)."""
-        all_A, all_B = self.stacks.side_by_side()
-        first, stop = self.used_adapters()
-        columns = slice(first * self.rank, stop * self.rank)
-        if self._row_columns is None:
+        0 for a row without one); made on the first call, which every decoding step then reuses."""
+        if self._side_by_side is None:
+            all_A, all_B = self.stacks.side_by_side()
+            first, stop = self.used_adapters()
+            columns = slice(first * self.rank, stop * self.rank)
             key = (id(self.row_slot), self.slots, self.rank, all_A.dtype)
             if key not in self._shared:
                 onehot = F.one_hot(self.row_slot, self.slots)[:, 1:].to(all_A.dtype)  # (batch, n)
                 mask = onehot.repeat_interleave(self.rank, dim=1).unsqueeze(1)  # (batch, 1, n·r)
                 self._shared[key] = mask[:, :, columns]
-                self._shared[("row_slot", *key)] = self.row_slot  # keeps the id above this tensor's
-            self._row_columns = self._shared[key]
-        return all_A[:, columns], all_B[columns], self._row_columns
+            self._side_by_side = all_A[:, columns], all_B[columns], self._shared[key]
+        return self._side_by_side
 
 
 def row_slots(rows: Sequence[Tensor], batch_size: int, device: torch.device | str | None = None) -> Tensor:
