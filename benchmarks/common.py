@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+#: LoRA's "all-linear" on SmolLM2 (and Llama-like models), spelt out as the benchmarks target it.
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 
 @dataclass
 class Variant:

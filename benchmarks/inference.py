@@ -23,12 +23,19 @@ import time
 from pathlib import Path
 
 import torch
-from common import Variant, interleaved, load_smollm2, machine, random_tokens, shared_weights_copy, table
+from common import (
+    ALL_LINEAR,
+    Variant,
+    interleaved,
+    load_smollm2,
+    machine,
+    random_tokens,
+    shared_weights_copy,
+    table,
+)
 from torch import nn
 
 import peftkit
-
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def randomize(model: nn.Module, marker: str, seed: int) -> None:

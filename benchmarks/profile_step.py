@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import load_smollm2, machine, random_tokens, shared_weights_copy
+from common import ALL_LINEAR, load_smollm2, machine, random_tokens, shared_weights_copy
 
 import peftkit
-
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import Variant, interleaved, machine, random_tokens, table
-from train_step import ALL_LINEAR, lora_configs, model_loss, peftkit_loss, stepper
+from common import ALL_LINEAR, Variant, interleaved, machine, random_tokens, table
+from train_step import lora_configs, model_loss, peftkit_loss, stepper
 
 import peftkit
 from peftkit.memory import measure_training_step

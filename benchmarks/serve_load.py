@@ -33,9 +33,8 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import machine, table
+from common import ALL_LINEAR, machine, table
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUESTIONS = [
     "Name three colours of the rainbow.",
     "What is the capital of France?",

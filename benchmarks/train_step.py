@@ -23,15 +23,22 @@ import sys
 from collections.abc import Callable
 
 import torch
-from common import Variant, interleaved, load_smollm2, machine, random_tokens, shared_weights_copy, table
+from common import (
+    ALL_LINEAR,
+    Variant,
+    interleaved,
+    load_smollm2,
+    machine,
+    random_tokens,
+    shared_weights_copy,
+    table,
+)
 from torch import nn
 
 import peftkit
 from peftkit.memory import measure_training_step
 from peftkit.ops import fast_lora
 from peftkit.training.evaluation import loss_sum
-
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def peftkit_model(base: nn.Module, config: object) -> nn.Module:

@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftkit.ops import fused_cross_entropy_enabled, linear_cross_entropy, plain_output_head
+from peftkit.ops.linear_cross_entropy import IGNORE_INDEX  # transformers' default too
 
 __all__ = ["fused_model_loss"]
-
-IGNORE_INDEX = -100  # linear_cross_entropy's, and transformers' default
 
 
 @contextmanager
