@@ -4,10 +4,17 @@
 
 Variants per shape (in -> out, rank 16, float32, the frozen base weight's matmul included in all):
 the frozen base layer alone; autograd LoRA as Hugging Face PEFT and peftkit's plain path compute it
-(``nn.Dropout`` on the adapter input); peftkit's fast path (``peftkit.ops.lora_linear``); with
+(``nn.Dropout`` on the adapter input); peftkit's fast path after the base layer
+(``peftkit.ops.lora_linear``, what quantized and ``Conv1D`` bases get) and with the base layer inside
+(``peftkit.ops.frozen_linear_lora``, what a plain ``nn.Linear`` base gets); with
 ``--compile``, the autograd LoRA through ``torch.compile`` (inductor: the dropout mask is generated in
 the fused kernels from a seed and regenerated in backward). Interleaved, medians; "LoRA cost" is the
 time over the frozen layer alone.
+
+    python benchmarks/lora_layer.py --dropout-forms
+
+instead times the two forms :func:`peftkit.ops.draw_dropout` can record the dropped elements in
+(positions, a bool mask) against each other over a range of p, at the widest and the narrowest input.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from common import Variant, interleaved, machine, table
 
-from peftkit.ops import dropout_mask, lora_linear
+from peftkit.ops import draw_dropout, frozen_linear_lora, lora_linear
+from peftkit.ops.dropout import dropped_mask, dropped_positions
 
 SHAPES = {
     "q/o (576->576)": (576, 576),
@@ -47,8 +55,13 @@ def layer_variants(d_in: int, d_out: int, p: float, r: int, tokens: int, compile
 
     def fast_lora() -> None:
         x = x_value.clone().requires_grad_()
-        mask, keep = dropout_mask(x, p) if p else (None, 1.0)
-        lora_linear(x, F.linear(x, weight), lora_A, lora_B, 2.0, mask, keep).backward(upstream)
+        dropped, keep = draw_dropout(x, p)
+        lora_linear(x, F.linear(x, weight), lora_A, lora_B, 2.0, dropped, keep).backward(upstream)
+
+    def base_inside() -> None:
+        x = x_value.clone().requires_grad_()
+        dropped, keep = draw_dropout(x, p)
+        frozen_linear_lora(x, weight, None, lora_A, lora_B, 2.0, dropped, keep).backward(upstream)
 
     def lora_layer(x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(F.dropout(x, p, training=True), lora_A), lora_B) * 2.0
@@ -63,9 +76,43 @@ def layer_variants(d_in: int, d_out: int, p: float, r: int, tokens: int, compile
     variants = [
         Variant("frozen layer alone", base_only),
         Variant("autograd LoRA (HF PEFT's maths)", autograd_lora),
-        Variant("peftkit fast path", fast_lora),
+        Variant("peftkit fast path, after the base layer", fast_lora),
+        Variant("peftkit fast path, base layer inside", base_inside),
     ]
     return [*variants, Variant("torch.compile of the autograd LoRA", compiled_lora)] if compiled else variants
+
+
+def dropout_form_variants(d_in: int, d_out: int, p: float, r: int, tokens: int) -> list[Variant]:
+    """The fast path with the base layer inside, its drops recorded as positions or as a bool mask."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(d_out, d_in, generator=generator) / d_in**0.5
+    lora_A = (torch.randn(r, d_in, generator=generator) / d_in**0.5).requires_grad_()
+    lora_B = (torch.randn(d_out, r, generator=generator) * 0.01).requires_grad_()
+    x_value = torch.randn(tokens, d_in, generator=generator)
+    upstream = torch.randn(tokens, d_out, generator=generator)
+
+    def step(form: str) -> None:
+        x = x_value.clone().requires_grad_()
+        if form == "positions":
+            dropped, keep = dropped_positions(x.numel(), p), 1 - p
+        else:
+            dropped, keep = dropped_mask(x, p)
+        frozen_linear_lora(x, weight, None, lora_A, lora_B, 2.0, dropped, keep).backward(upstream)
+
+    return [Variant(form, lambda form=form: step(form)) for form in ("positions", "bool mask")]
+
+
+def compare_dropout_forms(args: argparse.Namespace) -> None:
+    rows = []
+    for label in ("down (1536->576)", "q/o (576->576)"):
+        d_in, d_out = SHAPES[label]
+        for p in (0.05, 0.1, 0.15, 0.2, 0.3, 0.5):
+            variants = dropout_form_variants(d_in, d_out, p, args.r, args.tokens)
+            interleaved(variants, args.rounds, warmup=3, verbose=False)
+            positions, mask = (v.median for v in variants)
+            times = [f"{positions * 1e3:.2f} ms", f"{mask * 1e3:.2f} ms", f"{positions / mask:.2f}"]
+            rows.append([label, f"{p}", *times])
+    print(table([f"{args.tokens} tokens", "p", "positions", "bool mask", "positions / mask"], rows))
 
 
 def main() -> None:
@@ -75,9 +122,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--compile", action="store_true", help="add the torch.compile variant")
+    parser.add_argument("--dropout-forms", action="store_true", help="positions vs bool mask over p")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine())
+    if args.dropout_forms:
+        compare_dropout_forms(args)
+        print(machine())
+        return
     rows = []
     for label, (d_in, d_out) in SHAPES.items():
         for p in (0.0, 0.05):

@@ -28,6 +28,11 @@ class Adapter(Protocol):
     ``forward`` returns the layer's new output from the input ``x`` and the base output; ``merge`` and
     ``unmerge`` fold the adapter into the base module's weights in place and back. A method that
     cannot be merged raises ``NotImplementedError`` with the reason.
+
+    Optional (looked up with ``getattr``): ``forward_with_base(base, x) -> Tensor | None`` computes the
+    layer's whole output, base module included, in one op where that saves work, and returns None where
+    it does not apply; the layer then runs the base module and ``forward``. LoRA on a frozen
+    ``nn.Linear`` has it.
     """
 
     def forward(self, base: nn.Module, x: Tensor, base_output: Tensor) -> Tensor: ...
@@ -160,7 +165,17 @@ class AdapterLayer(_Wrapper):
         return getattr(self.base, "bias", None)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """x: the base module's input, batch first; returns the adapted output, same shape as base's."""
+        """x: the base module's input, batch first; returns the adapted output, same shape as base's.
+
+        With one adapter in use that can compute the base layer inside its own op
+        (``forward_with_base``, see :class:`Adapter`), that runs instead of the base then the adapter.
+        """
+        if not (args or kwargs or self.disabled) and self.routing is None:
+            adapter = self._only_adapter_in_use()
+            with_base = getattr(adapter, "forward_with_base", None)
+            y = None if with_base is None else with_base(self.base, x)
+            if y is not None:
+                return y
         y = self.base(x, *args, **kwargs)
         if self.disabled:
             return y
@@ -170,6 +185,12 @@ class AdapterLayer(_Wrapper):
             if name in self.adapters and name not in self.merged_adapters:
                 y = self.adapters[name](self.base, x, y)
         return y
+
+    def _only_adapter_in_use(self) -> nn.Module | None:
+        """The one active, unmerged adapter this layer has, or None when there are none or several."""
+        merged = self.merged_adapters
+        in_use = [name for name in self.active_adapters if name in self.adapters and name not in merged]
+        return self.adapters[in_use[0]] if len(in_use) == 1 else None
 
     def _forward_routed(self, x: Tensor, y: Tensor) -> Tensor:
         """Each row group goes through its own adapter; rows of other groups are untouched.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 import peftkit
 from peftkit.memory import (
@@ -17,6 +18,7 @@ from peftkit.memory import (
     format_estimate,
     measure_training_step,
 )
+from peftkit.methods.lora import layers as lora_layers
 from peftkit.ops import fast_lora
 from tiny_lm import llama_70b_config, tiny_llama_config
 
@@ -85,23 +87,40 @@ def test_estimate_matches_measured_peak_with_gradient_checkpointing(lora) -> Non
     assert estimated.peak < without.peak
 
 
-def test_fast_lora_dropout_saves_a_bool_mask_instead_of_two_float_copies() -> None:
+@pytest.mark.parametrize("p", [0.1, 0.3], ids=["positions", "mask"])
+def test_fast_lora_dropout_saves_the_dropped_elements_instead_of_two_float_copies(
+    p: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The measured difference is exactly what the fast path is for: per adapted layer, dropout's
-    float noise and dropped copy (8 bytes per input element) against a bool mask (1 byte)."""
+    float noise and dropped copy (8 bytes per input element) against the record of which elements
+    were dropped (the storages the fast path's draws returned, summed here)."""
     config = tiny_llama_config()
-    lora = peftkit.LoraConfig(r=8, lora_dropout=0.1, target_modules="all-linear")
+    lora = peftkit.LoraConfig(r=8, lora_dropout=p, target_modules="all-linear")
+    records: list[Tensor] = []
+    real = lora_layers.draw_dropout
+
+    def recording(x: Tensor, p: float) -> tuple[Tensor | None, float]:
+        dropped, keep = real(x, p)
+        records.append(dropped)
+        return dropped, keep
+
+    monkeypatch.setattr(lora_layers, "draw_dropout", recording)
     with fast_lora(True):
         fast, _ = measure_and_estimate(config, lora, 4, 32)
     with fast_lora(False):
         plain, _ = measure_and_estimate(config, lora, 4, 32)
     tokens, h, i, layers = 4 * 32, 64, 160, 2
     adapted_inputs = tokens * (6 * h + i)  # q, k, v, o, gate and up read h values per token; down reads i
+    assert len(records) % (layers * 7) == 0  # every measured step drew for 7 layers per block
+    per_step = records[-layers * 7 :]
+    assert all((r.dtype == torch.bool) == (p > 0.2) for r in per_step)
+    recorded = sum(r.untyped_storage().nbytes() for r in per_step)
     # The fast path keeps the inputs of q/k/v, gate/up and down once each (o's input is attention's
     # output, saved anyway); the plain path kept only the dropped copies.
     shared_inputs = tokens * (2 * h + i) * 4
     # No gradient flows into the first layer's q/k/v input (the embedding is frozen): no noise kept there.
     first_layer_noise = 3 * tokens * h * 4
-    expected = layers * (adapted_inputs * (8 - 1) - shared_inputs) - first_layer_noise
+    expected = layers * (adapted_inputs * 8 - shared_inputs) - first_layer_noise - recorded
     assert plain.activations - fast.activations == expected
 
 

@@ -19,7 +19,8 @@ parameters (float32 adapters on a half-precision base, as peftkit makes them), `
     trains (``e``); LayerNorm: input, mean and rstd;
   - the input of a group of linear layers (q/k/v share one; gate/up share one): saved once when one of
     them trains its weight or has a LoRA adapter reading it unchanged; autograd's LoRA dropout adds its
-    float noise and the dropped copy per adapted layer, peftkit's fast path a ``bool`` mask instead;
+    float noise and the dropped copy per adapted layer, peftkit's fast path the dropped elements'
+    positions instead (8 bytes per drop; a ``bool`` mask for p > 0.2);
     each adapter also saves its ``(T, r)`` rank-r activation;
   - attention (``scaled_dot_product_attention``, no padding mask): rotated q, k, v (k and v with the
     key/value heads), the output (which is also the output projection's input) and a float32
@@ -64,6 +65,7 @@ from torch import nn
 from peftkit.layers import is_conv1d
 from peftkit.methods.lora import LoraConfig
 from peftkit.ops import fast_lora_enabled
+from peftkit.ops.dropout import recorded_bytes
 from peftkit.ops.linear_cross_entropy import CHUNK_ELEMENTS
 from peftkit.targeting import find_targets
 
@@ -528,7 +530,7 @@ def _group_input(
     for use in lora:
         saved += setting.tokens * use.r * a  # the rank-r activation A·x
         if setting.fast_lora:
-            saved += elements if use.dropout > 0 else 0  # bool mask
+            saved += recorded_bytes(elements, use.dropout)  # the dropped elements' positions or mask
         elif use.dropout > 0:  # the dropped copy, and dropout's float noise where x needs a gradient
             saved += (1 + grad) * elements * a
         elif a != e:

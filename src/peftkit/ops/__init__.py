@@ -6,6 +6,7 @@ environment variable ``PEFTKIT_FAST_LORA=0``. The fused output-head cross-entrop
 likewise: ``with peftkit.ops.fused_cross_entropy(False):`` or ``PEFTKIT_FUSED_CE=0``.
 """
 
+from peftkit.ops.dropout import draw_dropout
 from peftkit.ops.linear_cross_entropy import (
     fused_cross_entropy,
     fused_cross_entropy_enabled,
@@ -14,18 +15,19 @@ from peftkit.ops.linear_cross_entropy import (
     plain_output_head,
 )
 from peftkit.ops.lora_linear import (
-    dropout_mask,
     fast_lora,
     fast_lora_enabled,
+    frozen_linear_lora,
     lora_linear,
     lora_linear_reference,
     set_fast_lora,
 )
 
 __all__ = [
-    "dropout_mask",
+    "draw_dropout",
     "fast_lora",
     "fast_lora_enabled",
+    "frozen_linear_lora",
     "fused_cross_entropy",
     "fused_cross_entropy_enabled",
     "linear_cross_entropy",

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as module_state
 
 from peftkit.layers import add_to_weight, is_conv1d
-from peftkit.ops import dropout_mask, fast_lora_enabled, lora_linear
+from peftkit.ops import draw_dropout, fast_lora_enabled, frozen_linear_lora, lora_linear
 
 __all__ = [
     "LoraConv",
@@ -115,17 +115,45 @@ class LoraLinear(_AdditiveLora):
     def forward(self, base: nn.Module, x: Tensor, base_output: Tensor) -> Tensor:
         """x: (..., in_features); base_output: (..., out_features) → same shape as base_output.
 
-        Runs :func:`peftkit.ops.lora_linear` (same numbers, one saved input, a bool dropout mask) unless
-        it is switched off (``peftkit.ops.fast_lora(False)``) or does not apply (see ``_fast_path_applies``).
+        Runs :func:`peftkit.ops.lora_linear` (same numbers, one saved input, the dropped elements
+        recorded cheaply) unless it is switched off (``peftkit.ops.fast_lora(False)``) or does not
+        apply (see ``_fast_path_applies``).
         """
         if self._fast_path_applies(x):
-            p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
-            mask, keep = dropout_mask(x, p) if p > 0 else (None, 1.0)
+            dropped, keep = draw_dropout(x, self._active_dropout())
             A, B = self.lora_A.weight, self.lora_B.weight
-            return lora_linear(x, base_output, A, B, self.scaling, mask, keep)
+            return lora_linear(x, base_output, A, B, self.scaling, dropped, keep)
         x = x.to(self.lora_A.weight.dtype)
         update = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling  # (..., out_features)
         return base_output + update.to(base_output.dtype)
+
+    def forward_with_base(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        """The layer's output with the base layer computed inside the same op
+        (:func:`peftkit.ops.frozen_linear_lora`: no second gradient of x to allocate and add), or None
+        where that does not apply: the fast path is off or does not apply, ``forward`` is overridden
+        (DoRA…), the base is not a plain ``nn.Linear`` with a frozen weight of x's and the adapter's
+        dtype, or it has hooks or a patched ``forward``.
+        """
+        weight = base.weight
+        if not (
+            type(base) is nn.Linear
+            and type(self).forward is LoraLinear.forward
+            and not weight.requires_grad
+            and type(weight.data) is Tensor  # not a quantized or distributed tensor subclass
+            and x.dtype == weight.dtype == self.lora_A.weight.dtype
+            and "forward" not in base.__dict__  # e.g. accelerate's device hooks
+            and not _has_hooks(base)
+            and self._fast_path_applies(x)
+        ):
+            return None
+        dropped, keep = draw_dropout(x, self._active_dropout())
+        A, B = self.lora_A.weight, self.lora_B.weight
+        return frozen_linear_lora(x, weight, base.bias, A, B, self.scaling, dropped, keep)
+
+    def _active_dropout(self) -> float:
+        """The dropout probability in force now: 0 in eval mode or without dropout."""
+        dropout = self._modules["dropout"]
+        return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
     def _fast_path_applies(self, x: Tensor) -> bool:
         """float32/bfloat16, no autocast (its per-op casts would mix dtypes in the hand-written backward),
