@@ -15,6 +15,13 @@ time over the frozen layer alone.
 
 instead times the two forms :func:`peftkit.ops.draw_dropout` can record the dropped elements in
 (positions, a bool mask) against each other over a range of p, at the widest and the narrowest input.
+
+    python benchmarks/lora_layer.py --stacked-weight
+
+times issue 16's idea of one GEMM for the frozen weight and A (``x·[W; A]ᵀ``: x read once), forward
+only and without dropout (with dropout A reads another input): separate products as the fast path
+computes them, ``[W; A]`` concatenated at every call, and ``[W; A]`` kept concatenated (the best case:
+it would need A stored inside a copy of W).
 """
 
 from __future__ import annotations
@@ -115,6 +122,40 @@ def compare_dropout_forms(args: argparse.Namespace) -> None:
     print(table([f"{args.tokens} tokens", "p", "positions", "bool mask", "positions / mask"], rows))
 
 
+def stacked_weight_variants(d_in: int, d_out: int, r: int, tokens: int) -> list[Variant]:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(d_out, d_in, generator=generator) / d_in**0.5
+    lora_A = torch.randn(r, d_in, generator=generator) / d_in**0.5
+    lora_B = torch.randn(d_out, r, generator=generator) * 0.01
+    x = torch.randn(tokens, d_in, generator=generator)
+    kept = torch.cat([weight, lora_A])  # (out + r, in)
+
+    def separate() -> None:
+        F.linear(x, weight).addmm_(x @ lora_A.T, lora_B.T)
+
+    def stacked(both: torch.Tensor) -> None:
+        outputs = x @ both.T  # (N, out + r)
+        outputs[:, :d_out].addmm_(outputs[:, d_out:], lora_B.T)
+
+    return [
+        Variant("separate (the fast path)", separate),
+        Variant("[W; A] concatenated per call", lambda: stacked(torch.cat([weight, lora_A]))),
+        Variant("[W; A] kept concatenated", lambda: stacked(kept)),
+    ]
+
+
+def compare_stacked_weight(args: argparse.Namespace) -> None:
+    rows = []
+    for label, (d_in, d_out) in SHAPES.items():
+        variants = stacked_weight_variants(d_in, d_out, args.r, args.tokens)
+        interleaved(variants, args.rounds, warmup=3, verbose=False)
+        separate = variants[0].median
+        for variant in variants:
+            ratio = f"{variant.median / separate:.2f}"
+            rows.append([label, variant.name, f"{variant.median * 1e3:.2f} ms", ratio])
+    print(table([f"{args.tokens} tokens, forward", "variant", "median", "/ separate"], rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=1024, help="batch x seq")
@@ -123,11 +164,12 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--compile", action="store_true", help="add the torch.compile variant")
     parser.add_argument("--dropout-forms", action="store_true", help="positions vs bool mask over p")
+    parser.add_argument("--stacked-weight", action="store_true", help="x·[W; A]ᵀ vs two products")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine())
-    if args.dropout_forms:
-        compare_dropout_forms(args)
+    if args.dropout_forms or args.stacked_weight:
+        (compare_dropout_forms if args.dropout_forms else compare_stacked_weight)(args)
         print(machine())
         return
     rows = []

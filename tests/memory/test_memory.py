@@ -20,6 +20,7 @@ from peftkit.memory import (
 )
 from peftkit.methods.lora import layers as lora_layers
 from peftkit.ops import fast_lora
+from peftkit.ops.dropout import POSITIONS_UP_TO
 from tiny_lm import llama_70b_config, tiny_llama_config
 
 TOLERANCE = 0.15
@@ -113,7 +114,7 @@ def test_fast_lora_dropout_saves_the_dropped_elements_instead_of_two_float_copie
     adapted_inputs = tokens * (6 * h + i)  # q, k, v, o, gate and up read h values per token; down reads i
     assert len(records) % (layers * 7) == 0  # every measured step drew for 7 layers per block
     per_step = records[-layers * 7 :]
-    assert all((r.dtype == torch.bool) == (p > 0.2) for r in per_step)
+    assert all((r.dtype == torch.bool) == (p > POSITIONS_UP_TO) for r in per_step)
     recorded = sum(r.untyped_storage().nbytes() for r in per_step)
     # The fast path keeps the inputs of q/k/v, gate/up and down once each (o's input is attention's
     # output, saved anyway); the plain path kept only the dropped copies.

@@ -20,7 +20,7 @@ parameters (float32 adapters on a half-precision base, as peftkit makes them), `
   - the input of a group of linear layers (q/k/v share one; gate/up share one): saved once when one of
     them trains its weight or has a LoRA adapter reading it unchanged; autograd's LoRA dropout adds its
     float noise and the dropped copy per adapted layer, peftkit's fast path the dropped elements'
-    positions instead (8 bytes per drop; a ``bool`` mask for p > 0.2);
+    positions instead (8 bytes per drop; a ``bool`` mask for p > 1/8);
     each adapter also saves its ``(T, r)`` rank-r activation;
   - attention (``scaled_dot_product_attention``, no padding mask): rotated q, k, v (k and v with the
     key/value heads), the output (which is also the output projection's input) and a float32

@@ -1,8 +1,9 @@
 """Dropout for the fast LoRA path: which elements of the adapter's input are dropped, drawn cheaply.
 
 A drop is i.i.d. Bernoulli(p) per element, as ``nn.Dropout``'s, from torch's default generator (so
-``torch.manual_seed`` repeats it); the draws differ from ``nn.Dropout``'s for the same seed. Two forms,
-whichever is cheaper for ``p`` (``benchmarks/lora_layer.py --dropout-forms``):
+``torch.manual_seed`` repeats it); the draws differ from ``nn.Dropout``'s for the same seed. Two forms
+(``benchmarks/lora_layer.py --dropout-forms`` times them: positions were the faster at every p from
+0.05 to 0.5), chosen by which is smaller:
 
 - **positions** (``p ≤ POSITIONS_UP_TO``): the flat indices of the dropped elements, sorted, int64
   (8·p bytes per element: 0.4 at p = 0.05, against 1 for a bool mask). Drawn as geometric gaps between
@@ -10,7 +11,7 @@ whichever is cheaper for ``p`` (``benchmarks/lora_layer.py --dropout-forms``):
   ``p·n`` random numbers are drawn instead of one per element. Each gap follows the geometric law to
   within the float32 resolution of ``u`` (2⁻²⁴ ≈ 6e-8 in each tail probability); ``1/(1 - p)`` scales
   the kept elements exactly.
-- **mask** (larger ``p``): a ``bool`` tensor shaped like x, True where dropped, from 16 random bits per
+- **mask** (larger ``p``, where positions would take more than a byte per element): a ``bool`` tensor shaped like x, True where dropped, from 16 random bits per
   element (four per 64-bit draw): ``p`` is rounded to a multiple of 1/65536 (off by at most 7.6e-6) and
   the kept elements are scaled by that exact keep probability, so the expected output is unchanged.
 """
@@ -22,8 +23,8 @@ import math
 import torch
 from torch import Tensor
 
-#: Largest p drawn as positions; above it a bool mask is cheaper (more drops than gaps are worth).
-POSITIONS_UP_TO = 0.2
+#: Largest p drawn as positions: 8 bytes per drop are 1 per element here, a bool mask's size.
+POSITIONS_UP_TO = 0.125
 
 
 def draw_dropout(x: Tensor, p: float) -> tuple[Tensor | None, float]:
