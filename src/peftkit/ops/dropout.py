@@ -11,9 +11,10 @@ A drop is i.i.d. Bernoulli(p) per element, as ``nn.Dropout``'s, from torch's def
   ``p·n`` random numbers are drawn instead of one per element. Each gap follows the geometric law to
   within the float32 resolution of ``u`` (2⁻²⁴ ≈ 6e-8 in each tail probability); ``1/(1 - p)`` scales
   the kept elements exactly.
-- **mask** (larger ``p``, where positions would take more than a byte per element): a ``bool`` tensor shaped like x, True where dropped, from 16 random bits per
-  element (four per 64-bit draw): ``p`` is rounded to a multiple of 1/65536 (off by at most 7.6e-6) and
-  the kept elements are scaled by that exact keep probability, so the expected output is unchanged.
+- **mask** (larger ``p``, where positions would take more than a byte per element): a ``bool`` tensor
+  shaped like x, True where dropped, from 16 random bits per element (four per 64-bit draw): ``p`` is
+  rounded to a multiple of 1/65536 (off by at most 7.6e-6) and the kept elements are scaled by that
+  exact keep probability, so the expected output is unchanged.
 """
 
 from __future__ import annotations
