@@ -11,13 +11,15 @@ Peak memory is **tracked tensors**, not RSS: one extra, untimed step per variant
 ``peftkit.memory.measure_training_step`` (the parameters, buffers and optimizer state held, plus the
 most bytes of tensors created by operators alive at once). RSS cannot separate variants that live in
 one process; the tracked peak leaves out the runtime itself (~0.4 GB of libraries) and allocator slack.
+With ``--peaks-apart`` each variant's peak is measured first, in a process of its own that builds every
+variant's model and runs one step of that variant; its maximum RSS is reported next to the peak.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import gc
+import resource
 import subprocess
 import sys
 from collections.abc import Callable
@@ -155,7 +157,8 @@ def main() -> None:
         model, fast, loss = variants[args.peak_of]
         step = stepper(model, inputs, fast, loss)
         with fast_lora(fast):
-            print(f"PEAK {measure_training_step(model, inputs, step.optimizer, loss).peak}")
+            peak = measure_training_step(model, inputs, step.optimizer, loss).peak
+        print(f"PEAK {peak} RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")
         return
     if args.only:
         keep = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -163,25 +166,24 @@ def main() -> None:
         parts = [name for name in keep if name not in variants]
         variants = {k: v for k, v in variants.items() if k in exact or any(name in k for name in parts)}
 
+    peaks: dict[str, int] = {}
+    rss: dict[str, int] = {}
+    if args.peaks_apart and not args.no_peak:
+        # Before timing, while this process holds only the models: after the timed steps its heap stays
+        # large (freed memory is not given back), and it and a child together ran out of memory.
+        for name in variants:
+            peaks[name], rss[name] = peak_in_own_process(name, args)
     steps = {name: stepper(model, inputs, fast, loss) for name, (model, fast, loss) in variants.items()}
     print(f"timing {len(steps)} variants, batch {args.batch} x seq {args.seq}, {args.rounds} rounds")
     timed = [Variant(name, step) for name, step in steps.items()]
     interleaved(timed, args.rounds, args.warmup)
-    print_results(timed, {}, args)  # the times first: measuring peaks of big shapes can run out of memory
-    if args.no_peak:
-        return
-
-    peaks = {}
-    if args.peaks_apart:  # the models of this process go first: a child holds one variant's step
-        names = list(variants)
-        del variants, steps, full, floor, model
-        timed = [Variant(v.name, None, v.times, v.cpu_times) for v in timed]
-        gc.collect()
-        for name in names:
-            peaks[name] = peak_in_own_process(name, args)
-        print_results(timed, peaks, args)
+    print_results(
+        timed, peaks, args, rss
+    )  # the times first: measuring peaks of big shapes can run out of memory
+    if args.no_peak or args.peaks_apart:
         print(machine())
         return
+
     for name, (model, fast, loss) in variants.items():
         with fast_lora(fast):
             measured = measure_training_step(model, inputs, steps[name].optimizer, loss)
@@ -190,8 +192,9 @@ def main() -> None:
     print(machine())
 
 
-def peak_in_own_process(name: str, args: argparse.Namespace) -> int:
-    """The tracked peak of variant ``name``, measured by this script in a fresh process."""
+def peak_in_own_process(name: str, args: argparse.Namespace) -> tuple[int, int]:
+    """The tracked peak of variant ``name`` and the process's maximum RSS, in bytes, measured by this
+    script in a fresh process (which builds every variant's model and runs one step of ``name``)."""
     command = [
         sys.executable,
         __file__,
@@ -204,10 +207,14 @@ def peak_in_own_process(name: str, args: argparse.Namespace) -> int:
     ]
     command += ["--threads", str(args.threads), "--r", str(args.r)]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return int(next(line.split()[1] for line in out.splitlines() if line.startswith("PEAK ")))
+    fields = next(line.split() for line in out.splitlines() if line.startswith("PEAK "))
+    return int(fields[1]), int(fields[3])
 
 
-def print_results(timed: list[Variant], peaks: dict[str, int], args: argparse.Namespace) -> None:
+def print_results(
+    timed: list[Variant], peaks: dict[str, int], args: argparse.Namespace, rss: dict[str, int] | None = None
+) -> None:
+    rss = rss or {}
     medians = {v.name: v.median for v in timed}
     full = medians.get("full fine-tuning")
     rows = []
@@ -229,6 +236,9 @@ def print_results(timed: list[Variant], peaks: dict[str, int], args: argparse.Na
                 f"{peaks[name] / peak_hf:.2f}" if peak_hf and name in peaks else "",
             ]
         )
+        if rss:
+            rss_hf = rss.get(twin) if name.startswith("peftkit") else None
+            rows[-1] += [f"{rss[name] / 2**30:.2f} GiB", f"{rss[name] / rss_hf:.2f}" if rss_hf else ""]
     headers = [
         f"{args.batch}x{args.seq}",
         "step (median)",
@@ -239,6 +249,8 @@ def print_results(timed: list[Variant], peaks: dict[str, int], args: argparse.Na
         "peak (tracked tensors)",
         "peak / HF PEFT",
     ]
+    if rss:
+        headers += ["max RSS (own process)", "RSS / HF PEFT"]
     print(table(headers, rows))
 
 

@@ -241,7 +241,7 @@ def test_lora_linear_layer_equals_plain_pytorch(
     """Outputs and gradients (x, A, B and the base bias, trained with ``bias="all"``) against the maths
     written out, with the mask each path drew: the fast path's recorded drops, or, on the plain path,
     ``nn.Dropout``'s (``bernoulli_`` on the same seed draws it again on CPU). On ``nn.Linear`` the fast
-    path computes the base layer inside its op; on ``Conv1D`` it adds to the base layer's output."""
+    path computes the base layer inside its op (``Conv1D``: its weight transposed)."""
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
@@ -348,6 +348,18 @@ def test_base_inside_only_where_the_base_is_a_plain_frozen_linear(monkeypatch: p
     calls.clear()
     half(x.bfloat16())
     assert calls == ["lora_linear"]
+
+
+def test_conv1d_base_runs_inside_the_op_with_its_weight_transposed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    calls = counting_ops(monkeypatch)
+    model = wrapped(Conv1D(OUT, IN), 0.0)
+    x = torch.randn(2, 3, IN)
+    out = model(x)
+    assert calls == ["frozen_linear_lora"]
+    with fast_lora(False):
+        torch.testing.assert_close(out, model(x), atol=1e-5, rtol=0)
 
 
 def test_training_step_under_bf16_autocast_takes_the_plain_path() -> None:

@@ -131,12 +131,12 @@ class LoraLinear(_AdditiveLora):
         """The layer's output with the base layer computed inside the same op
         (:func:`peftkit.ops.frozen_linear_lora`: no second gradient of x to allocate and add), or None
         where that does not apply: the fast path is off or does not apply, ``forward`` is overridden
-        (DoRA…), the base is not a plain ``nn.Linear`` with a frozen weight of x's and the adapter's
-        dtype, or it has hooks or a patched ``forward``.
+        (DoRA…), the base is not a plain ``nn.Linear`` (or transformers' ``Conv1D``) with a frozen
+        weight of x's and the adapter's dtype, or it has hooks or a patched ``forward``.
         """
         weight = base.weight
         if not (
-            type(base) is nn.Linear
+            (type(base) is nn.Linear or self.transposed)
             and type(self).forward is LoraLinear.forward
             and not weight.requires_grad
             and type(weight.data) is Tensor  # not a quantized or distributed tensor subclass
@@ -148,6 +148,7 @@ class LoraLinear(_AdditiveLora):
             return None
         dropped, keep = draw_dropout(x, self._active_dropout())
         A, B = self.lora_A.weight, self.lora_B.weight
+        weight = weight.T if self.transposed else weight  # Conv1D stores (in, out)
         return frozen_linear_lora(x, weight, base.bias, A, B, self.scaling, dropped, keep)
 
     def _active_dropout(self) -> float:
