@@ -38,6 +38,7 @@ from common import (
 from torch import nn
 
 import peftkit
+from peftkit.integrations.fused_loss import fused_model_loss
 from peftkit.memory import measure_training_step
 from peftkit.ops import fast_lora
 from peftkit.training.evaluation import loss_sum
@@ -78,6 +79,13 @@ def peftkit_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
     """The loss of ``peftkit train``: ``training.evaluation.loss_sum`` (fused head + cross-entropy), mean."""
     total, count = loss_sum(model, inputs, "causal-lm")
     return total / count
+
+
+def fused_own_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own loss (``ForCausalLMLoss``'s value and gradients) computed by the fused head:
+    ``peftkit.integrations.fused_loss.fused_model_loss``, what ``peftkit.integrations.Trainer`` runs."""
+    with fused_model_loss(model):
+        return model(**inputs).loss
 
 
 def stepper(
@@ -137,6 +145,7 @@ def main() -> None:
         variants[f"peftkit {label}"] = (model, True, model_loss)
         if targets == ALL_LINEAR:
             variants[f"peftkit {label}, peftkit train's loss"] = (model, True, peftkit_loss)
+            variants[f"peftkit {label}, own loss fused"] = (model, True, fused_own_loss)
         if dropout and targets == ALL_LINEAR:
             variants[f"peftkit {label}, fast path off"] = (model, False, model_loss)
             checkpointed = peftkit_model(base, ours)
@@ -147,6 +156,7 @@ def main() -> None:
     floor = shared_weights_copy(base).train()
     floor.enable_input_require_grads()
     variants["floor: frozen model, input gradients only"] = (floor, True, model_loss)
+    variants["floor, own loss fused"] = (floor, True, fused_own_loss)
     ours, theirs = lora_configs(args.r, 0.05, ALL_LINEAR, dora=True)
     variants["HF PEFT DoRA all-linear r16 dropout 0.05"] = (hf_model(base, theirs), True, model_loss)
     variants["peftkit DoRA all-linear r16 dropout 0.05"] = (peftkit_model(base, ours), True, model_loss)
@@ -222,6 +232,7 @@ def print_results(
         name = variant.name
         twin = "HF PEFT " + name.removeprefix("peftkit ").removesuffix(", fast path off")
         twin = twin.removesuffix(", gradient checkpointing").removesuffix(", peftkit train's loss")
+        twin = twin.removesuffix(", own loss fused")
         vs_hf = medians.get(twin) if name.startswith("peftkit") else None
         peak_hf = peaks.get(twin) if name.startswith("peftkit") else None
         rows.append(
