@@ -43,13 +43,20 @@ SHAPES = {
 }
 
 
-def layer_variants(d_in: int, d_out: int, p: float, r: int, tokens: int, compiled: bool) -> list[Variant]:
+def layer_tensors(d_in: int, d_out: int, r: int, tokens: int) -> tuple[torch.Tensor, ...]:
+    """Seeded (weight (out, in), A (r, in) and B (out, r) requiring gradients, x (tokens, in), the
+    upstream gradient (tokens, out)), at the scales of a trained layer."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(d_out, d_in, generator=generator) / d_in**0.5
     lora_A = (torch.randn(r, d_in, generator=generator) / d_in**0.5).requires_grad_()
     lora_B = (torch.randn(d_out, r, generator=generator) * 0.01).requires_grad_()
     x_value = torch.randn(tokens, d_in, generator=generator)
     upstream = torch.randn(tokens, d_out, generator=generator)
+    return weight, lora_A, lora_B, x_value, upstream
+
+
+def layer_variants(d_in: int, d_out: int, p: float, r: int, tokens: int, compiled: bool) -> list[Variant]:
+    weight, lora_A, lora_B, x_value, upstream = layer_tensors(d_in, d_out, r, tokens)
 
     def base_only() -> None:
         x = x_value.clone().requires_grad_()
@@ -91,12 +98,7 @@ def layer_variants(d_in: int, d_out: int, p: float, r: int, tokens: int, compile
 
 def dropout_form_variants(d_in: int, d_out: int, p: float, r: int, tokens: int) -> list[Variant]:
     """The fast path with the base layer inside, its drops recorded as positions or as a bool mask."""
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(d_out, d_in, generator=generator) / d_in**0.5
-    lora_A = (torch.randn(r, d_in, generator=generator) / d_in**0.5).requires_grad_()
-    lora_B = (torch.randn(d_out, r, generator=generator) * 0.01).requires_grad_()
-    x_value = torch.randn(tokens, d_in, generator=generator)
-    upstream = torch.randn(tokens, d_out, generator=generator)
+    weight, lora_A, lora_B, x_value, upstream = layer_tensors(d_in, d_out, r, tokens)
 
     def step(form: str) -> None:
         x = x_value.clone().requires_grad_()
@@ -123,11 +125,8 @@ def compare_dropout_forms(args: argparse.Namespace) -> None:
 
 
 def stacked_weight_variants(d_in: int, d_out: int, r: int, tokens: int) -> list[Variant]:
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(d_out, d_in, generator=generator) / d_in**0.5
-    lora_A = torch.randn(r, d_in, generator=generator) / d_in**0.5
-    lora_B = torch.randn(d_out, r, generator=generator) * 0.01
-    x = torch.randn(tokens, d_in, generator=generator)
+    weight, lora_A, lora_B, x, _ = layer_tensors(d_in, d_out, r, tokens)
+    lora_A, lora_B = lora_A.detach(), lora_B.detach()  # forward only: no graph
     kept = torch.cat([weight, lora_A])  # (out + r, in)
 
     def separate() -> None:

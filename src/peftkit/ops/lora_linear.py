@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,10 +81,7 @@ def lora_linear(
     Returns:
         (..., out_features) in ``base_output``'s dtype.
     """
-    args = (x, base_output, None, None, lora_A, lora_B, scaling, dropped, keep_prob)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, base_output, lora_A, lora_B)):
-        return _LoraLinearFunction.apply(*args)
-    return _forward(*args)[0]
+    return _run(x, base_output, None, None, lora_A, lora_B, scaling, dropped, keep_prob)
 
 
 def frozen_linear_lora(
@@ -117,11 +115,7 @@ def frozen_linear_lora(
             f"frozen_linear_lora: x ({x.dtype}), weight ({weight.dtype}), lora_A ({lora_A.dtype}) and "
             f"lora_B ({lora_B.dtype}) must share one dtype; use lora_linear after the layer"
         )
-    args = (x, None, weight, bias, lora_A, lora_B, scaling, dropped, keep_prob)
-    trained = (x, lora_A, lora_B) if bias is None else (x, bias, lora_A, lora_B)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in trained):
-        return _LoraLinearFunction.apply(*args)
-    return _forward(*args)[0]
+    return _run(x, None, weight, bias, lora_A, lora_B, scaling, dropped, keep_prob)
 
 
 def lora_linear_reference(
@@ -139,6 +133,16 @@ def lora_linear_reference(
         dropped_x = dropped_x * keep_mask(dropped, x).to(lora_A.dtype) / keep_prob
     update = (dropped_x @ lora_A.T @ lora_B.T) * scaling
     return base_output + update.to(base_output.dtype)
+
+
+def _run(*args: Any) -> Tensor:
+    """:class:`_LoraLinearFunction` on ``_forward``'s arguments where a gradient is needed (a tensor
+    among x, the base output, the bias, A and B requires one), else the forward alone, no graph."""
+    x, base_output, _, bias, lora_A, lora_B = args[:6]
+    inputs = (t for t in (x, base_output, bias, lora_A, lora_B) if t is not None)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _LoraLinearFunction.apply(*args)
+    return _forward(*args)[0]
 
 
 def _adapter_input(x2: Tensor, dropped: Tensor | None, dtype: torch.dtype) -> Tensor:
