@@ -19,9 +19,9 @@ from common import ALL_LINEAR, Variant, interleaved, machine, random_tokens, tab
 from train_step import lora_configs, model_loss, peftkit_loss, stepper
 
 import peftkit
+from peftkit.foundation.quantization import is_quantized
 from peftkit.memory import measure_training_step
 from peftkit.models import load_model
-from peftkit.quantization import is_quantized
 
 
 def quantized_base(scheme: str = "nf4") -> torch.nn.Module:

@@ -14,7 +14,7 @@ in rounds (the order rotates each round), after warm-up requests that are not co
 Each request is a streamed chat completion (greedy); time to first token is the first content chunk,
 latency the ``[DONE]``, tokens the ``usage`` the server reports. A scenario stops at ``--time-cap``
 seconds in total; requests left are reported as not run. Prints a Markdown table and the ratios.
-``--tiny`` serves a 2-layer random Llama (tests/tiny_lm.py) instead of SmolLM2, for a smoke run.
+``--tiny`` serves a 2-layer random Llama (tests/helpers/tiny_lm.py) instead of SmolLM2, for a smoke run.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-            from tiny_lm import save_tiny_lm
+            from helpers.tiny_lm import save_tiny_lm
 
             model = str(save_tiny_lm(Path(tmp) / "tiny"))
         else:

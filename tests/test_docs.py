@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftkit.layers import AdapterLayer
-from peftkit.models import DEFAULT_MODEL, cache_dir
+from peftkit.core.layer import AdapterLayer
+from peftkit.foundation.loading import DEFAULT_MODEL, cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 import peftkit
 
-from conftest import TINY_MODELS, TinyModel, output_of, twin
+from helpers.tiny_models import TINY_MODELS, TinyModel, output_of, twin
 
 peft = pytest.importorskip("peft")
 from peft.tuners.tuners_utils import check_target_module_exists  # noqa: E402

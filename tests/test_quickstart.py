@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.layers import AdapterLayer
-from peftkit.models import DEFAULT_MODEL, cache_dir, load_model
+from peftkit.core.layer import AdapterLayer
+from peftkit.foundation.loading import DEFAULT_MODEL, cache_dir, load_model
 
 pytest.importorskip("transformers")
 

@@ -1,6 +1,6 @@
 """A peftkit PeftModel where transformers expects a model: config, generate, checkpointing, Trainer.
 
-All on the tiny random Llama of ``conftest`` (fp32, CPU). Tolerances: 1e-5 absolute on losses and
+All on the tiny random Llama of ``helpers.tiny_models`` (fp32, CPU). Tolerances: 1e-5 absolute on losses and
 gradients; token ids and untouched weights compared exactly.
 """
 
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 import peftkit
 
-from conftest import SEQ, TINY_MODELS, VOCAB, randomize_adapters, twin
+from helpers.tiny_models import SEQ, TINY_MODELS, VOCAB, randomize_adapters, twin
 
 transformers = pytest.importorskip("transformers")
 

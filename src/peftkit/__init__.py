@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "AdapterConfig": "peftkit.config",
+    "AdapterConfig": "peftkit.core.adapter_config",
     "BottleneckConfig": "peftkit.methods.bottleneck",
     "HoulsbyConfig": "peftkit.methods.bottleneck",
     "PfeifferConfig": "peftkit.methods.bottleneck",
@@ -39,16 +39,16 @@ _SUBMODULES = frozenset(
         "arithmetic",
         "cli",
         "compare",
-        "config",
+        "core",
+        "export",
+        "foundation",
         "integrations",
-        "io",
-        "layers",
         "memory",
         "methods",
         "model",
         "models",
         "ops",
-        "quantization",
+        "serve",
         "training",
     }
 )
@@ -77,7 +77,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ imports on demand
-    from peftkit.config import AdapterConfig
+    from peftkit.core.adapter_config import AdapterConfig
     from peftkit.memory import estimate, measure_training_step
     from peftkit.methods.bottleneck import BottleneckConfig, HoulsbyConfig, PfeifferConfig
     from peftkit.methods.ia3 import IA3Config

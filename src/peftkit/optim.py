@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.layers import AdapterLayer
+from peftkit.core.layer import AdapterLayer
 from peftkit.methods.lora import LoraEmbedding
 
 

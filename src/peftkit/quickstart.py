@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 import peftkit
-from peftkit.io import CONFIG_NAME, WEIGHTS_NAME
+from peftkit.foundation.io import CONFIG_NAME, WEIGHTS_NAME
 from peftkit.models import load_model
 
 if TYPE_CHECKING:

@@ -23,14 +23,14 @@ from typing import Any
 
 import pytest
 import torch
-from arithmetic_helpers import two_lora_configs
 from torch import Tensor
 
 import peftkit
-from peftkit.layers import AdapterLayer
+from peftkit.core.layer import AdapterLayer
 
-from conftest import TINY_MODELS, TinyModel, randomize_adapters, twin
-from layer_method_helpers import logits
+from helpers.arithmetic import two_lora_configs
+from helpers.layer_methods import logits
+from helpers.tiny_models import TINY_MODELS, TinyModel, randomize_adapters, twin
 
 peft = pytest.importorskip("peft")
 

@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from arithmetic_helpers import two_lora_configs as configs
 from torch import Tensor, nn
 
 import peftkit
 from peftkit.arithmetic import COMBINATION_TYPES
 from peftkit.arithmetic.weighted import lora_factors
-from peftkit.layers import AdapterLayer
+from peftkit.core.layer import AdapterLayer
 
-from conftest import TINY_MODELS, TinyModel, randomize_adapters, twin
-from layer_method_helpers import logits
+from helpers.arithmetic import two_lora_configs as configs
+from helpers.layer_methods import logits
+from helpers.tiny_models import TINY_MODELS, TinyModel, randomize_adapters, twin
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,11 +19,11 @@ import yaml
 
 import peftkit
 from peftkit.cli import EXIT_INTERRUPTED, build_parser, main, parse_train_args
-from peftkit.errors import UsageError
-from peftkit.training.config import FIELDS, TrainConfig, load_config
+from peftkit.foundation.errors import UsageError
 from peftkit.training.loop import train
 from peftkit.training.method_choice import build_method_config
 from peftkit.training.tasks import BUILTIN_TASKS
+from peftkit.training.train_config import FIELDS, TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = BUILTIN_TASKS["person-json"].settings["prompt_template"]
@@ -411,7 +411,7 @@ def test_merge_writes_a_model_transformers_loads_alone(trained_run, tmp_path, ca
         torch.testing.assert_close(
             merged(input_ids=ids).logits, trained_run.model(input_ids=ids).logits, atol=1e-5, rtol=0
         )
-    assert not any(isinstance(m, peftkit.layers.AdapterLayer) for m in merged.modules())
+    assert not any(isinstance(m, peftkit.core.layer.AdapterLayer) for m in merged.modules())
     umask = os.umask(0)
     os.umask(umask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}

@@ -16,7 +16,8 @@ from peftkit.cli import main
 from peftkit.memory import GIB, estimate, format_estimate
 from peftkit.methods import ATTENTION
 from peftkit.training.method_choice import build_method_config
-from tiny_lm import tiny_llama_config
+
+from helpers.tiny_lm import tiny_llama_config
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """``peftkit combine``: the adapter it writes, what it prints, and bad input (one line, exit 2, nothing
-written). Adapters are random LoRA adapters saved on the tiny Llama of tests/tiny_lm.py.
+written). Adapters are random LoRA adapters saved on the tiny Llama of tests/helpers/tiny_lm.py.
 
 Tolerance: 1e-6 absolute on weight updates of size ~0.1 (fp32, the same products summed).
 """
@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 import peftkit
 from peftkit.cli import main
-from peftkit.layers import AdapterLayer
-from peftkit.models import load_model
+from peftkit.core.layer import AdapterLayer
+from peftkit.foundation.loading import load_model
 
-from conftest import randomize_adapters
+from helpers.tiny_models import randomize_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

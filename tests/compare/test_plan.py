@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from peftkit.compare.plan import GENERAL_TEXT, PRESETS, fingerprint, load_plan, make_plan
-from peftkit.errors import UsageError
+from peftkit.foundation.errors import UsageError
 from peftkit.methods import ATTENTION
 
 LAYERS = 30  # SmolLM2-135M's decoder layer count, given so that no model config is read

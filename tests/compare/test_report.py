@@ -1,8 +1,8 @@
-"""peftkit.compare.report.format_table on hand-made rows: columns, ratios, ROUGE, a stopped method."""
+"""peftkit.compare.report.comparison_table on hand-made rows: columns, ratios, ROUGE, a stopped method."""
 
 from __future__ import annotations
 
-from peftkit.compare.report import format_table
+from peftkit.compare.report import comparison_table
 
 MIB = 1024**2
 
@@ -32,7 +32,7 @@ def cells(line: str) -> list[str]:
 
 
 def test_a_method_row_has_its_numbers_in_the_right_columns() -> None:
-    lines = format_table(base(rouge1=0.2, rouge2=0.05, rougeL=0.18), [row("lora")]).splitlines()
+    lines = comparison_table(base(rouge1=0.2, rouge2=0.05, rougeL=0.18), [row("lora")]).splitlines()
     header = cells(lines[0])
     assert header[10] == "ROUGE-1/2/L after" and header[9] == "rouge1 (base → after)"
     values = dict(zip(header, cells(lines[3]), strict=True))
@@ -58,7 +58,7 @@ def test_no_rouge_column_for_exact_match_and_missing_estimates_show_a_dash() -> 
         trainable_percent=0.00864,
         scores={"loss": 0.9, "exact_match": 0.5},
     )
-    lines = format_table(exact, [method]).splitlines()
+    lines = comparison_table(exact, [method]).splitlines()
     header = cells(lines[0])
     assert "ROUGE-1/2/L after" not in header and len(header) == 12
     values = dict(zip(header, cells(lines[2 + 1]), strict=True))
@@ -68,5 +68,5 @@ def test_no_rouge_column_for_exact_match_and_missing_estimates_show_a_dash() -> 
 
 
 def test_a_stopped_method_says_why() -> None:
-    lines = format_table(base(), [row("full", stopped="non-finite")]).splitlines()
+    lines = comparison_table(base(), [row("full", stopped="non-finite")]).splitlines()
     assert "stopped: non-finite" in lines[3] and lines[3].count("|") == lines[0].count("|")

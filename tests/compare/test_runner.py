@@ -1,7 +1,7 @@
 """peftkit compare end to end on a tiny model: the report's structure, its numbers against independent
 counts, reruns that skip finished methods, the dry run, and a method that cannot apply.
 
-The tiny 2-layer Llama and tokenizer of tests/tiny_lm.py make each method's few steps take a second.
+The tiny 2-layer Llama and tokenizer of tests/helpers/tiny_lm.py make each method's few steps take a second.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from peftkit.cli import main
 from peftkit.compare.plan import load_plan
 from peftkit.compare.report import CHARTS, REPORT_JSON, REPORT_MD
 from peftkit.compare.runner import BASE_FILE, run_compare
-from peftkit.errors import UsageError
-from peftkit.models import load_model
+from peftkit.foundation.errors import UsageError
+from peftkit.foundation.loading import load_model
 from peftkit.training.method_choice import build_method_config
 from peftkit.training.result import TrainResult
 from peftkit.training.tasks import BUILTIN_TASKS

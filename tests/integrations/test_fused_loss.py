@@ -1,7 +1,7 @@
 """fused_model_loss and the Trainer's FusedLoss: the model's own loss without its logits.
 
 Reference: the same model's own ``.loss`` (transformers' ``ForCausalLMLoss`` on whole logits) and its
-gradients, on the tiny Llama of ``tests/tiny_lm.py`` (tied embeddings) with LoRA, fp32. Tolerance:
+gradients, on the tiny Llama of ``tests/helpers/tiny_lm.py`` (tied embeddings) with LoRA, fp32. Tolerance:
 1e-6 relative on losses, 1e-5 absolute on gradients (chunked float32 sums in another order).
 """
 
@@ -14,7 +14,8 @@ import peftkit
 from peftkit.integrations import fused_loss as fused_loss_module
 from peftkit.integrations.fused_loss import fused_model_loss
 from peftkit.ops import fused_cross_entropy
-from tiny_lm import build_model
+
+from helpers.tiny_lm import build_model
 
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")

@@ -1,6 +1,6 @@
 """peftkit.integrations.Trainer: checkpoints and save_model() as adapter directories, exact resume.
 
-On the tiny Llama of ``tests/tiny_lm.py`` (tied embeddings, which transformers.Trainer's whole-model
+On the tiny Llama of ``tests/helpers/tiny_lm.py`` (tied embeddings, which transformers.Trainer's whole-model
 fallback cannot even write) with its tiny tokenizer, fp32 on the CPU. References: the same run on
 Hugging Face PEFT (losses and trained values to 1e-5), HF PEFT loading the saved directory (logits to
 1e-5), and the same run without interruption (losses and adapter values to 1e-6). Measured: equal.
@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import peftkit
+from peftkit.foundation.io import read_adapter
 from peftkit.integrations import Trainer, load_saved_adapters
-from peftkit.io import read_adapter
-from tiny_lm import build_model, build_tokenizer
+
+from helpers.tiny_lm import build_model, build_tokenizer
 
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")

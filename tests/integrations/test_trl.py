@@ -1,6 +1,6 @@
 """peftkit.integrations.SFTTrainer (TRL) against TRL's own SFTTrainer on Hugging Face PEFT.
 
-The same tiny Llama (tests/tiny_lm.py, tied embeddings), data, seed and starting adapter values go
+The same tiny Llama (tests/helpers/tiny_lm.py, tied embeddings), data, seed and starting adapter values go
 through both; the oracle is Hugging Face PEFT's run. Tolerances: per-step losses and the trained
 adapter values to 1e-5 in fp32; with TRL's defaults (bf16 autocast, gradient checkpointing) losses to
 1e-3 and values to 1e-4. Measured: equal in every case here. The slow test does the same on SmolLM2.
@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.io import read_adapter
-from tiny_lm import build_model, build_tokenizer
+from peftkit.foundation.io import read_adapter
+
+from helpers.tiny_lm import build_model, build_tokenizer
 
 trl = pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
@@ -204,7 +205,7 @@ def test_sft_trainer_saves_adapters_and_resumes_exactly(tokenizer, tmp_path: Pat
 @pytest.mark.slow
 def test_sft_trainer_on_smollm2_gives_hf_peft_losses(tmp_path: Path) -> None:
     """LoRA on q/v of SmolLM2-135M-Instruct, 3 steps of 2 rows, fp32: losses as Hugging Face PEFT's (1e-4)."""
-    from peftkit.models import load_model
+    from peftkit.foundation.loading import load_model
 
     config = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
     base, tokenizer = load_model()

@@ -18,10 +18,11 @@ from peftkit.memory import (
     format_estimate,
     measure_training_step,
 )
-from peftkit.methods.lora import layers as lora_layers
+from peftkit.methods.lora import adapters as lora_adapters
 from peftkit.ops import fast_lora
 from peftkit.ops.dropout import POSITIONS_UP_TO
-from tiny_lm import llama_70b_config, tiny_llama_config
+
+from helpers.tiny_lm import llama_70b_config, tiny_llama_config
 
 TOLERANCE = 0.15
 COMPONENTS = ("weights", "gradients", "optimizer_states", "activations", "peak")
@@ -98,14 +99,14 @@ def test_fast_lora_dropout_saves_the_dropped_elements_instead_of_two_float_copie
     config = tiny_llama_config()
     lora = peftkit.LoraConfig(r=8, lora_dropout=p, target_modules="all-linear")
     records: list[Tensor] = []
-    real = lora_layers.draw_dropout
+    real = lora_adapters.draw_dropout
 
     def recording(x: Tensor, p: float) -> tuple[Tensor | None, float]:
         dropped, keep = real(x, p)
         records.append(dropped)
         return dropped, keep
 
-    monkeypatch.setattr(lora_layers, "draw_dropout", recording)
+    monkeypatch.setattr(lora_adapters, "draw_dropout", recording)
     with fast_lora(True):
         fast, _ = measure_and_estimate(config, lora, 4, 32)
     with fast_lora(False):
@@ -182,7 +183,7 @@ def test_bad_arguments_name_the_field() -> None:
     ids=["full", "lora-all-linear-dropout"],
 )
 def test_estimate_matches_measurement_on_smollm2(lora) -> None:
-    from peftkit.models import load_model
+    from peftkit.foundation.loading import load_model
 
     model, _ = load_model()
     model.train()

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 
 from peftkit.cli import main
-from peftkit.errors import UsageError
+from peftkit.foundation.errors import UsageError
 from peftkit.memory import estimate
 from peftkit.memory.planner import METHODS, format_plan, parse_size, plan
-from tiny_lm import llama_70b_config, tiny_llama_config
+
+from helpers.tiny_lm import llama_70b_config, tiny_llama_config
 
 GIB = 2**30
 

@@ -32,7 +32,12 @@ from typing import Any
 
 import pytest
 import torch
-from model_level_helpers import (
+from safetensors import safe_open
+from torch import Tensor, nn
+
+import peftkit
+
+from helpers.model_level import (
     N_VIRTUAL,
     TASKS,
     generate_settings,
@@ -41,12 +46,7 @@ from model_level_helpers import (
     randomize,
     tiny_by_name,
 )
-from safetensors import safe_open
-from torch import Tensor, nn
-
-import peftkit
-
-from conftest import TinyModel, twin
+from helpers.tiny_models import TinyModel, twin
 
 peft = pytest.importorskip("peft")
 

@@ -14,11 +14,10 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.config import AdapterConfig
-from peftkit.layers import AdapterLayer, ModulesToSave
+from peftkit.core.adapter_config import AdapterConfig
+from peftkit.core.layer import AdapterLayer, ModulesToSave
 
-from conftest import TINY_MODELS, TinyModel, output_of, twin
-from layer_method_helpers import (
+from helpers.layer_methods import (
     changed,
     logits,
     perturb_adapters,
@@ -27,6 +26,7 @@ from layer_method_helpers import (
     snapshot,
     trainable_names,
 )
+from helpers.tiny_models import TINY_MODELS, TinyModel, output_of, twin
 
 ATOL = 1e-5
 MODELS = {tiny.name: tiny for tiny in TINY_MODELS}

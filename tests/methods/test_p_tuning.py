@@ -10,7 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from model_level_helpers import (
+
+import peftkit
+from peftkit.methods.p_tuning import PromptEncoder
+
+from helpers.model_level import (
     ATOL,
     DECODER_ONLY,
     N_VIRTUAL,
@@ -28,11 +32,7 @@ from model_level_helpers import (
     tiny_by_name,
     toy_task_loss_falls,
 )
-
-import peftkit
-from peftkit.methods.p_tuning import PromptEncoder
-
-from conftest import TinyModel
+from helpers.tiny_models import TinyModel
 
 ENCODERS = ("MLP", "LSTM")
 

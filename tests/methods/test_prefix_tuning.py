@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_level_helpers import (
+from torch import Tensor
+
+import peftkit
+from peftkit.methods.prefix_tuning import PrefixEncoder
+
+from helpers.model_level import (
     ATOL,
     DECODER_ONLY,
     N_VIRTUAL,
@@ -30,12 +35,7 @@ from model_level_helpers import (
     tiny_by_name,
     toy_task_loss_falls,
 )
-from torch import Tensor
-
-import peftkit
-from peftkit.methods.prefix_tuning import PrefixEncoder
-
-from conftest import TinyModel
+from helpers.tiny_models import TinyModel
 
 CONTEXT = torch.tensor([[11, 12, 13]])  # (1, n): the real tokens whose keys/values become the prefix
 

@@ -11,7 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from model_level_helpers import (
+
+import peftkit
+from peftkit.methods.prompt_tuning import PromptEmbedding
+
+from helpers.model_level import (
     ATOL,
     DECODER_ONLY,
     N_VIRTUAL,
@@ -28,11 +32,7 @@ from model_level_helpers import (
     tiny_by_name,
     toy_task_loss_falls,
 )
-
-import peftkit
-from peftkit.methods.prompt_tuning import PromptEmbedding
-
-from conftest import VOCAB, TinyModel
+from helpers.tiny_models import VOCAB, TinyModel
 
 
 def config(tiny: TinyModel, **fields: object) -> peftkit.PromptTuningConfig:
@@ -196,7 +196,7 @@ def test_config_errors(fields: dict[str, object], message: str) -> None:
 
 
 def test_plain_torch_model_is_refused_with_a_clear_error() -> None:
-    from conftest import TINY_MODELS
+    from helpers.tiny_models import TINY_MODELS
 
     with pytest.raises(TypeError, match="needs a transformers model"):
         peftkit.wrap(TINY_MODELS[0].make(), peftkit.PromptTuningConfig(num_virtual_tokens=2, token_dim=16))

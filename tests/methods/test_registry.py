@@ -8,11 +8,11 @@ import pytest
 import peftkit
 from peftkit.cli import build_parser
 from peftkit.compare.plan import PRESETS, make_plan
-from peftkit.config import AdapterConfig
+from peftkit.core.adapter_config import AdapterConfig
 from peftkit.methods import METHOD_TABLE, config_classes
 from peftkit.training.method_choice import METHOD_NAMES, build_method_config
 
-from conftest import TINY_MODELS
+from helpers.tiny_models import TINY_MODELS
 
 NAMES = [entry.name for entry in METHOD_TABLE]
 METHODS = config_classes()
@@ -40,7 +40,7 @@ def test_the_package_root_exports_what_it_lists() -> None:
     assert set(peftkit.__all__) == {"__version__", *peftkit._EXPORTS}
     for name in peftkit.__all__:
         assert getattr(peftkit, name) is not None
-    assert peftkit.models.load_model is not None  # subpackages are attributes too
+    assert peftkit.foundation.loading.load_model is not None  # subpackages are attributes too
 
 
 @pytest.mark.parametrize("entry", METHOD_TABLE, ids=NAMES)

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_level_helpers import randomize, toy_task_loss_falls
 from safetensors.torch import load_file
 from torch import nn
 
 import peftkit
-from peftkit.layers import AdapterLayer, ModulesToSave
+from peftkit.core.layer import AdapterLayer, ModulesToSave
 
-from conftest import TINY_MODELS, TinyModel, output_of, twin
+from helpers.model_level import randomize, toy_task_loss_falls
+from helpers.tiny_models import TINY_MODELS, TinyModel, output_of, twin
 
 ATOL = 1e-5
 MODELS = {tiny.name: tiny for tiny in TINY_MODELS}

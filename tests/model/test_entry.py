@@ -1,6 +1,6 @@
 """wrap and load: what they refuse.
 
-References and tolerances: see model_cases.py.
+References and tolerances: see helpers/model_cases.py.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 import peftkit
 
-from conftest import TINY_MODELS
+from helpers.tiny_models import TINY_MODELS
 
 SECOND_WRAP_CONFIGS = {
     "lora": lambda: peftkit.LoraConfig(r=2, target_modules=["q_proj"]),

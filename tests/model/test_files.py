@@ -1,6 +1,6 @@
 """Adapter files: save and load round trips, load_adapter_weights.
 
-References and tolerances: see model_cases.py.
+References and tolerances: see helpers/model_cases.py.
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_cases import grid, wrapped
 
 import peftkit
 
-from conftest import TINY_MODELS, TinyModel, output_of, randomize_adapters
+from helpers.model_cases import grid, wrapped
+from helpers.tiny_models import TINY_MODELS, TinyModel, output_of, randomize_adapters
 
 
 @grid

@@ -1,19 +1,19 @@
 """Merging adapters into the base weights and back, merge_and_unload and unload.
 
-References and tolerances: see model_cases.py.
+References and tolerances: see helpers/model_cases.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from model_cases import ATOL, grid, wrapped
 from torch import nn
 
 import peftkit
-from peftkit.layers import AdapterLayer, ModulesToSave
+from peftkit.core.layer import AdapterLayer, ModulesToSave
 
-from conftest import TINY_MODELS, TinyModel, output_of, randomize_adapters
+from helpers.model_cases import ATOL, grid, wrapped
+from helpers.tiny_models import TINY_MODELS, TinyModel, output_of, randomize_adapters
 
 
 @grid

@@ -1,6 +1,6 @@
 """The PeftModel class on every tiny model: adapters added, switched, deleted, counted, pickled.
 
-References and tolerances: see model_cases.py.
+References and tolerances: see helpers/model_cases.py.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import io
 
 import pytest
 import torch
-from model_cases import ATOL, grid, make_config, wrapped
 from torch import nn
 
 import peftkit
-from peftkit.layers import AdapterLayer, ModulesToSave
+from peftkit.core.layer import AdapterLayer, ModulesToSave
 
-from conftest import TINY_MODELS, TinyModel, output_of, randomize_adapters, twin
+from helpers.model_cases import ATOL, grid, make_config, wrapped
+from helpers.tiny_models import TINY_MODELS, TinyModel, output_of, randomize_adapters, twin
 
 
 @grid

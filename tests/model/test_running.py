@@ -1,6 +1,6 @@
 """Running the adapted model: mixed batches (adapter_names, routings), generate, the forward signature.
 
-References and tolerances: see model_cases.py.
+References and tolerances: see helpers/model_cases.py.
 """
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import inspect
 
 import pytest
 import torch
-from model_cases import ATOL, grid, wrapped
 
 import peftkit
-from peftkit.layers import AdapterLayer
+from peftkit.core.layer import AdapterLayer
 
-from conftest import TINY_MODELS, TinyModel, output_of, randomize_adapters
+from helpers.model_cases import ATOL, grid, wrapped
+from helpers.tiny_models import TINY_MODELS, TinyModel, output_of, randomize_adapters
 
 
 @grid

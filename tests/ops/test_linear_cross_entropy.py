@@ -20,7 +20,8 @@ from peftkit.ops import (
     plain_output_head,
 )
 from peftkit.training.evaluation import loss_sum
-from tiny_lm import build_model
+
+from helpers.tiny_lm import build_model
 
 N, HIDDEN, VOCAB = 37, 16, 50
 

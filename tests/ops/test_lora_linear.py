@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import peftkit
-from peftkit.methods.lora import layers as lora_module
+from peftkit.methods.lora import adapters as lora_module
 from peftkit.ops import (
     draw_dropout,
     fast_lora,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 import peftkit
-from peftkit import layers as layers_module
+from peftkit.core import layer as layers_module
 from peftkit.ops import fast_lora
 from peftkit.ops import multi_lora as multi_lora_module
 from peftkit.ops.multi_lora import multi_lora, multi_lora_reference, stack_lora

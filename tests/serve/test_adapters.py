@@ -11,7 +11,7 @@ import pytest
 
 from peftkit.serve.adapters import AdapterError, adapter_rank, resolve_inside
 
-from serve_fixtures import API_KEY, PROMPTS
+from helpers.serve import API_KEY, PROMPTS
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -116,7 +116,7 @@ def test_lru_keeps_two_of_three_loaded_and_answers_stay_right(server, client, to
 
 def test_busy_adapters_are_neither_unloaded_nor_evicted(serve_files) -> None:
     from peftkit import PeftModel
-    from peftkit.models import load_model
+    from peftkit.foundation.loading import load_model
     from peftkit.serve.adapters import AdapterRegistry
 
     model = PeftModel(load_model(str(serve_files["base"]))[0])

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from serve_fixtures import ADAPTERS, API_KEY, PROMPTS
+from helpers.serve import ADAPTERS, API_KEY, PROMPTS
 
 MAX_TOKENS = 12
 MODELS = ("tiny", *ADAPTERS)  # "tiny": the base model

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from peftkit.serve.batch_cache import attention_mask, check_supported, drop_rows, join_row
-from tiny_lm import build_model
+
+from helpers.tiny_lm import build_model
 
 
 def test_attention_mask_marks_each_rows_last_positions() -> None:

@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from serve_fixtures import API_KEY, PROMPTS
+from helpers.serve import API_KEY, PROMPTS
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 

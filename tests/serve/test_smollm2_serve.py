@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftkit.models import DEFAULT_MODEL, cache_dir, load_model
+from peftkit.foundation.loading import DEFAULT_MODEL, cache_dir, load_model
 
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 MAX_TOKENS = 16

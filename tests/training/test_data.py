@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftkit.errors import UsageError
-from peftkit.training.config import load_config
+from peftkit.foundation.errors import UsageError
+from peftkit.foundation.tasks import IGNORE_INDEX
 from peftkit.training.data import (
-    IGNORE_INDEX,
     DataFormat,
     collate,
     encode,
@@ -24,7 +23,9 @@ from peftkit.training.data import (
     tokenize,
 )
 from peftkit.training.evaluation import headline_metric
-from tiny_lm import build_tokenizer
+from peftkit.training.train_config import load_config
+
+from helpers.tiny_lm import build_tokenizer
 
 ROWS = [
     {"prompt": "Meet Lena Berg, 41, a pilot based in Oslo.", "completion": '{"name": "Lena Berg"}'},

@@ -1,6 +1,6 @@
 """peftkit.training.loop: learning, outputs, exact resume, Ctrl-C, NaN stop, accumulation, DDP, tasks.
 
-Tiny 2-layer models with a tiny BPE tokenizer (tests/tiny_lm.py) make a step take milliseconds; one
+Tiny 2-layer models with a tiny BPE tokenizer (tests/helpers/tiny_lm.py) make a step take milliseconds; one
 slow test runs the default job on the real SmolLM2-135M-Instruct with fewer steps.
 """
 
@@ -20,14 +20,15 @@ from safetensors.torch import load_file
 
 import peftkit
 from peftkit.cli import main
-from peftkit.errors import UsageError
+from peftkit.foundation.errors import UsageError
 from peftkit.training.checkpoints import latest_checkpoint
-from peftkit.training.config import load_config
 from peftkit.training.loop import lr_factor, train
 from peftkit.training.method_choice import METHOD_NAMES
 from peftkit.training.tasks import BUILTIN_TASKS
-from tiny_lm import build_model, build_tokenizer
-from torchrun import run_two_processes
+from peftkit.training.train_config import load_config
+
+from helpers.tiny_lm import build_model, build_tokenizer
+from helpers.torchrun import run_two_processes
 
 REPO = Path(__file__).resolve().parents[2]
 DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum"

@@ -12,13 +12,14 @@ import pytest
 import yaml
 
 import peftkit
-from peftkit.errors import UsageError
-from peftkit.models import load_model
-from peftkit.training.config import load_config
+from peftkit.foundation.errors import UsageError
+from peftkit.foundation.loading import load_model
 from peftkit.training.data import prepare_data
 from peftkit.training.runs import NO_DATA, build_prompt, is_recorded, run_config
 from peftkit.training.tasks import BUILTIN_TASKS
-from tiny_lm import build_tokenizer
+from peftkit.training.train_config import load_config
+
+from helpers.tiny_lm import build_tokenizer
 
 TEMPLATE = BUILTIN_TASKS["person-json"].settings["prompt_template"]
 

@@ -17,13 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftkit.errors import UsageError
-from peftkit.training.config import load_config
+from peftkit.foundation.errors import UsageError
 from peftkit.training.loop import train
 from peftkit.training.reports import read_metrics
 from peftkit.training.sharding import check_shardable
 from peftkit.training.tasks import BUILTIN_TASKS
-from torchrun import run_two_processes
+from peftkit.training.train_config import load_config
+
+from helpers.torchrun import run_two_processes
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_fsdp2_two_processes_match_one_process_with_the_same_global_batch(
 
 def test_fsdp2_trains_lora_on_a_4_bit_base_as_one_process_does(tmp_path, rows) -> None:
     pytest.importorskip("bitsandbytes")
-    from tiny_lm import save_tiny_lm
+    from helpers.tiny_lm import save_tiny_lm
 
     model = save_tiny_lm(tmp_path / "tiny-128", hidden=128)  # bitsandbytes quantizes blocks of 64
     out, single, losses, single_losses = fsdp_against_one_process(tmp_path, model, rows, quantize="nf4")

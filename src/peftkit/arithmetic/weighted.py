@@ -28,11 +28,11 @@ from peftkit.arithmetic.maths import (
     concatenate_factors,
     low_rank_fit,
 )
-from peftkit.config import AdapterConfig
-from peftkit.io import KEY_PREFIX
-from peftkit.layers import AdapterLayer
+from peftkit.core.adapter_config import AdapterConfig
+from peftkit.core.layer import AdapterLayer
+from peftkit.foundation.io import KEY_PREFIX
+from peftkit.methods.lora.adapters import LoraConv, LoraEmbedding, LoraLinear
 from peftkit.methods.lora.config import LoraConfig
-from peftkit.methods.lora.layers import LoraConv, LoraEmbedding, LoraLinear
 from peftkit.methods.lora.pissa import PrincipalLoraLinear
 
 __all__ = ["CombinationReport", "check_combination", "combine_lora_adapters", "lora_factors"]

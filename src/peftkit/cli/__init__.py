@@ -28,7 +28,7 @@ from peftkit.cli.inspect import register_inspect
 from peftkit.cli.merge import register_merge
 from peftkit.cli.serve import register_serve
 from peftkit.cli.train import register_train
-from peftkit.errors import UsageError, closest
+from peftkit.foundation.errors import UsageError, closest
 
 __all__ = ["COMMANDS", "EXIT_INTERRUPTED", "EXIT_USAGE", "build_parser", "main", "parse_train_args"]
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import UsageError
+from peftkit.foundation.errors import UsageError
 
 __all__ = ["register_combine", "run_combine"]
 
@@ -74,7 +71,7 @@ def register_combine(subparsers: Any) -> None:
 
 def run_combine(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from peftkit.arithmetic import check_combination
-    from peftkit.io import CONFIG_NAME, check_overwrite, remove_path
+    from peftkit.foundation.io import CONFIG_NAME, atomic_directory, check_overwrite
     from peftkit.model import load
     from peftkit.training.loop import load_base_model
     from peftkit.training.runs import run_config
@@ -136,18 +133,9 @@ def run_combine(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "relative_errors": report.errors,
         "total_relative_error": report.total_error,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
-    staging.mkdir()
-    try:  # the whole directory appears at once: a reader never sees half an adapter
+    with atomic_directory(out, replace=True) as staging:  # a reader never sees half an adapter
         model.save_pretrained(staging, selected_adapters=["default"])
         (staging / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            remove_path(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(report.table())
     exact = " (exact)" if args.method in ("linear", "cat") else f" of the {args.method} update"
     print(

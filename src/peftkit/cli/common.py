@@ -1,6 +1,6 @@
 """What the subcommands share: the parser class, exit codes, and ``peftkit train``'s flags.
 
-Every :class:`~peftkit.training.config.TrainConfig` key is a flag (``--lr``, ``--target-modules``);
+Every :class:`~peftkit.training.train_config.TrainConfig` key is a flag (``--lr``, ``--target-modules``);
 flags the parser does not know are method options (``--r 16``), checked against the chosen method's
 config class with the closest known name suggested.
 """
@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from peftkit.training.config import FIELDS, TrainConfig, load_config, parse_value
+from peftkit.training.train_config import FIELDS, TrainConfig, load_config, parse_value
 
 __all__ = [
     "EXIT_INTERRUPTED",

@@ -39,9 +39,9 @@ def run_compare_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from peftkit.compare.plan import load_plan
     from peftkit.compare.report import REPORT_MD
     from peftkit.compare.runner import run_compare
-    from peftkit.io import check_overwrite, remove_path
-    from peftkit.models import load_tokenizer
-    from peftkit.training.config import FIELDS
+    from peftkit.foundation.io import check_overwrite, remove_path
+    from peftkit.foundation.loading import load_tokenizer
+    from peftkit.training.train_config import FIELDS
 
     overrides = {name: getattr(parsed, name) for name in FIELDS if hasattr(parsed, name)}
     for key in ("methods", "ranks", "general_text"):

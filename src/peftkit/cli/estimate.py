@@ -8,13 +8,13 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from peftkit.errors import UsageError
-from peftkit.training.config import TrainConfig
+from peftkit.foundation.errors import UsageError
+from peftkit.training.train_config import TrainConfig
 
 if TYPE_CHECKING:
     from peftkit.memory import MemoryEstimate
 
-__all__ = ["add_estimate_arguments", "estimate_run", "register_estimate", "run_estimate"]
+__all__ = ["add_estimate_arguments", "register_estimate", "run_estimate", "run_estimate_text"]
 
 
 def register_estimate(subparsers: Any) -> None:
@@ -63,9 +63,9 @@ def _run_plan(args: argparse.Namespace) -> int:
 def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``estimate``'s arguments: MODEL, then ``peftkit train``'s flag names and defaults (the older
     ``--targets``, ``--batch``, ``--seq``, ``--grad-checkpointing`` still work)."""
+    from peftkit.foundation.loading import DEFAULT_MODEL
     from peftkit.methods import method_by_name
-    from peftkit.models import DEFAULT_MODEL
-    from peftkit.training.config import FIELDS
+    from peftkit.training.train_config import FIELDS
 
     lora = method_by_name("lora").defaults
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="config dir, Hub id, or the default")
@@ -144,10 +144,10 @@ def _shared_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def estimate_run(config: TrainConfig) -> str:
+def run_estimate_text(config: TrainConfig) -> str:
     """The table ``peftkit train --estimate-only`` prints (:func:`peftkit.training.estimate.estimate_run`)."""
     from peftkit.memory import format_estimate
-    from peftkit.training.estimate import estimate_run as predict
+    from peftkit.training.estimate import estimate_run
 
-    result, notes = predict(config)
+    result, notes = estimate_run(config)
     return "\n".join([format_estimate(result), *notes])

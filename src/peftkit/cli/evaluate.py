@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.cli.common import add_run_arguments
-from peftkit.errors import UsageError
+from peftkit.foundation.errors import UsageError
 
 __all__ = ["register_eval", "run_eval"]
 

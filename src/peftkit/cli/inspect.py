@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.cli.common import add_config_flags, parse_train_args
-from peftkit.errors import UsageError
+from peftkit.foundation.errors import UsageError
 
 __all__ = ["register_inspect", "run_inspect"]
 
@@ -32,7 +32,7 @@ def register_inspect(subparsers: Any) -> None:
 
 def run_inspect(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if len(argv) == 1 and (Path(argv[0]) / "adapter_config.json").is_file():
-        from peftkit.serve.vllm import adapter_report
+        from peftkit.export.vllm import adapter_report
 
         try:
             print(adapter_report(Path(argv[0])))

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.cli.common import add_run_arguments
-from peftkit.errors import UsageError
-from peftkit.quantization import SCHEMES
+from peftkit.foundation.errors import UsageError
+from peftkit.foundation.quantization import SCHEMES
 
 PROBE_TOKENS = 256
 
@@ -49,7 +49,7 @@ def register_merge(subparsers: Any) -> None:
 
 
 def run_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from peftkit.io import atomic_write, check_overwrite, remove_path, save_pretrained
+    from peftkit.foundation.io import atomic_directory, check_overwrite, save_pretrained
     from peftkit.model import PeftModel
     from peftkit.training.loop import CONFIG_FILE
     from peftkit.training.runs import is_recorded, load_run
@@ -66,15 +66,17 @@ def run_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise UsageError(f"cannot merge {args.run_dir}: {e}") from e
     if args.requantize:
         print(f"re-quantized the merged layers; {merged.requantization_report}")
-    if out.exists():
-        remove_path(out)
-    save_pretrained([merged, tokenizer], out)
+    recorded = is_recorded(args.run_dir)
+    with atomic_directory(out, replace=True) as staging:  # OUT appears complete or not at all
+        save_pretrained([merged, tokenizer], staging)
+        if recorded:
+            # The run's prompt settings (prompt_template, system_prompt) and data stay with its weights.
+            header = (
+                f"# peftkit merge: the settings of {args.run_dir}, whose adapter is merged into this model\n"
+            )
+            (staging / CONFIG_FILE).write_text(header + (Path(args.run_dir) / CONFIG_FILE).read_text())
     print(f"merged model written to {out}; load it with transformers' from_pretrained({str(out)!r})")
-    if is_recorded(args.run_dir):
-        # The run's prompt settings (prompt_template, system_prompt) and data stay with its weights.
-        header = f"# peftkit merge: the settings of {args.run_dir}, whose adapter is merged into this model\n"
-        recorded = (Path(args.run_dir) / CONFIG_FILE).read_text()
-        atomic_write(out / CONFIG_FILE, lambda tmp: tmp.write_text(header + recorded))
+    if recorded:
         print(f"  with the run's {CONFIG_FILE}: peftkit generate {out} ... prompts as the run did")
     return 0
 

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from peftkit.errors import UsageError
+from peftkit.foundation.errors import UsageError
 
 __all__ = ["register_serve", "run_serve"]
 
@@ -106,7 +106,7 @@ def run_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.host not in _LOOPBACK and api_key is None:
         print(f"peftkit serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
 
-    from peftkit.models import DEFAULT_MODEL
+    from peftkit.foundation.loading import DEFAULT_MODEL
     from peftkit.serve.adapters import AdapterError
     from peftkit.serve.api import ServeLimits
     from peftkit.serve.server import ServeSettings, bind, build_app, uvicorn_server

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from peftkit.cli.common import EXIT_INTERRUPTED, add_config_flags, parse_train_args
-from peftkit.cli.estimate import estimate_run
+from peftkit.cli.estimate import run_estimate_text
 
 __all__ = ["register_train", "run_train"]
 
@@ -29,7 +29,7 @@ def register_train(subparsers: Any) -> None:
 def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     _, config = parse_train_args(args.parser, argv)  # --help and bad flags end here, before torch loads
     if config.estimate_only:
-        print(estimate_run(config))
+        print(run_estimate_text(config))
         return 0
     from peftkit.training.loop import train
 

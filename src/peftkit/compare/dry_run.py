@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from peftkit.compare.plan import ComparePlan, PlannedRun, describe
-from peftkit.errors import UsageError
-from peftkit.formatting import format_count, format_duration, format_percent
+from peftkit.foundation.errors import UsageError
+from peftkit.foundation.formatting import format_count, format_duration, format_percent
 
 __all__ = ["PlannedCost", "check_plan", "dry_run_table", "machine_flops"]
 
@@ -66,14 +66,14 @@ def check_plan(plan: ComparePlan) -> dict[str, tuple[int, int]]:
 def _count(run: PlannedRun, model_config: Any) -> tuple[int, int]:
     import transformers
 
+    from peftkit.foundation.tasks import TASKS
     from peftkit.model import count_parameters, wrap
-    from peftkit.models import TASKS
     from peftkit.training.method_choice import build_method_config
 
     config = run.config
     method = build_method_config(config.method, config.method_options, config.task)
     with torch.device("meta"):
-        model = getattr(transformers, TASKS[config.task]).from_config(model_config)
+        model = getattr(transformers, TASKS[config.task].auto_class).from_config(model_config)
     if method is None:
         return count_parameters(model)
     try:
@@ -167,7 +167,7 @@ def _scoring_seconds(run: PlannedRun, total: int, lengths: dict[str, float], flo
 
 def dry_run_table(plan: ComparePlan, costs: list[PlannedCost]) -> str:
     """The plan as a table: method, what it trains, expected memory and time."""
-    from peftkit.training.reports import format_table
+    from peftkit.foundation.formatting import format_table
 
     rows = []
     for run, cost in zip(plan.runs, costs, strict=True):

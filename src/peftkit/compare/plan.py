@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import UsageError
+from peftkit.foundation.errors import UsageError
 from peftkit.methods import METHOD_TABLE, method_by_name
-from peftkit.training.config import (
+from peftkit.training.method_choice import ALIASES, FULL, method_entry, method_fields
+from peftkit.training.train_config import (
     FIELDS,
     TrainConfig,
     apply_overrides,
@@ -35,7 +36,6 @@ from peftkit.training.config import (
     read_yaml_mapping,
     with_task_defaults,
 )
-from peftkit.training.method_choice import ALIASES, FULL, method_entry, method_fields
 
 __all__ = [
     "DEFAULT_METHODS",

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.compare.plan import ComparePlan, describe
-from peftkit.formatting import MIB, format_bytes, format_percent
-from peftkit.io import atomic_write
+from peftkit.foundation.formatting import MIB, format_bytes, format_percent
+from peftkit.foundation.io import atomic_write
 
-__all__ = ["CHARTS", "REPORT_JSON", "REPORT_MD", "format_table", "write_report"]
+__all__ = ["CHARTS", "REPORT_JSON", "REPORT_MD", "comparison_table", "write_report"]
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
@@ -59,7 +59,7 @@ def write_report(plan: ComparePlan, base: dict[str, Any], rows: list[dict[str, A
     return data
 
 
-def format_table(base: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def comparison_table(base: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The report's Markdown table: the base model, then one row per method."""
     metric = base["metric"]
     header = [
@@ -128,7 +128,7 @@ def _markdown(
         f"{'steps' if shared.max_steps else 'epochs'} of batch {shared.batch_size} x {shared.grad_accum}, "
         f"seed {shared.seed}. Forgetting: change of the loss on `{plan.general_text.name}`.",
         "",
-        format_table(base, rows),
+        comparison_table(base, rows),
         "",
     ]
     if pending:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from peftkit.compare.plan import ComparePlan, PlannedRun, fingerprint
-from peftkit.io import atomic_write
+from peftkit.foundation.io import atomic_write
 from peftkit.model import count_parameters
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ def base_scores(plan: ComparePlan, say: Callable[[str], None] = print) -> dict[s
     model, tokenizer = load_base_model(shared)
     data = prepare_data(shared, tokenizer)
     if data.validation is None or len(data.validation) == 0:
-        from peftkit.errors import UsageError
+        from peftkit.foundation.errors import UsageError
 
         raise UsageError("compare needs held-out rows: set validation_data or validation_split > 0")
     scores = evaluate(

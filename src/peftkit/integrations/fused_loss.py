@@ -19,8 +19,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from peftkit.foundation.tasks import IGNORE_INDEX
 from peftkit.ops import fused_cross_entropy_enabled, linear_cross_entropy, plain_output_head
-from peftkit.ops.linear_cross_entropy import IGNORE_INDEX  # transformers' default too
 
 __all__ = ["fused_model_loss"]
 

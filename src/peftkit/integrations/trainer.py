@@ -21,8 +21,8 @@ import torch
 import transformers
 from torch import nn
 
+from peftkit.foundation.io import CONFIG_NAME
 from peftkit.integrations.fused_loss import fused_model_loss
-from peftkit.io import CONFIG_NAME
 from peftkit.model import DEFAULT_ADAPTER_NAME, PeftModel
 
 __all__ = ["AdapterCheckpoints", "FusedLoss", "Trainer", "load_saved_adapters"]

@@ -62,12 +62,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.layers import is_conv1d
+from peftkit.core.targeting import find_targets
+from peftkit.foundation.modules import is_conv1d
 from peftkit.methods.lora import LoraConfig
 from peftkit.ops import fast_lora_enabled
 from peftkit.ops.dropout import recorded_bytes
 from peftkit.ops.linear_cross_entropy import CHUNK_ELEMENTS
-from peftkit.targeting import find_targets
 
 __all__ = [
     "DTYPES",
@@ -619,7 +619,7 @@ def load_model_config(model_or_config: Any) -> Any:
             )
         return config
     if isinstance(model_or_config, str):
-        from peftkit.models import DEFAULT_MODEL, default_model_dir
+        from peftkit.foundation.loading import DEFAULT_MODEL, default_model_dir
 
         source = str(default_model_dir()) if model_or_config == DEFAULT_MODEL else model_or_config
         try:

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from peftkit.errors import UsageError
-from peftkit.formatting import format_bytes
+from peftkit.foundation.errors import UsageError
+from peftkit.foundation.formatting import format_bytes
 from peftkit.memory.estimate import GIB, estimate
 
 __all__ = ["PlanRow", "format_plan", "parse_size", "plan"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peftkit.formatting import format_bytes, format_count, format_percent
+from peftkit.foundation.formatting import format_bytes, format_count, format_percent
 from peftkit.memory.estimate import GIB, MemoryEstimate
 
 __all__ = ["format_estimate"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from peftkit.config import AdapterConfig
+    from peftkit.core.adapter_config import AdapterConfig
 
 __all__ = ["ATTENTION", "METHOD_TABLE", "Method", "config_classes", "method_by_name"]
 

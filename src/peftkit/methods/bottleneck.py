@@ -17,8 +17,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from peftkit.config import AdapterConfig
-from peftkit.layers import is_conv1d
+from peftkit.core.adapter_config import AdapterConfig
+from peftkit.foundation.modules import is_conv1d
 
 #: Output projections of attention blocks, by architecture: Llama-style (Mistral, Qwen…), GPT-2,
 #: BERT-style, T5 (self- and cross-attention).

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.config import AdapterConfig
-from peftkit.errors import closest
-from peftkit.layers import is_conv1d
-from peftkit.quantization import is_quantized
-from peftkit.targeting import name_matches
+from peftkit.core.adapter_config import AdapterConfig
+from peftkit.core.targeting import name_matches
+from peftkit.foundation.errors import closest
+from peftkit.foundation.modules import is_conv1d
+from peftkit.foundation.quantization import is_quantized
 
 
 @dataclass(frozen=True)

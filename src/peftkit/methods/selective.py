@@ -22,10 +22,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from peftkit.config import AdapterConfig
-from peftkit.io import KEY_PREFIX
-from peftkit.layers import AdapterLayer, ModulesToSave
-from peftkit.targeting import layer_index, name_matches
+from peftkit.core.adapter_config import AdapterConfig
+from peftkit.core.layer import AdapterLayer, ModulesToSave
+from peftkit.core.targeting import layer_index, name_matches
+from peftkit.foundation.io import KEY_PREFIX
 
 LN_TUNING_INFIX = "ln_tuning_layers"
 MAX_NAMES_SHOWN = 12

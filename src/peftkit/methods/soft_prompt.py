@@ -17,11 +17,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from peftkit.config import AdapterConfig
+from peftkit.core.adapter_config import AdapterConfig
+from peftkit.foundation.tasks import IGNORE_INDEX
 
 # AdapterConfig fields that choose modules; soft prompts choose none, and HF PEFT's prompt configs lack them.
 TARGETING_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
-IGNORE_INDEX = -100  # transformers' loss ignores this label
 PER_TOKEN_TASKS = ("CAUSAL_LM", "TOKEN_CLS")
 
 
@@ -224,7 +224,7 @@ def expanded_batch(model: nn.Module, batch: int, kwargs: dict[str, Any]) -> int:
 
 
 class SoftPromptAdapter(nn.Module):
-    """The parts of :class:`~peftkit.whole_model.ModelAdapter` every soft prompt shares.
+    """The parts of :class:`~peftkit.core.whole_model.ModelAdapter` every soft prompt shares.
 
     A soft prompt changes no weight of the base model, so it has nothing to activate, restore or merge.
     Subclasses give :meth:`prompt_embeddings_to_save` and the input preparation.

@@ -6,8 +6,8 @@ import os
 
 from torch import nn
 
-from peftkit.config import AdapterConfig
-from peftkit.layers import AdapterLayer, ModulesToSave
+from peftkit.core.adapter_config import AdapterConfig
+from peftkit.core.layer import AdapterLayer, ModulesToSave
 from peftkit.model.files import DEFAULT_ADAPTER_NAME
 from peftkit.model.peft_model import _WRAPPERS, PeftModel, _check_module
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from peftkit.config import config_from_dict, config_to_json
-from peftkit.io import KEY_PREFIX, read_adapter, resolve_adapter_dir, write_adapter
-from peftkit.layers import AdapterLayer, ModulesToSave
+from peftkit.core.adapter_config import config_from_dict, config_to_json
+from peftkit.core.layer import AdapterLayer, ModulesToSave
+from peftkit.core.whole_model import is_model_level
+from peftkit.foundation.io import KEY_PREFIX, read_adapter, resolve_adapter_dir, write_adapter
 from peftkit.methods import config_classes
-from peftkit.whole_model import is_model_level
 
 DEFAULT_ADAPTER_NAME = "default"
 

@@ -9,10 +9,11 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from peftkit.errors import UsageError
-from peftkit.layers import AdapterLayer, ModulesToSave
-from peftkit.quantization import SCHEMES, dequantized_linear, is_quantized
-from peftkit.requantization import (
+from peftkit.core.layer import AdapterLayer, ModulesToSave
+from peftkit.core.whole_model import ModelAdapter
+from peftkit.foundation.errors import UsageError
+from peftkit.foundation.quantization import SCHEMES, dequantized_linear, is_quantized
+from peftkit.model.requantization import (
     QuantizationRecord,
     RequantizationReport,
     default_probe,
@@ -23,7 +24,6 @@ from peftkit.requantization import (
     requantize_layers,
     scheme_record,
 )
-from peftkit.whole_model import ModelAdapter
 
 
 class Merging:
@@ -105,7 +105,7 @@ class Merging:
                 ``"nf4"``, ``"fp4"``, ``"int8"``: that scheme). This changes the merged weights: the
                 change of the logits against the unmerged model is measured on ``probe`` and kept
                 as the returned model's ``requantization_report``
-                (a :class:`peftkit.requantization.RequantizationReport`, which also gives the change
+                (a :class:`peftkit.model.requantization.RequantizationReport`, which also gives the change
                 the adapter itself makes, for scale).
             probe: ``(batch, seq)`` token ids for that measurement (default: 2×64 ids drawn with a
                 fixed seed from the vocabulary).
@@ -130,7 +130,7 @@ class Merging:
         if not layers:
             raise UsageError(
                 "requantize: the base model is not quantized; merge without it and load the merged "
-                "model quantized (peftkit.models.load_model(..., quantize='nf4'))"
+                "model quantized (peftkit.foundation.loading.load_model(..., quantize='nf4'))"
             )
         if isinstance(scheme, str):
             if scheme not in SCHEMES:

@@ -16,15 +16,15 @@ import torch
 from torch import nn
 
 from peftkit.arithmetic import CombinationReport, combine_lora_adapters
-from peftkit.config import AdapterConfig
-from peftkit.formatting import format_count, format_percent
-from peftkit.layers import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSave, Routing, outer_modules
+from peftkit.core.adapter_config import AdapterConfig
+from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSave, Routing, outer_modules
+from peftkit.core.targeting import CLASSIFIER_HEAD_NAMES, find_targets, name_matches
+from peftkit.core.whole_model import ModelAdapter, is_model_level
+from peftkit.foundation.formatting import format_count, format_percent
+from peftkit.foundation.quantization import keep_trainable_layout
 from peftkit.model.files import Files
 from peftkit.model.merging import Merging
 from peftkit.model.running import Running
-from peftkit.quantization import keep_trainable_layout
-from peftkit.targeting import CLASSIFIER_HEAD_NAMES, find_targets, name_matches
-from peftkit.whole_model import ModelAdapter, is_model_level
 
 # The live PeftModel of each base model (by id), so a second wrap or load of the same base is refused
 # even when its adapters change no module (soft prompts, selective). Weak: a dropped wrapper leaves it.
@@ -41,7 +41,7 @@ class PeftModel(Files, Merging, Running, nn.Module):
     shows the base's parameters plus ``adapter_names`` (what ``inspect.signature`` and
     ``transformers.Trainer`` read: the dataset columns it keeps, the label names); it behaves as this class.
     Model-level methods (soft prompts, selective) wrap nothing: their adapters live in
-    ``model_adapters`` and act through the hooks of :class:`~peftkit.whole_model.ModelAdapter`; at most
+    ``model_adapters`` and act through the hooks of :class:`~peftkit.core.whole_model.ModelAdapter`; at most
     one of them is active at a time.
 
     Args:
@@ -507,7 +507,7 @@ def _check_module(model: object) -> None:
     if not isinstance(model, nn.Module):
         pair = isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], nn.Module)
         hint = (
-            "; peftkit.models.load_model() returns (model, tokenizer): write "
+            "; peftkit.foundation.loading.load_model() returns (model, tokenizer): write "
             "`base, tokenizer = load_model()` and pass `base`"
             if pair
             else ""

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from peftkit.layers import BASE_ADAPTER_NAME, Routing
+from peftkit.core.layer import BASE_ADAPTER_NAME, Routing
 
 
 class Running:
@@ -26,7 +26,8 @@ class Running:
                 adapters in one batch; each row then gets what it would get alone. Layer adapters only.
                 Or a :meth:`routing` made once for several calls over the same rows.
 
-        An active soft prompt adds its virtual tokens to the inputs here (see :mod:`peftkit.whole_model`).
+        An active soft prompt adds its virtual tokens to the inputs here
+        (see :mod:`peftkit.core.whole_model`).
         """
         for adapter in self._active_model_adapters():
             args, kwargs = adapter.prepare_inputs(self.model, args, kwargs)

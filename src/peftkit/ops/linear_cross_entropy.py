@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from peftkit.foundation.tasks import IGNORE_INDEX
+
 __all__ = [
     "fused_cross_entropy",
     "fused_cross_entropy_enabled",
@@ -32,7 +34,6 @@ __all__ = [
     "plain_output_head",
 ]
 
-IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 2**23  # float32 logits per chunk: 32 MiB (170 rows of a 49k vocabulary)
 _FUSED = os.environ.get("PEFTKIT_FUSED_CE", "1").lower() not in ("0", "false", "no", "off")
 

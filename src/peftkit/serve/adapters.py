@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftkit.io import CONFIG_NAME, PICKLED_WEIGHTS_NAMES, WEIGHTS_NAME
+from peftkit.foundation.io import CONFIG_NAME, PICKLED_WEIGHTS_NAMES, WEIGHTS_NAME
 
 __all__ = ["AdapterError", "AdapterRecord", "AdapterRegistry", "adapter_rank", "resolve_inside"]
 
@@ -213,7 +213,7 @@ class AdapterRegistry:
             self._evict(idle[0])
         import torch
 
-        from peftkit.whole_model import is_model_level
+        from peftkit.core.whole_model import is_model_level
 
         self.version += 1  # even a load that fails and is undone may have changed wrappers
         try:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from peftkit.layers import BASE_ADAPTER_NAME
+from peftkit.core.layer import BASE_ADAPTER_NAME
 from peftkit.serve.adapters import AdapterError, AdapterRegistry
 from peftkit.serve.batch_cache import attention_mask, check_supported, drop_rows, join_row
 from peftkit.serve.metrics import Metrics

@@ -55,8 +55,8 @@ def build_app(settings: ServeSettings, base_name: str | None = None) -> tuple[An
     Raises:
         AdapterError: a start-up adapter is refused (the reason says why).
     """
+    from peftkit.foundation.loading import load_model
     from peftkit.model import PeftModel
-    from peftkit.models import load_model
 
     base, tokenizer = load_model(settings.model, dtype=settings.dtype, quantize=settings.quantize)
     if tokenizer is None:

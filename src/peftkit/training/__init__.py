@@ -2,7 +2,7 @@
 
 Modules, bottom to top:
 
-- :mod:`~peftkit.training.config`: ``TrainConfig`` (YAML keys = command-line flags), validation;
+- :mod:`~peftkit.training.train_config`: ``TrainConfig`` (YAML keys = command-line flags), validation;
 - :mod:`~peftkit.training.method_choice`: ``--method NAME`` + options → a method config object;
 - :mod:`~peftkit.training.tasks`: tasks shipped with the package (``person-json``);
 - :mod:`~peftkit.training.data`: data files → chats → prompt-masked token rows;

@@ -10,7 +10,6 @@ renamed into place once complete, so a crash never leaves a half-written checkpo
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from collections.abc import Callable
@@ -21,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftkit.io import atomic_write
+from peftkit.foundation.io import atomic_write, publish_directory
 
 __all__ = [
     "CHECKPOINTS",
@@ -102,9 +101,7 @@ def save_checkpoint(
         if save_model is not None:
             save_model(tmp / "adapter")
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
-        _fsync_dir(tmp)
-        shutil.rmtree(final, ignore_errors=True)  # a re-run of the same step after a resume
-        os.rename(tmp, final)
+        publish_directory(tmp, final, replace=True)  # replace: a re-run of the same step after a resume
         for old in sorted(root.glob("step-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -154,10 +151,3 @@ def load_checkpoint(
         )
     rng = torch.load(rng_file, weights_only=False)  # our own file: Python's random state is a tuple
     return json.loads((path / STATE_FILE).read_text()), rng
-
-
-def _fsync_dir(directory: Path) -> None:
-    for child in directory.rglob("*"):
-        if child.is_file():
-            with open(child, "rb") as f:
-                os.fsync(f.fileno())

@@ -31,13 +31,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from peftkit.errors import UsageError, closest
+from peftkit.foundation.errors import UsageError, closest
+from peftkit.foundation.tasks import IGNORE_INDEX
 
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-    from peftkit.training.config import TrainConfig
+    from peftkit.training.train_config import TrainConfig
 
 __all__ = [
     "DataFormat",
@@ -53,7 +54,6 @@ __all__ = [
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name on the Hugging Face Hub
-IGNORE_INDEX = -100
 KEEP_TOKENS = 16  # truncation keeps a prompt's first and last this many tokens
 Encoded = tuple[list[int], list[int], list[int]]  # (input_ids, labels, prompt_ids)
 
@@ -75,7 +75,7 @@ class DataFormat:
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> DataFormat:
-        """The data settings of a :class:`~peftkit.training.config.TrainConfig`."""
+        """The data settings of a :class:`~peftkit.training.train_config.TrainConfig`."""
         return cls(
             config.data_format,
             config.prompt_column,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from peftkit.errors import UsageError
-from peftkit.training.config import TrainConfig
+from peftkit.foundation.errors import UsageError
 from peftkit.training.method_choice import build_method_config
+from peftkit.training.train_config import TrainConfig
 
 if TYPE_CHECKING:
     from peftkit.memory import MemoryEstimate
@@ -31,9 +31,9 @@ def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
         UsageError: a method other than ``lora`` and ``full`` (DoRA included), a task other than
             ``causal-lm``, or a model whose config cannot be read or is not a decoder LM.
     """
+    from peftkit.foundation.loading import load_tokenizer
     from peftkit.memory import estimate
     from peftkit.methods.lora import LoraConfig
-    from peftkit.models import load_tokenizer
     from peftkit.ops import fused_cross_entropy_enabled
 
     refusal = "--estimate-only models full fine-tuning and LoRA only"

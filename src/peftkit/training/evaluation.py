@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from peftkit.foundation.tasks import IGNORE_INDEX
 from peftkit.ops.linear_cross_entropy import (
     fused_cross_entropy_enabled,
     linear_cross_entropy,
     plain_output_head,
 )
-from peftkit.training.data import IGNORE_INDEX, collate, median_words
+from peftkit.training.data import collate, median_words
 
 if TYPE_CHECKING:
     import datasets

@@ -6,12 +6,13 @@ import re
 
 from torch import nn
 
-from peftkit.errors import UsageError
-from peftkit.layers import AdapterLayer
+from peftkit.core.layer import AdapterLayer
+from peftkit.foundation.errors import UsageError
+from peftkit.foundation.formatting import format_table
 from peftkit.model import wrap
-from peftkit.training.config import TrainConfig
 from peftkit.training.method_choice import build_method_config
-from peftkit.training.reports import format_table, trainable_table
+from peftkit.training.reports import trainable_table
+from peftkit.training.train_config import TrainConfig
 
 __all__ = ["inspect_model", "module_table"]
 

@@ -29,8 +29,9 @@ import torch
 import yaml
 from torch import nn
 
-from peftkit.errors import UsageError
-from peftkit.io import atomic_write, check_overwrite, remove_path, save_pretrained
+from peftkit.core.whole_model import is_model_level
+from peftkit.foundation.errors import UsageError
+from peftkit.foundation.io import atomic_write, check_overwrite, remove_path, save_pretrained
 from peftkit.model import PeftModel, count_parameters, wrap
 from peftkit.ops import fused_cross_entropy
 from peftkit.training.checkpoints import (
@@ -40,7 +41,6 @@ from peftkit.training.checkpoints import (
     rng_state,
     save_checkpoint,
 )
-from peftkit.training.config import TrainConfig, with_task_defaults
 from peftkit.training.data import PreparedData, check_data, collate, prepare_data
 from peftkit.training.evaluation import evaluate, headline_metric, loss_sum, pad_token_id
 from peftkit.training.method_choice import build_method_config, method_entry, resolved_options
@@ -64,7 +64,7 @@ from peftkit.training.sharding import (
     to_float,
     with_full_state_dict,
 )
-from peftkit.whole_model import is_model_level
+from peftkit.training.train_config import TrainConfig, with_task_defaults
 
 __all__ = ["CONFIG_FILE", "TrainResult", "load_base_model", "lr_factor", "train"]
 
@@ -114,7 +114,7 @@ def auto_threads(running: int, processes: int = 1) -> int:
 
 def load_base_model(config: TrainConfig) -> tuple[nn.Module, Any]:
     """The base model and tokenizer of ``config`` (``UsageError`` when it cannot be found)."""
-    from peftkit.models import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, load_model
+    from peftkit.foundation.loading import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, load_model
 
     name = DEFAULT_MODEL if config.model == DEFAULT_MODEL_HUB_ID else config.model
     quantize = None if config.quantize == "none" else config.quantize

@@ -11,17 +11,17 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from peftkit.errors import UsageError, closest
+from peftkit.foundation.errors import UsageError, closest
+from peftkit.foundation.tasks import TASKS
 from peftkit.methods import METHOD_TABLE, Method, method_by_name
 
 if TYPE_CHECKING:
-    from peftkit.config import AdapterConfig
+    from peftkit.core.adapter_config import AdapterConfig
 
 __all__ = [
     "ALIASES",
     "FULL",
     "METHOD_NAMES",
-    "TASK_TYPES",
     "build_method_config",
     "method_entry",
     "method_fields",
@@ -31,7 +31,6 @@ __all__ = [
 
 FULL = "full"
 METHOD_NAMES = (*(entry.name for entry in METHOD_TABLE), FULL)
-TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq2seq-lm": "SEQ_2_SEQ_LM", "seq-cls": "SEQ_CLS"}
 # Names users bring from transformers' TrainingArguments, Hugging Face PEFT and other trainers → ours.
 ALIASES = {
     "learning_rate": "lr",
@@ -140,7 +139,7 @@ def build_method_config(method: str, options: Mapping[str, Any], task: str) -> A
             )
     values = entry.options(options)
     if "task_type" in known:
-        values.setdefault("task_type", TASK_TYPES[task])
+        values.setdefault("task_type", TASKS[task].task_type)
     try:
         return entry.config_class(**values, **entry.fixed)
     except (TypeError, ValueError) as e:

@@ -6,22 +6,27 @@ from __future__ import annotations
 import json
 import re
 import resource
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from peftkit.formatting import format_bytes, format_count, format_duration, format_percent
-from peftkit.io import atomic_write
+from peftkit.foundation.formatting import (
+    format_bytes,
+    format_count,
+    format_duration,
+    format_percent,
+    format_table,
+)
+from peftkit.foundation.io import atomic_write
 
 if TYPE_CHECKING:
     from peftkit.training.result import TrainResult
 
 __all__ = [
     "MetricsLog",
-    "format_table",
     "loss_figure",
     "peak_memory",
     "plot_losses",
@@ -32,22 +37,6 @@ __all__ = [
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
-
-
-def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
-    """Rows as left-aligned text columns (numbers right-aligned), two spaces apart."""
-    all_rows = [list(map(str, header))] if header else []
-    all_rows += [[f"{c:,}" if isinstance(c, int) else str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in all_rows if i < len(row)) for i in range(len(all_rows[0]))]
-    numeric = [
-        all(_is_number(r[i]) for r in all_rows[1 if header else 0 :] if i < len(r))
-        for i in range(len(widths))
-    ]
-    lines = []
-    for row in all_rows:
-        cells = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric, strict=False)]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
 
 
 def trainable_table(model: nn.Module) -> str:
@@ -169,10 +158,6 @@ def loss_figure(records: Iterable[dict[str, Any]], title: str = "") -> Any:
     ax.legend()
     fig.tight_layout()
     return fig
-
-
-def _is_number(text: str) -> bool:
-    return bool(re.fullmatch(r"-?[\d,.]+%?|", text))
 
 
 def summarize(result: TrainResult, train_time: float) -> tuple[str, dict[str, Any]]:

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from peftkit.errors import UsageError
-from peftkit.io import CONFIG_NAME
+from peftkit.foundation.errors import UsageError
+from peftkit.foundation.io import CONFIG_NAME
 from peftkit.model import load
-from peftkit.training.config import TrainConfig, load_config
 from peftkit.training.data import encode
 from peftkit.training.loop import CONFIG_FILE, load_base_model
+from peftkit.training.train_config import TrainConfig, load_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

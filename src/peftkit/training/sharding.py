@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.errors import UsageError
+from peftkit.foundation.errors import UsageError
 
 __all__ = [
     "check_shardable",

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 import peftkit
 from peftkit.methods.lora.dora import DoraLinear
 
-from conftest import TINY_MODELS, twin
-from layer_method_helpers import logits, perturb_trainable, toy_causal_lm, train_toy_task
+from helpers.layer_methods import logits, perturb_trainable, toy_causal_lm, train_toy_task
+from helpers.tiny_models import TINY_MODELS, twin
 
 ATOL = 1e-5
 MODELS = {tiny.name: tiny for tiny in TINY_MODELS}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.layers import AdapterLayer
+from peftkit.core.layer import AdapterLayer
 from peftkit.methods.lora.loftq import loftq_factors, replace_lora_weights_loftq
 
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21], [2, 4, 6, 8, 10, 12]])
@@ -63,13 +63,13 @@ needs_bitsandbytes = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_lm import save_tiny_lm
+    from helpers.tiny_lm import save_tiny_lm
 
     return save_tiny_lm(tmp_path_factory.mktemp("tiny-lm-128"), hidden=128)  # 4-bit blocks are 64 wide
 
 
 def quantized(model_dir: Path):
-    from peftkit.models import load_model
+    from peftkit.foundation.loading import load_model
 
     model, _ = load_model(str(model_dir), quantize="nf4", quantization_options={"compute_dtype": "float32"})
     return model
@@ -89,7 +89,7 @@ def loftq_config(**kwargs) -> peftkit.LoraConfig:
 
 @needs_bitsandbytes
 def test_loftq_on_a_4_bit_base_leaves_the_svd_optimum_of_each_layer(model_dir) -> None:
-    from peftkit.quantization import dequantize_weight
+    from peftkit.foundation.quantization import dequantize_weight
 
     model = peftkit.wrap(quantized(model_dir), loftq_config())  # W from model_dir, where it was loaded
     weights = float_weights(model_dir)
@@ -127,7 +127,7 @@ def test_loftq_brings_the_outputs_closer_to_the_float_model(model_dir) -> None:
 def test_a_loftq_adapter_is_a_plain_lora_file_that_hf_peft_loads(model_dir, tmp_path) -> None:
     from peft import PeftModel as HfPeftModel
 
-    from peftkit.quantization import keep_trainable_layout
+    from peftkit.foundation.quantization import keep_trainable_layout
 
     ours = peftkit.wrap(quantized(model_dir), loftq_config()).eval()
     ours.save_pretrained(tmp_path)

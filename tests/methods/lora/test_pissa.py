@@ -21,8 +21,8 @@ from torch import nn
 import peftkit
 from peftkit.methods.lora.pissa import PrincipalLoraLinear, olora_factors, pissa_factors
 
-from conftest import TINY_MODELS, twin
-from layer_method_helpers import logits, perturb_trainable, toy_causal_lm, train_toy_task
+from helpers.layer_methods import logits, perturb_trainable, toy_causal_lm, train_toy_task
+from helpers.tiny_models import TINY_MODELS, twin
 
 ATOL = 1e-5
 MODELS = {tiny.name: tiny for tiny in TINY_MODELS}

@@ -1,7 +1,7 @@
 """``LoraConfig``: LoRA's settings (Hugging Face PEFT's field names) and the choice of adapter per module.
 
 The adapter a module gets is picked from :data:`VARIANTS` (DoRA, PiSSA/OLoRA: subclasses of
-:class:`~peftkit.methods.lora.layers.LoraLinear`), else by the base layer's type. A new LoRA variant is
+:class:`~peftkit.methods.lora.adapters.LoraLinear`), else by the base layer's type. A new LoRA variant is
 its own file with a ``LoraLinear`` subclass, a config field that switches it on, and one row in
 :data:`VARIANTS`.
 """
@@ -15,10 +15,10 @@ from typing import Any, ClassVar, NamedTuple
 
 from torch import nn
 
-from peftkit.config import AdapterConfig
-from peftkit.layers import is_conv1d
+from peftkit.core.adapter_config import AdapterConfig
+from peftkit.foundation.modules import is_conv1d
+from peftkit.methods.lora.adapters import LoraConv, LoraEmbedding, LoraLinear, lora_scaling
 from peftkit.methods.lora.dora import DoraLinear
-from peftkit.methods.lora.layers import LoraConv, LoraEmbedding, LoraLinear, lora_scaling
 from peftkit.methods.lora.loftq import LOFTQ_INIT, replace_lora_weights_loftq
 from peftkit.methods.lora.pissa import PrincipalLoraLinear, is_principal_init
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.layers import is_conv1d
-from peftkit.methods.lora.layers import LoraLinear
-from peftkit.quantization import dequantize_weight, is_quantized
+from peftkit.foundation.modules import is_conv1d
+from peftkit.foundation.quantization import dequantize_weight, is_quantized
+from peftkit.methods.lora.adapters import LoraLinear
 
 
 def weight_row_norm(weight: Tensor, delta: Tensor) -> Tensor:

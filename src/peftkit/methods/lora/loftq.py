@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peftkit.layers import AdapterLayer
-from peftkit.methods.lora.layers import LoraLinear
-from peftkit.quantization import dequantize_weight, is_quantized
+from peftkit.core.layer import AdapterLayer
+from peftkit.foundation.quantization import dequantize_weight, is_quantized
+from peftkit.methods.lora.adapters import LoraLinear
 
 __all__ = ["LOFTQ_INIT", "loftq_factors", "replace_lora_weights_loftq"]
 
@@ -68,7 +68,7 @@ def replace_lora_weights_loftq(
         model: a :class:`peftkit.PeftModel` (or its base) on a base loaded quantized (bitsandbytes).
         model_path: the base's float weights: a directory of ``*.safetensors`` files or one such file;
             default: the directory the base was loaded from (``name_or_path``, as
-            :func:`peftkit.models.load_model` leaves it).
+            :func:`peftkit.foundation.loading.load_model` leaves it).
         adapter_name: the LoRA adapter to initialise.
 
     Returns:

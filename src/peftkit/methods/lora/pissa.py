@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from peftkit.config import config_from_dict, config_to_json
-from peftkit.io import CONFIG_NAME, KEY_PREFIX, read_adapter, write_adapter
-from peftkit.layers import AdapterLayer, is_conv1d
-from peftkit.methods.lora.layers import LoraLinear
+from peftkit.core.adapter_config import config_from_dict, config_to_json
+from peftkit.core.layer import AdapterLayer
+from peftkit.foundation.io import CONFIG_NAME, KEY_PREFIX, read_adapter, write_adapter
+from peftkit.foundation.modules import is_conv1d
+from peftkit.methods.lora.adapters import LoraLinear
 
 PRINCIPAL_INIT = re.compile(r"pissa(_niter_(\d+))?|olora")  # init_lora_weights values handled here
 

@@ -17,7 +17,7 @@ import copy
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-from peftkit.errors import UsageError, closest
+from peftkit.foundation.errors import UsageError, closest
 
 if TYPE_CHECKING:
     import torch

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_state
 
-from peftkit.layers import add_to_weight, is_conv1d
+from peftkit.core.layer import add_to_weight
+from peftkit.foundation.modules import is_conv1d
 from peftkit.ops import draw_dropout, fast_lora_enabled, frozen_linear_lora, lora_linear
 
 __all__ = [

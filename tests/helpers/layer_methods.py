@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from conftest import TinyModel, output_of
+from helpers.tiny_models import TinyModel, output_of
 
 
 def perturb_trainable(model: nn.Module, seed: int, scale: float = 0.1) -> None:

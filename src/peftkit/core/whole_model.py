@@ -1,6 +1,6 @@
 """Model-level adapters: methods that act at the model boundary or on existing parameters.
 
-Layer-level methods (LoRA…) wrap modules inside the base model (:mod:`peftkit.layers`). A model-level
+Layer-level methods (LoRA…) wrap modules inside the base model (:mod:`peftkit.core.layer`). A model-level
 method wraps nothing: soft prompts (prompt tuning, P-tuning, prefix tuning) change what goes *into* the
 model (input embeddings, attention mask, labels, KV cache), and selective fine-tuning trains some of the
 base model's own parameters. Each adapter is one ``nn.Module`` kept by
@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from peftkit.config import AdapterConfig
+from peftkit.core.adapter_config import AdapterConfig
 
 
 @runtime_checkable

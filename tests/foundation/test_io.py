@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peftkit
-from peftkit.errors import UsageError
-from peftkit.io import atomic_write, check_overwrite, remove_path
+from peftkit.foundation.errors import UsageError
+from peftkit.foundation.io import atomic_write, check_overwrite, remove_path
 
-from conftest import TINY_MODELS, randomize_adapters
+from helpers.tiny_models import TINY_MODELS, randomize_adapters
 
 LLAMA = TINY_MODELS[1]
 
@@ -207,7 +207,7 @@ def test_remove_path_removes_files_and_trees(tmp_path: Path) -> None:
 
 
 def test_save_pretrained_renames_each_file_into_place_with_the_umask_mode(tmp_path: Path) -> None:
-    from peftkit.io import save_pretrained
+    from peftkit.foundation.io import save_pretrained
 
     (tmp_path / "metrics.jsonl").write_text("{}\n")  # what the directory held stays
     save_pretrained([LLAMA.make()], tmp_path)

@@ -362,11 +362,6 @@ def add_to_weight(weight: Tensor, delta: Tensor, safe: bool = False) -> None:
         weight.copy_(merged.to(weight.dtype))
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2): a linear layer storing W as (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` for every module, in ``named_modules``' order; peftkit's wrappers are reported,
     their insides are not (nor walked: a model with many adapters has most of its modules there)."""

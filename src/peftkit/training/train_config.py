@@ -16,9 +16,10 @@ from typing import Any
 
 import yaml
 
-from peftkit.errors import UsageError, closest
-from peftkit.models import DEFAULT_MODEL, TASKS
-from peftkit.quantization import check_quantization_options
+from peftkit.foundation.errors import UsageError, closest
+from peftkit.foundation.loading import DEFAULT_MODEL
+from peftkit.foundation.quantization import check_quantization_options
+from peftkit.foundation.tasks import TASKS
 from peftkit.training.method_choice import METHOD_NAMES, method_fields, unknown_name
 
 __all__ = [
@@ -34,7 +35,7 @@ __all__ = [
 
 METRICS = ("auto", "exact_match", "rouge1", "rouge2", "rougeL", "accuracy", "loss")
 DTYPES = ("float32", "bfloat16")
-QUANTIZE = ("none", "nf4", "fp4", "int8")  # bitsandbytes schemes (peftkit.quantization.SCHEMES)
+QUANTIZE = ("none", "nf4", "fp4", "int8")  # bitsandbytes schemes (peftkit.foundation.quantization.SCHEMES)
 DATA_FORMATS = ("auto", "prompt_completion", "instruction", "messages")
 
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.errors import UsageError
-from peftkit.models import load_model
-from peftkit.quantization import dequantize_weight, is_quantized
-from peftkit.requantization import LayerQuantization, logit_drift
+from peftkit.foundation.errors import UsageError
+from peftkit.foundation.loading import load_model
+from peftkit.foundation.quantization import dequantize_weight, is_quantized
+from peftkit.model.requantization import LayerQuantization, logit_drift
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -29,7 +29,7 @@ PROBE = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29], [2, 4, 6, 8, 10, 12, 14, 16
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_lm import save_tiny_lm
+    from helpers.tiny_lm import save_tiny_lm
 
     return save_tiny_lm(tmp_path_factory.mktemp("tiny-lm-128-requantize"), hidden=128)
 

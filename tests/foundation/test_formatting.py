@@ -1,10 +1,10 @@
-"""peftkit.formatting: numbers as every report writes them."""
+"""peftkit.foundation.formatting: numbers as every report writes them."""
 
 from __future__ import annotations
 
 import pytest
 
-from peftkit.formatting import format_percent
+from peftkit.foundation.formatting import format_percent
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from torch import nn
 
 import peftkit
 
-from conftest import TINY_MODELS, TinyModel, randomize_adapters, twin
+from helpers.tiny_models import TINY_MODELS, TinyModel, randomize_adapters, twin
 
 ATOL = 1e-5
 

@@ -15,14 +15,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-TASK_TYPES = (
-    "CAUSAL_LM",
-    "SEQ_2_SEQ_LM",
-    "SEQ_CLS",
-    "TOKEN_CLS",
-    "QUESTION_ANS",
-    "FEATURE_EXTRACTION",
-)
+from peftkit.foundation.tasks import TASK_TYPES
 
 
 def _as_tuple(value: Any) -> Any:
@@ -80,7 +73,7 @@ class AdapterConfig:
         raise NotImplementedError
 
     def build_adapter(self, module_name: str, base: nn.Module) -> nn.Module:
-        """The adapter for ``base`` found at ``module_name``: an :class:`peftkit.layers.Adapter`."""
+        """The adapter for ``base`` found at ``module_name``: an :class:`peftkit.core.layer.Adapter`."""
         raise NotImplementedError
 
     def initialize(self, model: nn.Module, adapter_name: str) -> None:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 import peftkit
 
-from conftest import TINY_MODELS, VOCAB, TinyModel
+from helpers.tiny_models import TINY_MODELS, VOCAB, TinyModel
 
 # The transformers tiny models, each with the task type Hugging Face PEFT needs for it.
 TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}

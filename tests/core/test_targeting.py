@@ -6,10 +6,10 @@ import pytest
 from torch import nn
 
 import peftkit
-from peftkit.layers import AdapterLayer
-from peftkit.targeting import find_targets, layer_index, name_matches
+from peftkit.core.layer import AdapterLayer
+from peftkit.core.targeting import find_targets, layer_index, name_matches
 
-from conftest import TINY_MODELS
+from helpers.tiny_models import TINY_MODELS
 
 LLAMA = TINY_MODELS[1]
 GPT2 = TINY_MODELS[2]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["format_bytes", "format_count", "format_duration", "format_percent"]
+__all__ = ["format_bytes", "format_count", "format_duration", "format_percent", "format_table"]
 
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
 
@@ -47,3 +50,23 @@ def format_duration(seconds: float) -> str:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
+    """Rows as left-aligned text columns (numbers right-aligned), two spaces apart."""
+    all_rows = [list(map(str, header))] if header else []
+    all_rows += [[f"{c:,}" if isinstance(c, int) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in all_rows if i < len(row)) for i in range(len(all_rows[0]))]
+    numeric = [
+        all(_is_number(r[i]) for r in all_rows[1 if header else 0 :] if i < len(r))
+        for i in range(len(widths))
+    ]
+    lines = []
+    for row in all_rows:
+        cells = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric, strict=False)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _is_number(text: str) -> bool:
+    return bool(re.fullmatch(r"-?[\d,.]+%?|", text))

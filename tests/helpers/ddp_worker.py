@@ -1,8 +1,8 @@
-"""Run under torchrun by tests/torchrun.py: train with DDP (or FSDP2), then save each rank's trainable
+"""Run under torchrun by tests/helpers/torchrun.py: train with DDP (or FSDP2), then save each rank's trainable
 parameters (DDP only: under FSDP2 a process holds shards).
 
-Usage: ``torchrun --nproc_per_node=2 tests/ddp_worker.py '<JSON of TrainConfig keys>'``; each rank writes
-``<output_dir>/rank-<rank>.safetensors``.
+Usage: ``torchrun --nproc_per_node=2 tests/helpers/ddp_worker.py '<JSON of TrainConfig keys>'``; each
+rank writes ``<output_dir>/rank-<rank>.safetensors``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from peftkit.training.checkpoints import trainable_state
-from peftkit.training.config import load_config
 from peftkit.training.loop import train
+from peftkit.training.train_config import load_config
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import peftkit
 
-from conftest import TinyModel
+from helpers.tiny_models import TinyModel
 
 
 def two_lora_configs(tiny: TinyModel) -> tuple[peftkit.LoraConfig, peftkit.LoraConfig]:

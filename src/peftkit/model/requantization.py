@@ -17,8 +17,8 @@ import contextlib
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from peftkit.errors import UsageError
-from peftkit.quantization import SCHEMES, is_quantized, quantization_config
+from peftkit.foundation.errors import UsageError
+from peftkit.foundation.quantization import SCHEMES, is_quantized, quantization_config
 
 if TYPE_CHECKING:
     from torch import Tensor, nn

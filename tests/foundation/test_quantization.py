@@ -1,7 +1,7 @@
 """Quantized bases (QLoRA) on bitsandbytes' CPU kernels: loading, LoRA/DoRA/IA3 on 4-bit and 8-bit
 layers, gradient checkpointing, Hugging Face PEFT as the oracle both ways, and exact merges.
 
-The model is tests/tiny_lm.py's 2-layer Llama at hidden size 128 (bitsandbytes quantizes in blocks
+The model is tests/helpers/tiny_lm.py's 2-layer Llama at hidden size 128 (bitsandbytes quantizes in blocks
 of 64, so the project's 32-wide tiny models are too narrow). Tolerances: logits of the same quantized
 base and the same adapter tensors agree with Hugging Face PEFT's within 1e-5 (the same kernels run);
 a merged, dequantized model agrees with the unmerged quantized one within 1e-2 on logits of size ~1
@@ -18,10 +18,10 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.errors import UsageError
-from peftkit.layers import AdapterLayer
-from peftkit.models import load_model
-from peftkit.quantization import (
+from peftkit.core.layer import AdapterLayer
+from peftkit.foundation.errors import UsageError
+from peftkit.foundation.loading import load_model
+from peftkit.foundation.quantization import (
     SCHEMES,
     dequantize_weight,
     is_quantized,
@@ -36,7 +36,7 @@ IDS = torch.tensor([[1, 5, 9, 13, 17, 21], [2, 4, 6, 8, 10, 12]])
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_lm import save_tiny_lm
+    from helpers.tiny_lm import save_tiny_lm
 
     return save_tiny_lm(tmp_path_factory.mktemp("tiny-lm-128"), hidden=128)
 
@@ -281,7 +281,7 @@ def test_the_quantization_options_peftkit_checks_are_bitsandbytesconfigs_argumen
 
     from transformers import BitsAndBytesConfig
 
-    from peftkit.quantization import BITSANDBYTES_CONFIG_FIELDS
+    from peftkit.foundation.quantization import BITSANDBYTES_CONFIG_FIELDS
 
     arguments = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
     assert set(BITSANDBYTES_CONFIG_FIELDS) == arguments - {"load_in_4bit", "load_in_8bit"}

@@ -1,4 +1,5 @@
-"""Adapter files: atomic writes, safetensors only, Hugging Face PEFT's file names and key prefix."""
+"""Adapter files and atomic writes: safetensors only, Hugging Face PEFT's file names and key prefix; a file
+or a whole directory appears complete or not at all (:func:`atomic_write`, :func:`atomic_directory`)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,16 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from peftkit.errors import UsageError
+from peftkit.foundation.errors import UsageError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -71,6 +74,41 @@ def atomic_write(path: Path, write: Any) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_directory(final: Path, replace: bool = False) -> Iterator[Path]:
+    """Build a directory under a temporary name beside ``final``, then rename it into place.
+
+    Yields the staging directory to fill; when the block ends normally its files are synced and it is
+    renamed to ``final``, so a reader sees no directory or the complete one. On an error (or Ctrl-C) the
+    staging directory is removed and ``final`` is untouched.
+
+    Args:
+        final: the directory to create.
+        replace: remove an existing ``final`` first (after the new one is complete). Without it the
+            rename fails with ``OSError`` where ``final`` holds anything.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        yield staging
+        publish_directory(staging, final, replace=replace)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_directory(staging: Path, final: Path, replace: bool = False) -> None:
+    """Sync every file under ``staging`` and rename it to ``final`` (removed first with ``replace``):
+    the last step of :func:`atomic_directory`, for writers that fill ``staging`` from several processes."""
+    for child in staging.rglob("*"):
+        if child.is_file():
+            with open(child, "rb") as f:
+                os.fsync(f.fileno())
+    if replace and (final.exists() or final.is_symlink()):
+        remove_path(final)
+    os.rename(staging, final)
 
 
 def save_pretrained(saveables: Sequence[Any], directory: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from peftkit.cli import main
-from peftkit.serve.vllm import required_max_lora_rank, safetensors_names, vllm_command, vllm_problems
+from peftkit.export.vllm import required_max_lora_rank, safetensors_names, vllm_command, vllm_problems
 
 LORA = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "bias": "none"}
 
