@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.arithmetic import CombinationReport, combine_lora_adapters
+from peftkit.arithmetic.settings import Combination
+from peftkit.arithmetic.weighted import CombinationReport, combine_lora_adapters
 from peftkit.core.adapter_config import AdapterConfig
 from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSave, Routing, outer_modules
 from peftkit.core.targeting import CLASSIFIER_HEAD_NAMES, find_targets, name_matches
@@ -276,18 +277,10 @@ class PeftModel(Files, Merging, Running, nn.Module):
             )
         if not replacing:
             self._check_new_name(adapter_name)
-        config, tensors, report = combine_lora_adapters(
-            self.model,
-            self.peft_config,
-            adapters,
-            weights,
-            combination_type,
-            svd_rank=svd_rank,
-            svd_clamp=svd_clamp,
-            density=density,
-            majority_sign_method=majority_sign_method,
-            seed=seed,
+        combination = Combination(
+            weights, combination_type, svd_rank, svd_clamp, density, majority_sign_method, seed
         )
+        config, tensors, report = combine_lora_adapters(self.model, self.peft_config, adapters, combination)
         active = self.active_adapters
         if replacing:
             self.delete_adapter(adapter_name)
