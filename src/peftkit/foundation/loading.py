@@ -138,34 +138,15 @@ def load_model(
     auto_name = _auto_class_name(task)  # validate arguments before the slow import
     dtype = _resolve_dtype(dtype)
     source, gguf_file = _resolve_source(name_or_path)
-    import transformers
-
-    auto_model = getattr(transformers, auto_name)
-    source_kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    kwargs = dict(
-        source_kwargs
-    )  # the tokenizer takes only these (a quantization config would be saved with it)
-    if quantize is not None:
-        if gguf_file:
-            raise ValueError(
-                "quantize= does not apply to a .gguf file; convert it first (load DEFAULT_MODEL)"
-            )
-        kwargs.update(_quantized_loading(quantize, quantization_options or {}))
-
-    try:
-        model = auto_model.from_pretrained(source, **{_dtype_kwarg(): dtype}, **kwargs)
-    except ValueError as e:
-        if "Unrecognized configuration class" not in str(e):
-            raise
-        raise ValueError(
-            f"{name_or_path!r} has no {auto_model.__name__} architecture, so it cannot be "
-            f"loaded for task {task!r}; pick a task that fits it (one of {', '.join(TASKS)})"
-        ) from e
-
+    if quantize is not None and gguf_file:
+        raise ValueError("quantize= does not apply to a .gguf file; convert it first (load DEFAULT_MODEL)")
+    loading = {} if quantize is None else _quantized_loading(quantize, quantization_options or {})
+    model = _load_weights(auto_name, source, gguf_file, dtype, loading, name_or_path, task)
     tokenizer = None
     if gguf_file or not Path(source).is_dir() or _has_tokenizer_files(Path(source)):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **source_kwargs)
+        from transformers import AutoTokenizer
 
+        tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
     if tokenizer is not None and task == "causal-lm":
         # A decoder continues from a row's last position, so batched prompts are padded on the left
         # (right padding makes the shorter rows continue from pad tokens). Training pads its own batches.
@@ -176,6 +157,33 @@ def load_model(
     if task == "seq-cls" and model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def _load_weights(
+    auto_name: str,
+    source: str,
+    gguf_file: str | None,
+    dtype: torch.dtype | str,
+    loading: Mapping[str, Any],
+    name_or_path: str,
+    task: str,
+) -> PreTrainedModel:
+    """The model of ``source`` through transformers' ``auto_name`` class, with ``loading``'s extra
+    ``from_pretrained`` arguments (quantization); a config that class cannot load is named with the
+    task (the tokenizer gets none of these arguments: a quantization config would be saved with it)."""
+    import transformers
+
+    auto_model = getattr(transformers, auto_name)
+    kwargs = {"gguf_file": gguf_file, **loading} if gguf_file else dict(loading)
+    try:
+        return auto_model.from_pretrained(source, **{_dtype_kwarg(): dtype}, **kwargs)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        raise ValueError(
+            f"{name_or_path!r} has no {auto_model.__name__} architecture, so it cannot be "
+            f"loaded for task {task!r}; pick a task that fits it (one of {', '.join(TASKS)})"
+        ) from e
 
 
 def _quantized_loading(scheme: str, options: Mapping[str, Any]) -> dict[str, Any]:
