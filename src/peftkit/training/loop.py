@@ -32,6 +32,7 @@ from torch import nn
 from peftkit.core.whole_model import is_model_level
 from peftkit.foundation.errors import UsageError
 from peftkit.foundation.io import atomic_write, check_overwrite, remove_path, save_pretrained
+from peftkit.loss import loss_sum
 from peftkit.model import PeftModel, count_parameters, wrap
 from peftkit.ops import fused_cross_entropy
 from peftkit.training.checkpoints import (
@@ -42,7 +43,7 @@ from peftkit.training.checkpoints import (
     save_checkpoint,
 )
 from peftkit.training.data import PreparedData, check_data, collate, prepare_data
-from peftkit.training.evaluation import evaluate, headline_metric, loss_sum, pad_token_id
+from peftkit.training.evaluation import evaluate, headline_metric, pad_token_id
 from peftkit.training.method_choice import build_method_config, method_entry, resolved_options
 from peftkit.training.reports import (
     METRICS_FILE,
