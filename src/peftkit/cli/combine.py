@@ -73,7 +73,7 @@ def run_combine(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from peftkit.arithmetic import check_combination
     from peftkit.foundation.io import CONFIG_NAME, atomic_directory, check_overwrite
     from peftkit.model import load
-    from peftkit.training.loop import load_base_model
+    from peftkit.training.run_directory import load_base_model
     from peftkit.training.runs import run_config
 
     out = Path(args.out)

@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from peftkit.core.whole_model import is_model_level
 from peftkit.foundation.errors import UsageError
-from peftkit.foundation.io import atomic_write, check_overwrite, remove_path, save_pretrained
+from peftkit.foundation.io import save_pretrained
 from peftkit.loss import loss_sum
 from peftkit.model import PeftModel, count_parameters, wrap
 from peftkit.ops import fused_cross_entropy
@@ -57,6 +56,13 @@ from peftkit.training.reports import (
     truncate_metrics,
 )
 from peftkit.training.result import TrainResult
+from peftkit.training.run_directory import (
+    CONFIG_FILE,
+    check_output_dir,
+    load_base_model,
+    prepare_output_dir,
+    write_summary,
+)
 from peftkit.training.sharding import (
     check_shardable,
     full_parameters,
@@ -67,30 +73,9 @@ from peftkit.training.sharding import (
 )
 from peftkit.training.train_config import TrainConfig, with_task_defaults
 
-__all__ = ["CONFIG_FILE", "TrainResult", "load_base_model", "lr_factor", "train"]
+__all__ = ["TrainResult", "lr_factor", "train"]
 
-CONFIG_FILE = "train_config.yaml"
-SUMMARY_FILE = "summary.json"
 THREAD_CHECK_EVERY = 10  # steps between looks at the machine's load (threads: 0)
-# Keys that may change between a run and its --resume; any other change would make it another run.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "resume",
-        "overwrite",
-        "threads",
-        "max_steps",
-        "epochs",
-        "eval_every",
-        "eval_examples",
-        "validation_rows",
-        "max_new_tokens",
-        "save_every",
-        "keep_checkpoints",
-        "log_every",
-        "output_dir",
-        "estimate_only",
-    }
-)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -111,30 +96,6 @@ def auto_threads(running: int, processes: int = 1) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     others = max(0.0, os.getloadavg()[0] - running)
     return max(1, round(cores - others) // processes)
-
-
-def load_base_model(config: TrainConfig) -> tuple[nn.Module, Any]:
-    """The base model and tokenizer of ``config`` (``UsageError`` when it cannot be found)."""
-    from peftkit.foundation.loading import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, load_model
-
-    name = DEFAULT_MODEL if config.model == DEFAULT_MODEL_HUB_ID else config.model
-    quantize = None if config.quantize == "none" else config.quantize
-    try:
-        model, tokenizer = load_model(
-            name,
-            task=config.task,
-            dtype=config.dtype,
-            quantize=quantize,
-            quantization_options=config.quantize_options if quantize else None,
-        )
-    except UsageError:
-        raise  # already says what to do (e.g. the install command bitsandbytes needs)
-    except (FileNotFoundError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot load model {config.model!r}: {first}") from e
-    if tokenizer is None:
-        raise UsageError(f"model {config.model!r} has no tokenizer files; add them to that directory")
-    return model, tokenizer
 
 
 class _StopFlag:
@@ -366,34 +327,7 @@ class _Run:
                     self.say(f"CPU threads: {wanted} (other programs' load changed)")
 
     def _check_output_dir(self) -> None:
-        out, config = self.out, self.config
-        if config.resume:
-            if latest_checkpoint(out) is None:
-                raise UsageError(
-                    f"--resume: no checkpoint in {out}/checkpoints; train with save_every > 0 first"
-                )
-            saved = out / CONFIG_FILE
-            if saved.is_file():
-                before = yaml.safe_load(saved.read_text()) or {}
-                if before.get("method") == config.method:  # a file of older peftkit: options unresolved
-                    before["method_options"] = resolved_options(
-                        config.method, before.get("method_options") or {}
-                    )
-                now = config.to_dict()
-                changed = [k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k]]
-                if changed:
-                    key = changed[0]
-                    raise UsageError(
-                        f"--resume: {key} was {before.get(key)!r} in {saved} but is {now[key]!r} now; "
-                        "resume with the same settings (or start over with --overwrite)"
-                    )
-        else:
-            check_overwrite(
-                out,
-                config.overwrite,
-                "output_dir",
-                ", --resume to continue it, or choose another --output-dir",
-            )
+        check_output_dir(self.config)
 
     def _apply_method(self, model: nn.Module, method_config: Any) -> nn.Module:
 
@@ -413,12 +347,7 @@ class _Run:
 
     def _make_output_dir(self) -> None:
         if self.main:
-            if self.config.overwrite and self.out.exists():
-                remove_path(self.out)
-            self.out.mkdir(parents=True, exist_ok=True)
-            if not self.config.resume:
-                text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
-                atomic_write(self.out / CONFIG_FILE, lambda tmp: tmp.write_text(text))
+            prepare_output_dir(self.config)
         self.acc.wait_for_everyone()
 
     def _report_setup(
@@ -740,7 +669,7 @@ class _Run:
         if not self.main:
             return
         text, summary = summarize(result, train_time)
-        atomic_write(self.out / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+        write_summary(self.out, summary)
         self.say(text)
         self.say(_try_it(self.config, self.out))
 
