@@ -22,7 +22,7 @@ import peftkit
 from peftkit.cli import main
 from peftkit.foundation.errors import UsageError
 from peftkit.training.checkpoints import latest_checkpoint
-from peftkit.training.loop import lr_factor, train
+from peftkit.training.loop import train
 from peftkit.training.method_choice import METHOD_NAMES
 from peftkit.training.tasks import BUILTIN_TASKS
 from peftkit.training.train_config import load_config
@@ -86,14 +86,6 @@ def train_records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-# ------------------------------------------------------------------------------------------ schedule
-def test_lr_factor_is_linear_warmup_then_cosine() -> None:
-    warmup, total = 2, 10
-    expected = [1 / 3, 2 / 3] + [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
-    assert [lr_factor(s, warmup, total) for s in range(total)] == pytest.approx(expected)
-    assert lr_factor(total, warmup, total) == pytest.approx(0.0)
-
-
 # ------------------------------------------------------------------------------- learning and outputs
 def test_training_learns_and_writes_every_output(tmp_path, model_dir, small_data, capsys) -> None:
     config = config_for(tmp_path, model_dir, small_data, max_steps=24)
@@ -145,8 +137,21 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, model_dir, smal
     _assert_same_adapters(one.model, two.model, atol=1e-5)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, model_dir, small_data) -> None:
-    changes = {"max_steps": 8, "save_every": 4, "eval_examples": 0, "method_options": {"lora_dropout": 0.1}}
+@pytest.mark.parametrize(
+    "optimization",
+    [{}, {"optimizer": "lora-plus", "loraplus_lr_ratio": 4.0, "lr_scheduler": "linear"}],
+    ids=["adamw-cosine", "lora-plus-linear"],
+)
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(
+    tmp_path, model_dir, small_data, optimization
+) -> None:
+    changes = {
+        "max_steps": 8,
+        "save_every": 4,
+        "eval_examples": 0,
+        "method_options": {"lora_dropout": 0.1},
+        **optimization,
+    }
     straight = train(config_for(tmp_path / "a", model_dir, small_data, **changes))
 
     def press_ctrl_c(step: int, loss: float, model) -> None:

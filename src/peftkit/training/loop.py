@@ -44,6 +44,7 @@ from peftkit.training.checkpoints import (
 from peftkit.training.data import PreparedData, check_data, collate, prepare_data
 from peftkit.training.evaluation import evaluate, headline_metric, pad_token_id
 from peftkit.training.method_choice import build_method_config, method_entry, resolved_options
+from peftkit.training.optimization import build_optimizer, build_scheduler, check_optimizer
 from peftkit.training.reports import (
     METRICS_FILE,
     PLOT_FILE,
@@ -73,17 +74,9 @@ from peftkit.training.sharding import (
 )
 from peftkit.training.train_config import TrainConfig, with_task_defaults
 
-__all__ = ["TrainResult", "lr_factor", "train"]
+__all__ = ["TrainResult", "train"]
 
 THREAD_CHECK_EVERY = 10  # steps between looks at the machine's load (threads: 0)
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """The learning-rate multiplier before update ``step + 1``: linear warm-up, then cosine to 0."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def auto_threads(running: int, processes: int = 1) -> int:
@@ -241,6 +234,7 @@ class _Run:
         self._check_output_dir()
         self.acc.wait_for_everyone()  # every process checks before any writes
         method_config = build_method_config(config.method, config.method_options, config.task)
+        check_optimizer(config, method_config)
         if self.sharded:
             check_shardable(config.quantize, is_model_level(method_config), config.save_every, config.resume)
         self.say(f"peftkit train: {config.method} on {config.model} ({config.task}, {config.dtype})")
@@ -252,18 +246,10 @@ class _Run:
         total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
         references = data.validation["references"] if data.validation is not None else []
         metric = headline_metric(config.metric, config.task, references)
-        self._make_output_dir()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-            ],
-            lr=config.lr,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, config.warmup_steps, total_steps)
-        )
+        optimizer = build_optimizer(model, config)
+        scheduler = build_scheduler(optimizer, config, total_steps)
+        self._make_output_dir()
         if self.sharded:  # the model is sharded in place; accelerate would wrap it in DDP
             wrapped, optimizer = model, self.acc.prepare(optimizer)
         else:

@@ -111,12 +111,13 @@ def check_output_dir(config: TrainConfig) -> None:
     before = yaml.safe_load(saved.read_text()) or {}
     if before.get("method") == config.method:  # a file of older peftkit: options unresolved
         before["method_options"] = resolved_options(config.method, before.get("method_options") or {})
+    before = {**TrainConfig().to_dict(), **before}  # keys newer than the file: their defaults
     now = config.to_dict()
-    changed = [k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k]]
+    changed = [k for k in now if k not in RESUMABLE_CHANGES and before[k] != now[k]]
     if changed:
         key = changed[0]
         raise UsageError(
-            f"--resume: {key} was {before.get(key)!r} in {saved} but is {now[key]!r} now; "
+            f"--resume: {key} was {before[key]!r} in {saved} but is {now[key]!r} now; "
             "resume with the same settings (or start over with --overwrite)"
         )
 
