@@ -9,6 +9,7 @@ references, as in DialogSum's evaluation).
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from peftkit.loss import forward_logits, loss_sum, token_loss_sum
-from peftkit.training.data import collate, median_words
+from peftkit.training.data import collate
 
 if TYPE_CHECKING:
     import datasets
@@ -27,6 +28,7 @@ __all__ = [
     "exact_match",
     "generate_answers",
     "headline_metric",
+    "median_words",
     "rouge",
     "text_loss",
 ]
@@ -104,6 +106,11 @@ def generate_answers(
     return answers
 
 
+def median_words(references: Sequence[Sequence[str]]) -> float:
+    """The median word count of the first reference of each row."""
+    return statistics.median(len(refs[0].split()) for refs in references) if references else 0.0
+
+
 def headline_metric(metric: str, task: str, references: Sequence[Sequence[str]]) -> str:
     """Resolve ``metric="auto"``: accuracy for ``seq-cls``, exact match for short answers, else rougeL."""
     if metric != "auto":
@@ -142,47 +149,74 @@ def evaluate(
 
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    pad_id = pad_token_id(tokenizer)
     generated = min(examples, len(rows)) if generate and task != "seq-cls" else 0
     bar = tqdm(total=len(rows) + generated, desc="eval: loss", unit="row", disable=not progress)
-    total = count = 0.0
-    correct = 0
     try:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows.select(range(start, min(start + batch_size, len(rows))))
-            batch = {k: v.to(device) for k, v in collate(list(chunk), pad_id).items()}
-            logits = forward_logits(model, batch, task)
-            batch_loss, batch_count = token_loss_sum(logits, batch["labels"], task)
-            total += batch_loss.item()
-            count += batch_count.item()
-            if task == "seq-cls":
-                correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-            bar.update(len(chunk))
-        mean = total / max(count, 1)
-        result: dict[str, Any] = {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
-        if task == "seq-cls":
-            result["accuracy"] = correct / max(len(rows), 1)
-        elif generated > 0:
-            scored = rows.select(range(generated))
-            references = scored["references"]
-            if max_new_tokens <= 0:
-                longest = max(len(tokenizer(r[0], add_special_tokens=False)["input_ids"]) for r in references)
-                max_new_tokens = longest + ANSWER_MARGIN
+        result = _loss_scores(model, tokenizer, rows, task, batch_size, bar)
+        if generated > 0:
             bar.set_description("eval: generating")
-            answers = generate_answers(
-                model, tokenizer, scored["prompt_ids"], task, max_new_tokens, progress=bar.update
-            )
-            result["exact_match"] = exact_match(answers, references)
-            result.update(rouge(answers, references))
-            result["scored"] = len(answers)
-            result["samples"] = [
-                {"answer": a, "reference": r[0]} for a, r in zip(answers[:3], references[:3], strict=True)
-            ]
+            scored = rows.select(range(generated))
+            result.update(_generation_scores(model, tokenizer, scored, task, max_new_tokens, bar))
     finally:
         bar.close()
         model.train(was_training)
     return result
+
+
+def _loss_scores(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: datasets.Dataset,
+    task: str,
+    batch_size: int,
+    bar: Any,
+) -> dict[str, Any]:
+    """Loss and perplexity over all ``rows`` (and accuracy for ``seq-cls``), ``batch_size`` at a time."""
+    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer)
+    total = count = 0.0
+    correct = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows.select(range(start, min(start + batch_size, len(rows))))
+        batch = {k: v.to(device) for k, v in collate(list(chunk), pad_id).items()}
+        logits = forward_logits(model, batch, task)
+        batch_loss, batch_count = token_loss_sum(logits, batch["labels"], task)
+        total += batch_loss.item()
+        count += batch_count.item()
+        if task == "seq-cls":
+            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+        bar.update(len(chunk))
+    mean = total / max(count, 1)
+    result: dict[str, Any] = {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+    if task == "seq-cls":
+        result["accuracy"] = correct / max(len(rows), 1)
+    return result
+
+
+def _generation_scores(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    scored: datasets.Dataset,
+    task: str,
+    max_new_tokens: int,
+    bar: Any,
+) -> dict[str, Any]:
+    """Exact match and ROUGE of greedy answers to ``scored``'s prompts, and three samples."""
+    references = scored["references"]
+    if max_new_tokens <= 0:
+        longest = max(len(tokenizer(r[0], add_special_tokens=False)["input_ids"]) for r in references)
+        max_new_tokens = longest + ANSWER_MARGIN
+    answers = generate_answers(
+        model, tokenizer, scored["prompt_ids"], task, max_new_tokens, progress=bar.update
+    )
+    return {
+        "exact_match": exact_match(answers, references),
+        **rouge(answers, references),
+        "scored": len(answers),
+        "samples": [
+            {"answer": a, "reference": r[0]} for a, r in zip(answers[:3], references[:3], strict=True)
+        ],
+    }
 
 
 @torch.no_grad()
