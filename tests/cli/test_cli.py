@@ -119,6 +119,8 @@ def test_every_config_key_is_a_flag(name: str) -> None:
         argv = [f"--{name.replace('_', '-')}", text]
     if name == "quantize_options":
         argv += ["--quantize", "nf4"]  # they apply to a quantized base only
+    if name == "loraplus_lr_ratio":
+        argv += ["--optimizer", "lora-plus"]  # the ratio applies to LoRA+ only
     assert getattr(parse(argv), name) == value
 
 

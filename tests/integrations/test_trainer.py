@@ -15,8 +15,10 @@ import pytest
 import torch
 
 import peftkit
+from peftkit import loss as loss_module
 from peftkit.foundation.io import read_adapter
 from peftkit.integrations import Trainer, load_saved_adapters
+from peftkit.ops import fused_cross_entropy
 
 from helpers.tiny_lm import build_model, build_tokenizer
 
@@ -247,3 +249,29 @@ def test_other_models_are_saved_as_trainer_saves_them(tokenizer, rows, tmp_path)
 
     files = {path.name for path in (tmp_path / "plain").iterdir()}
     assert {"model.safetensors", "config.json"} <= files and not files & ADAPTER_FILES
+
+
+def test_trainer_steps_use_the_fused_loss_and_train_as_the_models_own(
+    tokenizer, rows, tmp_path, monkeypatch
+) -> None:
+    """FusedLoss: every training micro-batch goes through peftkit.loss's fused head, with the losses of
+    the model's own loss (1e-5 relative: chunked float32 sums); label smoothing keeps Trainer's path."""
+    calls: list[int] = []
+    real = loss_module.linear_cross_entropy
+    monkeypatch.setattr(loss_module, "linear_cross_entropy", lambda *a: calls.append(1) or real(*a))
+
+    def losses(name: str, **changes: object) -> list[float]:
+        model = lora_model(tokenizer, lora_dropout=0.0)
+        settings = {"max_steps": 4, "gradient_accumulation_steps": 2, "save_strategy": "no", **changes}
+        trainer = make_trainer(model, tokenizer, rows, tmp_path / name, eval_strategy="no", **settings)
+        trainer.train()
+        return list(step_losses(trainer).values())
+
+    fused = losses("fused")
+    assert len(calls) == 4 * 2  # every micro-batch of every step
+    with fused_cross_entropy(False):
+        plain = losses("plain")
+    assert len(calls) == 8 and len(fused) == len(plain) == 4
+    assert fused == pytest.approx(plain, rel=1e-5)
+    smoothed = losses("smoothed", label_smoothing_factor=0.1)  # reads the logits
+    assert len(calls) == 8 and len(smoothed) == 4

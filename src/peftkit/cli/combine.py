@@ -115,7 +115,7 @@ def _combine(
     """Load the base model the adapters record (or ``--model``) with the adapters as ``input_<i>`` and
     add their combination as ``default``; returns the model, the base model's name and the report."""
     from peftkit.model import load
-    from peftkit.training.loop import load_base_model
+    from peftkit.training.run_directory import load_base_model
     from peftkit.training.runs import run_config
 
     configs = [run_config(directory, args.model) for directory in directories]

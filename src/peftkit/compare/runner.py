@@ -77,7 +77,7 @@ def base_scores(plan: ComparePlan, say: Callable[[str], None] = print) -> dict[s
     """The base model's held-out scores, general-text loss and size (computed once, kept in base.json)."""
     from peftkit.training.data import prepare_data
     from peftkit.training.evaluation import evaluate, headline_metric
-    from peftkit.training.loop import load_base_model
+    from peftkit.training.run_directory import load_base_model
 
     shared = plan.shared
     key = _base_fingerprint(plan)

@@ -43,7 +43,7 @@ def inspect_model(config: TrainConfig, pattern: str | None = None, list_modules:
         UsageError: an unavailable method, a bad option, a config that targets nothing, or a model
             that cannot be loaded.
     """
-    from peftkit.training.loop import load_base_model
+    from peftkit.training.run_directory import load_base_model
 
     method_config = build_method_config(config.method, config.method_options, config.task)
     model, _ = load_base_model(config)

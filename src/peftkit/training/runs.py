@@ -19,7 +19,7 @@ from peftkit.foundation.errors import UsageError
 from peftkit.foundation.io import CONFIG_NAME
 from peftkit.model import load
 from peftkit.training.data import encode
-from peftkit.training.loop import CONFIG_FILE, load_base_model
+from peftkit.training.run_directory import CONFIG_FILE, load_base_model
 from peftkit.training.train_config import TrainConfig, load_config
 
 if TYPE_CHECKING:

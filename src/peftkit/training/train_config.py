@@ -23,7 +23,9 @@ from peftkit.foundation.tasks import TASKS
 from peftkit.training.method_choice import METHOD_NAMES, method_fields, unknown_name
 
 __all__ = [
+    "LR_SCHEDULERS",
     "METRICS",
+    "OPTIMIZERS",
     "TrainConfig",
     "apply_overrides",
     "closest",
@@ -37,6 +39,9 @@ METRICS = ("auto", "exact_match", "rouge1", "rouge2", "rougeL", "accuracy", "los
 DTYPES = ("float32", "bfloat16")
 QUANTIZE = ("none", "nf4", "fp4", "int8")  # bitsandbytes schemes (peftkit.foundation.quantization.SCHEMES)
 DATA_FORMATS = ("auto", "prompt_completion", "instruction", "messages")
+OPTIMIZERS = ("adamw", "lora-plus")  # built by peftkit.training.optimization
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+LORAPLUS_LR_RATIO = 16.0  # the LoRA+ paper's usual ratio, and Hugging Face PEFT's example
 
 
 def _key(default: Any, help: str, **extra: Any) -> Any:
@@ -94,9 +99,22 @@ class TrainConfig:
     epochs: float = _key(1.0, "epochs when max_steps is 0")
     batch_size: int = _key(8, "examples per device per micro-batch")
     grad_accum: int = _key(1, "micro-batches per optimizer step")
-    lr: float = _key(2e-3, "peak learning rate (AdamW)")
-    weight_decay: float = _key(0.0, "AdamW weight decay")
-    warmup_steps: int = _key(6, "linear warm-up steps before the cosine decay")
+    lr: float = _key(2e-3, "peak learning rate (with lora-plus: of every parameter but LoRA's B factors)")
+    optimizer: str = _key(
+        "adamw",
+        "adamw; lora-plus: AdamW with LoRA's B factors at lr x loraplus_lr_ratio (LoRA+, LoRA methods)",
+        choices=OPTIMIZERS,
+    )
+    loraplus_lr_ratio: float = _key(
+        LORAPLUS_LR_RATIO, "with optimizer lora-plus: the B factors' learning rate over lr (at least 1)"
+    )
+    weight_decay: float = _key(0.0, "AdamW weight decay (matrices only)")
+    lr_scheduler: str = _key(
+        "cosine",
+        "after the warm-up: cosine or linear decay to 0 at the last step, or constant",
+        choices=LR_SCHEDULERS,
+    )
+    warmup_steps: int = _key(6, "linear warm-up steps, then lr_scheduler")
     max_grad_norm: float = _key(1.0, "gradient clipping norm; 0: off")
     seed: int = _key(0, "seed for initialisation, data order and dropout")
     threads: int = _key(0, "CPU threads per process; 0: the cores other processes leave free (rechecked)")
@@ -271,6 +289,7 @@ _RULES = (
     ("epochs", lambda v: v > 0, "positive"),
     ("warmup_steps", lambda v: v >= 0, "0 or more"),
     ("weight_decay", lambda v: v >= 0, "0 or more"),
+    ("loraplus_lr_ratio", lambda v: v >= 1, "at least 1 (B learns faster than A), e.g. 16"),
     ("max_grad_norm", lambda v: v >= 0, "0 (no clipping) or more"),
     ("validation_split", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("max_length", lambda v: v >= 8, "at least 8"),
@@ -313,6 +332,11 @@ def _validate(config: TrainConfig, source: str) -> None:
             check_quantization_options(config.quantize_options)
         except UsageError as e:
             raise UsageError(f"{e} (from {source})") from None
+    if config.loraplus_lr_ratio != LORAPLUS_LR_RATIO and config.optimizer != "lora-plus":
+        raise UsageError(
+            f"loraplus_lr_ratio (from {source}) applies to optimizer lora-plus, not {config.optimizer!r}; "
+            "add --optimizer lora-plus"
+        )
     if config.resume and config.overwrite:
         raise UsageError(
             "resume and overwrite exclude each other: resume keeps output_dir, overwrite replaces it"
