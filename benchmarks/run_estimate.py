@@ -14,9 +14,9 @@ import resource
 
 import torch
 
-from peftkit.loss import loss_sum
 from peftkit.memory import measure_training_step
 from peftkit.model import wrap
+from peftkit.objectives.tokens import loss_sum
 from peftkit.training.data import collate, prepare_data
 from peftkit.training.estimate import estimate_run
 from peftkit.training.evaluation import pad_token_id

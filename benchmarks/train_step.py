@@ -38,8 +38,8 @@ from common import (
 from torch import nn
 
 import peftkit
-from peftkit.loss import fused_model_loss, loss_sum
 from peftkit.memory import measure_training_step
+from peftkit.objectives.tokens import fused_model_loss, loss_sum
 from peftkit.ops import fast_lora
 
 
@@ -75,14 +75,14 @@ def model_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tenso
 
 
 def peftkit_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The loss of ``peftkit train``: ``peftkit.loss.loss_sum`` (fused head + cross-entropy), mean."""
+    """The loss of ``peftkit train``: ``objectives.tokens.loss_sum`` (fused head + cross-entropy), mean."""
     total, count = loss_sum(model, inputs, "causal-lm")
     return total / count
 
 
 def fused_own_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's own loss (``ForCausalLMLoss``'s value and gradients) computed by the fused head:
-    ``peftkit.loss.fused_model_loss``, what ``peftkit.integrations.Trainer`` runs."""
+    ``peftkit.objectives.tokens.fused_model_loss``, what ``peftkit.integrations.Trainer`` runs."""
     with fused_model_loss(model):
         return model(**inputs).loss
 

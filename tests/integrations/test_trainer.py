@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import peftkit
-from peftkit import loss as loss_module
 from peftkit.foundation.io import read_adapter
 from peftkit.integrations import Trainer, load_saved_adapters
+from peftkit.objectives import tokens as loss_module
 from peftkit.ops import fused_cross_entropy
 
 from helpers.tiny_lm import build_model, build_tokenizer
@@ -254,7 +254,7 @@ def test_other_models_are_saved_as_trainer_saves_them(tokenizer, rows, tmp_path)
 def test_trainer_steps_use_the_fused_loss_and_train_as_the_models_own(
     tokenizer, rows, tmp_path, monkeypatch
 ) -> None:
-    """FusedLoss: every training micro-batch goes through peftkit.loss's fused head, with the losses of
+    """FusedLoss: every training micro-batch goes through objectives.tokens' fused head, with the losses of
     the model's own loss (1e-5 relative: chunked float32 sums); label smoothing keeps Trainer's path."""
     calls: list[int] = []
     real = loss_module.linear_cross_entropy

@@ -203,7 +203,7 @@ def test_measuring_with_peftkit_train_loss_skips_the_whole_logits() -> None:
     """``loss_fn``: the fused head + cross-entropy of ``peftkit train`` holds no (tokens, vocab) logits."""
     from transformers import AutoModelForCausalLM
 
-    from peftkit.loss import loss_sum
+    from peftkit.objectives.tokens import loss_sum
 
     config = tiny_llama_config()
     config.vocab_size = 4000

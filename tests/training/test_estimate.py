@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from peftkit.foundation.loading import DEFAULT_MODEL, cache_dir
-from peftkit.loss import loss_sum
 from peftkit.memory import measure_training_step
 from peftkit.model import wrap
+from peftkit.objectives.tokens import loss_sum
 from peftkit.training.data import collate, prepare_data
 from peftkit.training.estimate import estimate_run
 from peftkit.training.evaluation import pad_token_id

@@ -10,7 +10,7 @@ backward scales them by the incoming gradient. The arithmetic is that of the pla
 matrix products), in float32; rows whose label is ``ignore_index`` are skipped.
 
 :func:`linear_cross_entropy_reference` is the plain twin. The training losses use the fused path through
-:mod:`peftkit.loss` where the model's output head is a plain ``nn.Linear``;
+:mod:`peftkit.objectives` where the model's output head is a plain ``nn.Linear``;
 turn it off with ``with peftkit.ops.fused_cross_entropy(False):`` or ``PEFTKIT_FUSED_CE=0``.
 """
 

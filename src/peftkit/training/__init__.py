@@ -15,7 +15,7 @@ Modules, bottom to top:
 - :mod:`~peftkit.training.runs`: opening a finished run directory (eval, generate, merge);
 - :mod:`~peftkit.training.inspection`: ``peftkit inspect``'s tables.
 
-The training loss itself is :mod:`peftkit.loss` (shared with :mod:`peftkit.integrations`).
+The training loss itself is :mod:`peftkit.objectives` (shared with :mod:`peftkit.integrations`).
 
 Nothing is imported here, so that importing one module (the config, for ``--help``) stays cheap.
 """

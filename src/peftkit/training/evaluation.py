@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftkit.loss import forward_logits, loss_sum, token_loss_sum
+from peftkit.objectives.tokens import forward_logits, loss_sum, token_loss_sum
 from peftkit.training.data import collate
 
 if TYPE_CHECKING:

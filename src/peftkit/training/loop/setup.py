@@ -15,8 +15,9 @@ from torch import nn
 
 from peftkit.core.whole_model import is_model_level
 from peftkit.foundation.errors import UsageError
-from peftkit.loss import Objective, token_objective
 from peftkit.model import PeftModel, wrap
+from peftkit.objectives import Objective
+from peftkit.objectives.tokens import token_objective
 from peftkit.training.data import PreparedData, check_data, prepare_data
 from peftkit.training.evaluation import headline_metric, pad_token_id
 from peftkit.training.loop.context import RunContext, set_threads

@@ -1,4 +1,4 @@
-"""peftkit.loss: the training losses of ``peftkit train`` and ``peftkit.integrations`` against plain maths.
+"""objectives.tokens: the losses of ``peftkit train`` and ``peftkit.integrations`` against plain maths.
 
 References: ``F.cross_entropy(reduction="sum")`` of whole float32 logits, shifted by hand, and the
 model's own ``.loss`` (transformers' ``ForCausalLMLoss``) with its gradients; on the tiny Llama of
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftkit
-from peftkit import loss as loss_module
-from peftkit.loss import (
+from peftkit.objectives import tokens as loss_module
+from peftkit.objectives.tokens import (
     forward_logits,
     fused_model_loss,
     head_inputs,

@@ -1,4 +1,4 @@
-"""Training losses: what a model scores on a batch, shared by ``peftkit train`` and ``peftkit.integrations``.
+"""The token cross-entropy: ``peftkit train``'s objective for every task, and a model's own loss elsewhere.
 
 A causal LM's next-token loss goes through the fused head (:func:`peftkit.ops.linear_cross_entropy`:
 the output head and the cross-entropy computed together, chunk by chunk, so the vocabulary-sized logits
@@ -11,11 +11,7 @@ every model, wrapper and soft prompt works as it is. Two entry points:
 - :func:`fused_model_loss`: a block in which a transformers causal LM called with ``labels``
   computes its own loss (``ForCausalLMLoss``) the fused way (``peftkit.integrations.Trainer``).
 
-An :class:`Objective` is what a training step minimises: a function of the model and a collated batch
-returning ``(loss_sum, count)``. ``peftkit train`` divides the sum by the global batch's count, known
-from the data before the step (each row's ``targets``), so that accumulation and processes split a
-batch without changing its gradient. :func:`token_objective` is the token cross-entropy; another
-objective (a preference loss, say) is another function of the same shape.
+:func:`token_objective` is this module's :class:`~peftkit.objectives.Objective`.
 """
 
 from __future__ import annotations
@@ -24,16 +20,16 @@ import functools
 import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftkit.foundation.tasks import IGNORE_INDEX
+from peftkit.objectives import Objective
 from peftkit.ops import fused_cross_entropy_enabled, linear_cross_entropy, plain_output_head
 
 __all__ = [
-    "Objective",
     "forward_logits",
     "fused_model_loss",
     "head_inputs",
@@ -42,17 +38,6 @@ __all__ = [
     "token_loss_sum",
     "token_objective",
 ]
-
-
-class Objective(Protocol):
-    """A training objective: ``objective(model, batch) -> (loss_sum, count)``.
-
-    ``batch`` is a collated batch (``input_ids``, ``attention_mask``, ``labels``: (batch, seq)); both
-    results are 0-dim tensors, ``loss_sum`` differentiable. The loop back-propagates
-    ``loss_sum / global count``.
-    """
-
-    def __call__(self, model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]: ...
 
 
 def token_objective(task: str) -> Objective:
