@@ -20,6 +20,7 @@ from peftkit.foundation.errors import UsageError, closest
 from peftkit.foundation.loading import DEFAULT_MODEL
 from peftkit.foundation.quantization import check_quantization_options
 from peftkit.foundation.tasks import TASKS
+from peftkit.objectives.choice import OBJECTIVE_OPTIONS, OBJECTIVES, OPTION_HELP, objectives_taking
 from peftkit.training.method_choice import METHOD_NAMES, method_fields, unknown_name
 
 __all__ = [
@@ -32,10 +33,13 @@ __all__ = [
     "load_config",
     "parse_value",
     "read_yaml_mapping",
+    "with_objective_defaults",
     "with_task_defaults",
 ]
 
-METRICS = ("auto", "exact_match", "rouge1", "rouge2", "rougeL", "accuracy", "loss")
+METRICS = ("auto", "exact_match", "rouge1", "rouge2", "rougeL", "accuracy", "loss", "preference_accuracy")
+PREFERENCE_METRICS = ("auto", "preference_accuracy", "loss")  # what a preference run scores
+PREFERENCE_TASK = "person-json-pairs"  # the bundled data of a preference objective given no data
 DTYPES = ("float32", "bfloat16")
 QUANTIZE = ("none", "nf4", "fp4", "int8")  # bitsandbytes schemes (peftkit.foundation.quantization.SCHEMES)
 DATA_FORMATS = ("auto", "prompt_completion", "instruction", "messages")
@@ -73,6 +77,17 @@ class TrainConfig:
     method_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "options of the method's config class, e.g. {r: 8}"}
     )
+    # --- objective
+    objective: str = _key(
+        "sft",
+        "what training minimises: sft (the answers' cross-entropy), or a preference loss on pairs of a "
+        f"chosen and a rejected answer: dpo, orpo, simpo (default data: {PREFERENCE_TASK})",
+        choices=OBJECTIVES,
+    )
+    beta: float | None = _key(None, OPTION_HELP["beta"])
+    simpo_gamma: float | None = _key(None, OPTION_HELP["simpo_gamma"])
+    cpo_alpha: float | None = _key(None, OPTION_HELP["cpo_alpha"])
+    reference: str | None = _key(None, OPTION_HELP["reference"])
     # --- data
     data: str = _key("person-json", "training file (.jsonl/.json/.csv/.parquet) or a bundled task name")
     validation_data: str | None = _key(None, "held-out file; default: split off validation_split of data")
@@ -85,6 +100,8 @@ class TrainConfig:
     input_column: str = _key("input", "instruction format: the (optional) input column")
     output_column: str = _key("output", "instruction format: the answer column")
     messages_column: str = _key("messages", "messages format: the column of chat turns")
+    chosen_column: str = _key("chosen", "preference objectives: the preferred answer's column")
+    rejected_column: str = _key("rejected", "preference objectives: the other answer's column")
     prompt_template: str | None = _key(
         None, "Python format string over a row's columns, e.g. 'Summarize:\\n{dialogue}'"
     )
@@ -200,9 +217,14 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
 
 
 def with_task_defaults(config: TrainConfig) -> TrainConfig:
-    """Apply a bundled task's settings (``peftkit.training.tasks``) to the keys still at their defaults."""
+    """Apply a bundled task's settings (``peftkit.training.tasks``) to the keys still at their defaults.
+
+    A preference objective given the default data trains on the bundled preference task instead.
+    """
     from peftkit.training.tasks import builtin_task
 
+    if config.objective != "sft" and config.data == FIELDS["data"].default:
+        config = dataclasses.replace(config, data=PREFERENCE_TASK)
     task = builtin_task(config.data)
     if task is None:
         return config
@@ -210,6 +232,14 @@ def with_task_defaults(config: TrainConfig) -> TrainConfig:
         key: value for key, value in task.settings.items() if getattr(config, key) == FIELDS[key].default
     }
     return dataclasses.replace(config, **changes)
+
+
+def with_objective_defaults(config: TrainConfig) -> TrainConfig:
+    """``config`` with its objective's unset options at their defaults (``beta: 0.1`` for DPO…)."""
+    defaults = OBJECTIVE_OPTIONS[config.objective]
+    return dataclasses.replace(
+        config, **{name: value for name, value in defaults.items() if getattr(config, name) is None}
+    )
 
 
 def apply_overrides(config: TrainConfig, changes: Mapping[str, Any], source: str) -> TrainConfig:
@@ -340,4 +370,38 @@ def _validate(config: TrainConfig, source: str) -> None:
     if config.resume and config.overwrite:
         raise UsageError(
             "resume and overwrite exclude each other: resume keeps output_dir, overwrite replaces it"
+        )
+    _validate_objective(config, source)
+
+
+def _validate_objective(config: TrainConfig, source: str) -> None:
+    """An objective's options only with it; what a preference objective cannot run with."""
+    taken = OBJECTIVE_OPTIONS[config.objective]
+    for name in ("beta", "simpo_gamma", "cpo_alpha", "reference"):
+        if getattr(config, name) is not None and name not in taken:
+            takers = objectives_taking(name)
+            named = ", ".join(takers[:-1]) + (" or " if len(takers) > 1 else "") + takers[-1]
+            raise UsageError(
+                f"{name} (from {source}) is an option of objective {named}, not of {config.objective!r}: "
+                f"add --objective {takers[0]} or leave {name} out"
+            )
+    for name, meaning in (("beta", lambda v: v > 0), ("cpo_alpha", lambda v: v >= 0)):
+        value = getattr(config, name)
+        if value is not None and not meaning(value):
+            raise UsageError(
+                f"{name}={value!r} (from {source}) must be {'positive' if name == 'beta' else '0 or more'}"
+            )
+    if config.objective == "sft":
+        return
+    what = f"objective {config.objective!r} (from {source})"
+    if config.task != "causal-lm":
+        raise UsageError(
+            f"{what} trains causal language models: task {config.task!r} is not one; use causal-lm"
+        )
+    if config.packing:
+        raise UsageError(f"{what}: packing of preference pairs is not built yet; drop --packing")
+    if config.metric not in PREFERENCE_METRICS:
+        raise UsageError(
+            f"metric={config.metric!r} (from {source}) scores answers; {what} is scored by "
+            f"{', '.join(PREFERENCE_METRICS[1:])}: use metric auto"
         )

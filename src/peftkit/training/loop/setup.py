@@ -6,7 +6,9 @@ data files, model, batch size); then the output directory is created with ``trai
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +19,16 @@ from peftkit.core.whole_model import is_model_level
 from peftkit.foundation.errors import UsageError
 from peftkit.model import PeftModel, wrap
 from peftkit.objectives import Objective
+from peftkit.objectives.choice import PreferenceSettings
+from peftkit.objectives.pair_batch import collate_pairs
+from peftkit.objectives.preference import preference_objective
+from peftkit.objectives.sequences import shares_prompts
 from peftkit.objectives.tokens import token_objective
-from peftkit.training.data import PreparedData, check_data, prepare_data
+from peftkit.training.data import PreparedData, check_data, collate, prepare_data
 from peftkit.training.evaluation import headline_metric, pad_token_id
 from peftkit.training.loop.context import RunContext, set_threads
 from peftkit.training.loop.order import BatchOrder
+from peftkit.training.loop.reference import check_reference, load_reference_adapter
 from peftkit.training.method_choice import build_method_config
 from peftkit.training.optimization import build_optimizer, build_scheduler, check_optimizer
 from peftkit.training.reports import trainable_table
@@ -29,7 +36,7 @@ from peftkit.training.run_directory import check_output_dir, load_base_model, pr
 from peftkit.training.sharding import check_shardable, shard
 from peftkit.training.train_config import TrainConfig
 
-__all__ = ["RunSetup", "apply_method", "set_up"]
+__all__ = ["RunSetup", "apply_method", "set_up", "with_checkpointing"]
 
 
 @dataclass
@@ -43,9 +50,11 @@ class RunSetup:
     params: list[nn.Parameter]  # the trainable ones, for gradient clipping
     tokenizer: Any
     data: PreparedData
-    train_rows: list[dict[str, Any]]  # input_ids and labels of every training row
-    targets: list[int]  # what each training row's loss is divided by: its answer tokens
+    train_rows: list[dict[str, Any]]  # input_ids and labels (pairs: prompt, chosen, rejected ids) per row
+    targets: list[int]  # what each training row's loss is divided by: its answer tokens (pairs: 1)
     objective: Objective  # (model, batch) -> (loss_sum, count)
+    collate: Callable[[Sequence[dict[str, Any]]], dict[str, Any]]  # rows -> the objective's batch
+    preference: PreferenceSettings | None  # the preference objective's settings (None: sft)
     order: BatchOrder
     pad_id: int
     total_steps: int
@@ -68,6 +77,7 @@ def set_up(context: RunContext) -> RunSetup:
         check_shardable(config.quantize, is_model_level(method_config), config.save_every, config.resume)
     context.say(f"peftkit train: {config.method} on {config.model} ({config.task}, {config.dtype})")
     check_data(config)  # bad data is reported before the model loads
+    check_reference(config)
     model, tokenizer, data = _load(config, method_config)
     if context.sharded:
         shard(model)
@@ -77,6 +87,8 @@ def set_up(context: RunContext) -> RunSetup:
     total_steps = config.max_steps or math.ceil(config.epochs * order.steps_per_epoch)
     references = data.validation["references"] if data.validation is not None else []
     metric = headline_metric(config.metric, config.task, references)
+    if config.objective != "sft" and config.metric == "auto":
+        metric = "preference_accuracy"
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total_steps)
@@ -88,6 +100,14 @@ def set_up(context: RunContext) -> RunSetup:
     else:
         wrapped, optimizer = context.accelerator.prepare(model, optimizer)
     context.say(setup_report(context, model, data, total_steps, order, metric))
+    preference = _preference_settings(config)
+    pad_id = pad_token_id(tokenizer)
+    if preference is None:
+        columns, objective = ["input_ids", "labels"], token_objective(config.task)
+        batches = functools.partial(collate, pad_id=pad_id)
+    else:
+        columns, objective = ["prompt_ids", "chosen_ids", "rejected_ids"], preference_objective(preference)
+        batches = functools.partial(collate_pairs, pad_id=pad_id, shared_prompt=shares_prompts(model))
     return RunSetup(
         model=model,
         wrapped=wrapped,
@@ -96,14 +116,23 @@ def set_up(context: RunContext) -> RunSetup:
         params=params,
         tokenizer=tokenizer,
         data=data,
-        train_rows=data.train.select_columns(["input_ids", "labels"]).to_list(),
+        train_rows=data.train.select_columns(columns).to_list(),
         targets=data.train["targets"],
-        objective=token_objective(config.task),
+        objective=objective,
+        collate=batches,
+        preference=preference,
         order=order,
-        pad_id=pad_token_id(tokenizer),
+        pad_id=pad_id,
         total_steps=total_steps,
         metric=metric,
     )
+
+
+def _preference_settings(config: TrainConfig) -> PreferenceSettings | None:
+    if config.objective == "sft":
+        return None
+    options = {name: getattr(config, name) for name in ("beta", "simpo_gamma", "cpo_alpha")}
+    return PreferenceSettings.of(config.objective, **options)
 
 
 def _load(config: TrainConfig, method_config: Any) -> tuple[nn.Module, Any, PreparedData]:
@@ -120,6 +149,8 @@ def _load(config: TrainConfig, method_config: Any) -> tuple[nn.Module, Any, Prep
             f"{len(data.label_names)} (config.json num_labels)"
         )
     set_seed(config.seed)  # adapter initialisation
+    if config.reference is not None:  # DPO continuing from an adapter: it is the reference and the start
+        return with_checkpointing(load_reference_adapter(model, config), config), tokenizer, data
     return apply_method(model, method_config, config), tokenizer, data
 
 
@@ -137,6 +168,11 @@ def apply_method(model: nn.Module, method_config: Any, config: TrainConfig) -> n
             model = wrap(model, method_config)
         except ValueError as e:
             raise UsageError(f"method {config.method!r}: {e}") from e
+    return with_checkpointing(model, config)
+
+
+def with_checkpointing(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """``model`` with gradient checkpointing on when ``config`` asks for it."""
     if config.gradient_checkpointing:
         if isinstance(model, PeftModel):
             model.gradient_checkpointing_enable()
@@ -150,7 +186,8 @@ def setup_report(
 ) -> str:
     """What the run will do: the data (truncated, packed, held out), the steps, the trainable table."""
     config, stats = context.config, data.stats
-    lines = [f"data: {stats['examples']} training examples"]
+    what = "examples" if config.objective == "sft" else f"pairs ({config.objective})"
+    lines = [f"data: {stats['examples']} training {what}"]
     if stats.get("truncated"):
         dropped = stats.get("dropped")
         lines.append(
