@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import ALL_LINEAR, Variant, interleaved, load_smollm2, machine, shared_weights_copy, table
+from common import ALL_LINEAR, Variant, interleaved, machine, shared_weights_copy, table
 from torch import nn
 
 import peftkit
@@ -65,7 +65,9 @@ def trl_loss(base: nn.Module, tokenizer: object, r: int) -> tuple[nn.Module, Cal
 
     model = peft.get_peft_model(
         shared_weights_copy(base),
-        peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=ALL_LINEAR, task_type="CAUSAL_LM"),
+        peft.LoraConfig(
+            r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=ALL_LINEAR, task_type="CAUSAL_LM"
+        ),
     )
     config = trl.DPOConfig(
         output_dir="/tmp/peftkit-bench-trl",
@@ -117,7 +119,9 @@ def with_reference_in_step(loss: Callable) -> Callable:
     return step_loss
 
 
-def stepper(model: nn.Module, batch: dict, loss: Callable) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+def stepper(
+    model: nn.Module, batch: dict, loss: Callable
+) -> tuple[Callable[[], None], torch.optim.Optimizer]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
 
     def step() -> None:
@@ -163,7 +167,8 @@ def main() -> None:
         "peftkit, two rows per pair": (ours, two_rows, our_loss),
     }
     steps = {name: stepper(model, batch, loss) for name, (model, batch, loss) in variants.items()}
-    print(f"timing {len(steps)} variants: {args.pairs} pairs, prompt {args.prompt} + answer {args.answer} tokens")
+    shape = f"{args.pairs} pairs, prompt {args.prompt} + answer {args.answer} tokens"
+    print(f"timing {len(steps)} variants: {shape}")
     timed = [Variant(name, step) for name, (step, _) in steps.items()]
     interleaved(timed, args.rounds, args.warmup)
     peaks: dict[str, int] = {}
@@ -174,7 +179,9 @@ def main() -> None:
     print(machine())
 
 
-def print_results(timed: list[Variant], peaks: dict[str, int], args: argparse.Namespace, reference: float) -> None:
+def print_results(
+    timed: list[Variant], peaks: dict[str, int], args: argparse.Namespace, reference: float
+) -> None:
     medians = {v.name: v.median for v in timed}
     rows = []
     for variant in timed:

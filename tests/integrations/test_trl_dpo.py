@@ -79,12 +79,18 @@ def test_dpo_trainer_gives_hf_peft_losses(precompute: bool, tmp_path: Path) -> N
 
     changes = {"precompute_ref_log_probs": precompute}
     trainer = DPOTrainer(
-        model=ours, args=dpo_config(tmp_path / "ours", **changes), train_dataset=pairs(), processing_class=tokenizer
+        model=ours,
+        args=dpo_config(tmp_path / "ours", **changes),
+        train_dataset=pairs(),
+        processing_class=tokenizer,
     )
     assert isinstance(trainer.ref_model, ReferencePolicy) and not list(trainer.ref_model.parameters())
     trainer.train()
     oracle = trl.DPOTrainer(
-        model=theirs, args=dpo_config(tmp_path / "theirs", **changes), train_dataset=pairs(), processing_class=tokenizer
+        model=theirs,
+        args=dpo_config(tmp_path / "theirs", **changes),
+        train_dataset=pairs(),
+        processing_class=tokenizer,
     )
     oracle.train()
 

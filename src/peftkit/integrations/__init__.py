@@ -1,4 +1,4 @@
-"""peftkit models in other tools' trainers: ``Trainer`` (transformers), ``SFTTrainer`` and ``DPOTrainer`` (TRL).
+"""peftkit models in other tools' trainers: ``Trainer`` (transformers), ``SFTTrainer``, ``DPOTrainer`` (TRL).
 
 Each is the tool's own class with :class:`~peftkit.integrations.trainer.AdapterCheckpoints` mixed in,
 so checkpoints and ``save_model()`` hold adapter directories and ``resume_from_checkpoint`` restores

@@ -134,7 +134,9 @@ class DPOTrainer(AdapterCheckpoints, trl.DPOTrainer):
     def _own_heads(self) -> None:
         """TRL's fused head from the peftkit model onto its base model, and off the reference view (which
         calls the model). Done after TRL's ``__init__`` patched them, and before its reference pass."""
-        _move_fused_head(self.model, DPO_FUSED_OUTPUTS + (("log_sum_sq_probs",) if self.use_weighting else ()))
+        _move_fused_head(
+            self.model, DPO_FUSED_OUTPUTS + (("log_sum_sq_probs",) if self.use_weighting else ())
+        )
         view = self.ref_model
         if isinstance(view, ReferencePolicy) and "forward" in vars(view):
             del view.forward

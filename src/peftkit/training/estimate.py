@@ -3,7 +3,9 @@
 The run's batch is ``batch_size`` rows as long as the longest tokenized training row (rows are padded
 to the longest in their batch, so that is the worst step), its loss is the one ``peftkit train``
 computes (the fused head + cross-entropy unless switched off), and its targets, rank, dropout, dtype
-and checkpointing are the run's. Only the tokenizer and the data are read; the weights are not.
+and checkpointing are the run's. A preference objective's batch is ``batch_size`` pairs of two
+sequences (the prompt and an answer) as long as the longest pair's. Only the tokenizer and the data
+are read; the weights are not.
 """
 
 from __future__ import annotations
@@ -53,9 +55,15 @@ def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
     if tokenizer is None:
         seq = config.max_length
         notes.append(f"no tokenizer for {config.model}: rows assumed max_length={seq} tokens long")
-    else:
+    elif config.objective == "sft":
         seq = longest_row(config, tokenizer)
         notes.append(f"batch: {config.batch_size} rows of {seq} tokens (the longest training row)")
+    else:
+        seq = longest_row(config, tokenizer)
+        notes.append(
+            f"batch: {config.batch_size} pairs, each a chosen and a rejected sequence of up to {seq} tokens "
+            "(the longest pair's prompt and longer answer)"
+        )
     if config.bf16:
         notes.append("bf16 autocast is not modelled: the estimate assumes arithmetic in the weights' dtype")
     try:
@@ -72,6 +80,7 @@ def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
             double_quant=config.quantize_options.get(
                 "double_quant", config.quantize_options.get("bnb_4bit_use_double_quant", True)
             ),
+            objective=config.objective,
         )
     except ValueError as e:
         raise UsageError(str(e)) from e
@@ -79,8 +88,14 @@ def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
 
 
 def longest_row(config: TrainConfig, tokenizer: object) -> int:
-    """Tokens in the longest training row of ``config``'s data, as ``peftkit train`` prepares it."""
+    """Tokens in the longest training row of ``config``'s data, as ``peftkit train`` prepares it (pairs:
+    the longest prompt plus its longer answer)."""
     from peftkit.training.data import prepare_data
 
     data = prepare_data(config, tokenizer)
+    if config.objective != "sft":
+        columns = zip(
+            data.train["prompt_ids"], data.train["chosen_ids"], data.train["rejected_ids"], strict=True
+        )
+        return max(len(p) + max(len(c), len(r)) for p, c, r in columns)
     return max(len(ids) for ids in data.train["input_ids"])
