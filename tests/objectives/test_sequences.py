@@ -117,6 +117,7 @@ def test_mask_lets_the_rejected_answer_see_the_prompt_and_itself_only() -> None:
 
 def test_prompts_are_shared_only_where_the_mask_is_read_as_given() -> None:
     assert shares_prompts(wrapped_model("sdpa")) and shares_prompts(wrapped_model("eager"))
+    assert shares_prompts(build_model(VOCAB))  # a plain transformers model (full fine-tuning)
     windowed = wrapped_model()
     windowed.config.sliding_window = 16
     assert not shares_prompts(windowed)

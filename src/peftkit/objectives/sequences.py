@@ -51,8 +51,10 @@ def shares_prompts(model: nn.Module) -> bool:
         return False
     while hasattr(model, "module"):  # DistributedDataParallel and similar wrappers
         model = model.module
-    whole_model = getattr(model, "model_adapters", None) or {}
-    return not any(name in whole_model for name in getattr(model, "active_adapters", ()))
+    whole_model = getattr(model, "model_adapters", None)  # a peftkit PeftModel's soft prompts, selective…
+    if whole_model is None:
+        return True
+    return not any(name in whole_model for name in model.active_adapters)
 
 
 def pair_model_inputs(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from peftkit.training.run_directory import check_output_dir, load_base_model, pr
 from peftkit.training.sharding import check_shardable, shard
 from peftkit.training.train_config import TrainConfig
 
-__all__ = ["RunSetup", "apply_method", "set_up", "with_checkpointing"]
+__all__ = ["RunSetup", "apply_method", "preference_settings", "set_up", "with_checkpointing"]
 
 
 @dataclass
@@ -100,7 +100,7 @@ def set_up(context: RunContext) -> RunSetup:
     else:
         wrapped, optimizer = context.accelerator.prepare(model, optimizer)
     context.say(setup_report(context, model, data, total_steps, order, metric))
-    preference = _preference_settings(config)
+    preference = preference_settings(config) if config.objective != "sft" else None
     pad_id = pad_token_id(tokenizer)
     if preference is None:
         columns, objective = ["input_ids", "labels"], token_objective(config.task)
@@ -128,9 +128,8 @@ def set_up(context: RunContext) -> RunSetup:
     )
 
 
-def _preference_settings(config: TrainConfig) -> PreferenceSettings | None:
-    if config.objective == "sft":
-        return None
+def preference_settings(config: TrainConfig) -> PreferenceSettings:
+    """The preference objective of ``config`` (``beta``… filled with the objective's defaults)."""
     options = {name: getattr(config, name) for name in ("beta", "simpo_gamma", "cpo_alpha")}
     return PreferenceSettings.of(config.objective, **options)
 
