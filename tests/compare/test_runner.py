@@ -244,5 +244,5 @@ def test_a_comparison_trains_one_kind_of_objective(tmp_path: Path, model_dir: Pa
         ranks=None,
         methods=["lora", {"name": "dpo", "preset": "lora", "objective": "dpo"}],
     )
-    with pytest.raises(UsageError, match="mix objectives sft .* and dpo"):
+    with pytest.raises(UsageError, match=r"mix objectives sft .* and dpo"):
         load_plan(path)
