@@ -143,8 +143,18 @@ def test_dpo_losses_equal_trl_dpo_trainer_on_hf_peft(tmp_path, model_dir, pair_f
     )
 
 
+def evaluated(run_dir: Path, capsys) -> dict[str, float]:
+    """What ``peftkit eval RUN`` prints, as numbers."""
+    capsys.readouterr()
+    assert main(["eval", str(run_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    return {line.split()[0]: float(line.split()[1]) for line in lines if len(line.split()) == 2}
+
+
 @pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo"])
-def test_each_objective_learns_the_held_out_preferences(tmp_path, model_dir, pair_files, objective) -> None:
+def test_each_objective_learns_the_held_out_preferences(
+    tmp_path, model_dir, pair_files, objective, capsys
+) -> None:
     result = run(tmp_path, model_dir, pair_files, objective=objective, max_steps=12, eval_examples=2)
     assert result.metric == "preference_accuracy"
     assert result.after["reward_margin"] > result.before["reward_margin"]
@@ -159,6 +169,9 @@ def test_each_objective_learns_the_held_out_preferences(tmp_path, model_dir, pai
     train_records = [r for r in records if r["split"] == "train"]
     assert all({"reward_margin", "reward_accuracy"} <= r.keys() for r in train_records)
     assert len(train_records) == 12
+    again = evaluated(Path(result.output_dir), capsys)  # DPO: the reference scored anew, adapter off
+    for name in ("preference_accuracy", "reward_margin", "loss"):
+        assert again[name] == pytest.approx(result.after[name], abs=1e-4), name
 
 
 def test_ctrl_c_then_resume_continues_exactly(tmp_path, model_dir, pair_files) -> None:
@@ -182,7 +195,9 @@ def test_ctrl_c_then_resume_continues_exactly(tmp_path, model_dir, pair_files) -
         assert torch.equal(a, b), name
 
 
-def test_reference_adapter_is_the_start_and_another_base_is_refused(tmp_path, model_dir, pair_files) -> None:
+def test_reference_adapter_is_the_start_and_another_base_is_refused(
+    tmp_path, model_dir, pair_files, capsys
+) -> None:
     from helpers.tiny_lm import save_tiny_lm
 
     sft_data = tmp_path / "sft.jsonl"
@@ -214,6 +229,8 @@ def test_reference_adapter_is_the_start_and_another_base_is_refused(tmp_path, mo
     assert dpo.before["preference_accuracy"] == 0.5
     moved = dpo.model.adapter_state_dict("default")
     assert any(not torch.equal(trained[k], moved[k]) for k in trained)
+    again = evaluated(Path(dpo.output_dir), capsys)  # the reference adapter loaded beside the trained one
+    assert again["reward_margin"] == pytest.approx(dpo.after["reward_margin"], abs=1e-4)
 
     other = save_tiny_lm(tmp_path / "other-base", seed=5)
     with pytest.raises(UsageError, match=r"was trained on .* not on this run.s model"):

@@ -14,9 +14,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,9 @@ from peftkit.objectives.sequences import sequence_log_probs
 from peftkit.training.run_directory import CONFIG_FILE
 from peftkit.training.train_config import TrainConfig
 
+if TYPE_CHECKING:
+    import datasets
+
 __all__ = [
     "REFERENCE_FILE",
     "check_reference",
@@ -36,10 +39,12 @@ __all__ = [
     "load_reference_adapter",
     "reference_log_probs",
     "same_base_model",
+    "with_reference_log_probs",
 ]
 
 REFERENCE_FILE = "reference_log_probs.safetensors"
 COLUMNS = ("reference_chosen", "reference_rejected")
+REFERENCE_ADAPTER = "reference"  # the reference adapter's name beside a trained one (peftkit eval)
 
 
 def check_reference_options(config: TrainConfig) -> None:
@@ -152,6 +157,55 @@ def reference_log_probs(
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.zeros((0, 2))
+
+
+def with_reference_log_probs(
+    model: nn.Module,
+    rows: datasets.Dataset,
+    collate: Callable[[Sequence[dict[str, Any]]], dict[str, Tensor]],
+    batch_size: int,
+    reference: str | None,
+) -> datasets.Dataset:
+    """Held-out pairs with the reference's log-probabilities of their answers, scored now (``peftkit
+    eval``): the base under ``model``'s adapter (``reference`` None), or the adapter ``reference`` loaded
+    beside it for the pass.
+
+    Raises:
+        UsageError: the reference adapter cannot be loaded.
+    """
+    pairs = rows.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_list()
+    if reference is None:
+        values = reference_log_probs(model, model, pairs, collate, batch_size, adapters_off=True)
+    else:
+        with _reference_adapter(model, Path(reference).expanduser()) as scorer:
+            values = reference_log_probs(scorer, scorer, pairs, collate, batch_size, adapters_off=False)
+    return rows.add_column(COLUMNS[0], values[:, 0].tolist()).add_column(COLUMNS[1], values[:, 1].tolist())
+
+
+@contextlib.contextmanager
+def _reference_adapter(model: nn.Module, directory: Path) -> Iterator[nn.Module]:
+    """Within the block, a model computing the reference adapter: loaded beside ``model``'s own adapter
+    and alone active (or onto the base model), removed again after."""
+    try:
+        if not isinstance(model, PeftModel):  # the base model alone (peftkit eval --base)
+            wrapped = load(model, directory)
+        else:
+            previous = model.active_adapters
+            model.load_adapter(directory, adapter_name=REFERENCE_ADAPTER)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"cannot load reference {directory}: {e}") from e
+    if not isinstance(model, PeftModel):
+        try:
+            yield wrapped
+        finally:
+            wrapped.unload()
+        return
+    model.set_adapter(REFERENCE_ADAPTER)
+    try:
+        yield model
+    finally:
+        model.set_adapter(previous)
+        model.delete_adapter(REFERENCE_ADAPTER)
 
 
 def fingerprint(rows: Sequence[dict[str, Any]], config: TrainConfig) -> str:
