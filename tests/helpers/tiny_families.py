@@ -25,20 +25,24 @@ from peftkit.training.tasks import BUILTIN_TASKS
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 64, 2, 4, 2, 16
 
 CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 LLAMA3 = (
-    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
     " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 GEMMA = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
     "{% set turns = messages[1:] %}{% else %}{% set first = '' %}{% set turns = messages %}{% endif %}"
-    "{% for message in turns %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{% for message in turns %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
     "{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + message['content'] | trim"
-    " + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    " + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 PHI3 = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
@@ -67,14 +71,15 @@ def _texts() -> list[str]:
         for line in path.read_text().splitlines():
             row = json.loads(line)
             texts += [row["prompt"], row["completion"]]
-    return texts + [
+    return [
+        *texts,
         task.settings["prompt_template"],
         "The capital of France is Paris. List three colours: red,",
     ]
 
 
 def _byte_level(specials: list[str], splitter: str, vocab_size: int = 500) -> Any:
-    """A byte-level BPE ``tokenizers.Tokenizer`` with GPT-2 (``"gpt2"``) or Llama 3 (``"llama3"``) splitting."""
+    """A byte-level BPE ``tokenizers.Tokenizer``, GPT-2 (``"gpt2"``) or Llama 3 (``"llama3"``) splitting."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
@@ -174,7 +179,9 @@ def llama_sp_tokenizer(template: str, extra: list[str]) -> Any:
     from transformers import LlamaTokenizer
 
     vocab, merges = _sentencepiece_vocab(["<unk>", "<s>", "</s>", *extra])
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges)
+    tokenizer = LlamaTokenizer(
+        vocab=vocab, merges=merges, legacy=True
+    )  # SentencePiece's (llama.cpp's) spacing
     if extra:
         tokenizer.add_special_tokens({"additional_special_tokens": extra})
     tokenizer.chat_template = template

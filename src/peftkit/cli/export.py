@@ -82,5 +82,6 @@ def _next_step(format: str, files: list[Any]) -> str:
     if format == "ollama":
         return f"run it: ollama create NAME -f {files[-1]} && ollama run NAME"
     if format == "gguf-lora":
-        return f"run it: llama-cli -m BASE.gguf --lora {files[0]}  (BASE.gguf: peftkit export BASE_MODEL BASE.gguf)"
+        base = "BASE.gguf from: peftkit export BASE_MODEL BASE.gguf"
+        return f"run it: llama-cli -m BASE.gguf --lora {files[0]}  ({base})"
     return f"run it: llama-cli -m {files[0]}  (or llama-server -m {files[0]})"

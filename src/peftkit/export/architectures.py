@@ -1,4 +1,5 @@
-"""The model architectures peftkit exports to GGUF, as llama.cpp's converter (convert_hf_to_gguf.py) writes them.
+"""The model architectures peftkit exports to GGUF, as llama.cpp's converter (convert_hf_to_gguf.py)
+writes them.
 
 Each :class:`Architecture` row says which transformers classes it covers, the GGUF architecture, what
 llama.cpp expects of the tensors (Llama's q/k row permutation for its RoPE layout, Gemma's norms stored

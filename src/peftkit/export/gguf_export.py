@@ -86,7 +86,7 @@ def export(
     opened = open_source(source, model)
     arch = architecture_of(opened.model.config)
     vocabulary = read_vocabulary(opened.tokenizer, opened.model.config.vocab_size)
-    notes = []
+    notes = list(vocabulary.caveats)
     if opened.trained_quantized:
         notes.append(f"the run trained on a {opened.trained_quantized} base; exported with the float base")
     if format == "gguf-lora":

@@ -52,7 +52,10 @@ def ollama_template(chat: ChatFormat, prompt_template: str | None = None) -> str
             )
     joined = ""
     if chat.system_mode == "first_user":  # Ollama puts the system message first: the first user is at 1
-        joined = f"{{{{ if and $.System (eq $i 1) }}}}{{{{ $.System }}}}{_literal(chat.system_separator)}{{{{ end }}}}"
+        joined = (
+            "{{ if and $.System (eq $i 1) }}{{ $.System }}"
+            f"{_literal(chat.system_separator)}{{{{ end }}}}"
+        )
     elif chat.system_mode == "last_user":
         joined = (
             "{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}{{ $.System }}"
@@ -89,7 +92,7 @@ def modelfile_text(
 ) -> str:
     """The Modelfile next to ``gguf_name`` (a file name in the same directory)."""
     lines = [
-        "# peftkit export: the merged model and its chat format for Ollama (`ollama create NAME -f Modelfile`)",
+        "# peftkit export: the merged model in Ollama's chat format (ollama create NAME -f Modelfile)",
         f"FROM ./{gguf_name}",
         f"TEMPLATE {_quoted(ollama_template(chat, prompt_template), 'chat template')}",
     ]

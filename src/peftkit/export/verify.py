@@ -117,7 +117,7 @@ def verify_gguf(
             n_ctx=512,
             logits_all=True,
             n_threads=max(1, torch.get_num_threads()),
-            type_k=llama_cpp.GGML_TYPE_F32,  # a float32 KV cache: the file is compared, not the cache's rounding
+            type_k=llama_cpp.GGML_TYPE_F32,  # float32 KV cache: the file is checked, not the cache rounding
             type_v=llama_cpp.GGML_TYPE_F32,
             verbose=False,
         )

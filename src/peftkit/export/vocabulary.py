@@ -54,6 +54,7 @@ class Vocabulary:
         add_bos, add_eos: whether encoding text adds them (what Hugging Face's tokenizer does).
         add_space_prefix: ``"llama"``: whether a space is put before the text (Llama 2, Phi-3; not Gemma).
         chat_template: the Jinja chat template, or None.
+        caveats: where llama.cpp will tokenize differently from the Hugging Face tokenizer (said to the user).
     """
 
     model: str
@@ -67,6 +68,7 @@ class Vocabulary:
     add_eos: bool
     add_space_prefix: bool
     chat_template: str | None
+    caveats: tuple[str, ...] = ()
 
     def write(self, writer: gguf.GGUFWriter) -> None:
         """Add the ``tokenizer.*`` keys to ``writer``."""
@@ -128,6 +130,7 @@ def read_vocabulary(tokenizer: Any, vocab_size: int) -> Vocabulary:
         add_eos=add_eos,
         add_space_prefix=sentencepiece and _adds_space_prefix(spec),
         chat_template=tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
+        caveats=_caveats(spec) if sentencepiece else (),
     )
 
 
@@ -235,3 +238,19 @@ def _adds_space_prefix(spec: dict[str, Any]) -> bool:
     pre = spec.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre])
     return any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never" for p in parts)
+
+
+def _caveats(spec: dict[str, Any]) -> tuple[str, ...]:
+    """SentencePiece-style differences llama.cpp cannot be told about.
+
+    llama.cpp puts "▁" before the text after every special token, as SentencePiece does and Hugging Face's
+    Metaspace ``prepend_scheme="first"`` (transformers' ``legacy=False``) does not.
+    """
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre])
+    if any(p.get("type") == "Metaspace" and p.get("prepend_scheme") == "first" for p in parts):
+        return (
+            "this tokenizer (legacy=False) puts no space after special tokens; llama.cpp does, so text right "
+            "after a special token (chat turns) tokenizes differently there",
+        )
+    return ()
