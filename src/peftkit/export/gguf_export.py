@@ -23,7 +23,7 @@ from peftkit.export import FORMATS, OUTTYPES
 from peftkit.export.architectures import Architecture, architecture_of, write_common_hparams
 from peftkit.export.chat_format import recognise_chat_format
 from peftkit.export.gguf_file import FILE_TYPES, write_gguf
-from peftkit.export.lora import check_lora_expressible, lora_tensors
+from peftkit.export.lora import lora_tensors
 from peftkit.export.merged import model_tensors
 from peftkit.export.modelfile import modelfile_text
 from peftkit.export.sources import Source, open_source
@@ -161,7 +161,6 @@ def _write_model_metadata(
 def _export_lora(opened: Source, arch: Architecture, out: Path, outtype: str) -> list[Path]:
     if opened.adapter is None:
         raise UsageError("SOURCE holds no adapter; --format gguf-lora exports an adapter (use --format gguf)")
-    check_lora_expressible(opened.model.peft_config[opened.adapter])
     alpha, tensors = lora_tensors(opened.model, opened.adapter, arch, outtype)
     atomic_write(
         out, lambda tmp: write_gguf(tmp, arch.arch_name, _lora_metadata(opened.name, alpha), tensors)

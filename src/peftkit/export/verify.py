@@ -95,8 +95,8 @@ def verify_gguf(
 ) -> VerifyReport:
     """Compare llama.cpp running ``gguf_path`` (with the LoRA GGUF ``lora_path``) against ``reference``.
 
-    The reference runs first, for all prompts, and llama.cpp after it: llama.cpp's worker threads keep
-    spinning between calls and would slow PyTorch down on a small machine.
+    The reference runs first, for all prompts, and llama.cpp after it, so the two never compete for the
+    cores.
 
     Args:
         reference: the model the file should equal (the merged model, or the base with its adapter).
