@@ -54,6 +54,29 @@ def test_ollama_writes_a_directory_with_the_gguf_and_a_modelfile(dirs, tmp_path,
     assert "ollama create NAME -f" in capsys.readouterr().out
 
 
+def test_ollama_carries_the_runs_system_prompt_and_prompt_template(dirs, tmp_path) -> None:
+    import yaml
+
+    from peftkit.training.train_config import TrainConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for file in dirs["adapter"].iterdir():
+        (run / file.name).write_bytes(file.read_bytes())
+    settings = TrainConfig(
+        model=str(dirs["llama"]),
+        output_dir=str(run),
+        data="person-json",
+        system_prompt="Answer with JSON only.",
+        prompt_template="Extract the person: {text}",
+    )
+    (run / "train_config.yaml").write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False))
+    assert main(["export", str(run), str(tmp_path / "ollama"), "--format", "ollama"]) == 0
+    modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
+    assert 'SYSTEM """Answer with JSON only."""' in modelfile
+    assert "<|im_start|>user\nExtract the person: {{ .Content }}<|im_end|>" in modelfile
+
+
 def test_verify_prints_llama_cpps_comparison(dirs, tmp_path, capsys) -> None:
     require_llama_cpp()
     out = tmp_path / "adapter.gguf"
@@ -127,9 +150,18 @@ def test_an_unsupported_architecture_is_refused(tmp_path, capsys) -> None:
     _fails(["export", str(tmp_path / "gpt2"), str(out)], capsys, out, "GPT2LMHeadModel", "supported: Llama")
 
 
-def test_a_missing_source_is_refused(tmp_path, capsys) -> None:
+def test_a_missing_source_is_refused(tmp_path, capsys, monkeypatch) -> None:
     out = tmp_path / "m.gguf"
     _fails(["export", str(tmp_path / "no-run"), str(out)], capsys, out, "not a directory")
+    monkeypatch.chdir(
+        tmp_path
+    )  # "out/train" before `make train`: read as a Hub id, which does not load offline
+    _fails(
+        ["export", "out/train", "m.gguf"],
+        capsys,
+        out,
+        "SOURCE out/train is no run, adapter or model directory",
+    )
 
 
 def test_the_python_api_is_the_commands(dirs, tmp_path) -> None:

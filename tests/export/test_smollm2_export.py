@@ -54,11 +54,17 @@ def _continuations(gguf: Path, ids: list[list[int]], lora: Path | None = None) -
         llm.close()
 
 
-def test_f32_merged_gguf_continues_as_peftkit(smollm2, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def merged_f32(smollm2, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("merged") / "f32.gguf"
+    export(smollm2[0], path, outtype="f32")
+    return path
+
+
+def test_f32_merged_gguf_continues_as_peftkit(smollm2, merged_f32) -> None:
     require_llama_cpp()
-    adapter, ids, expected = smollm2
-    export(adapter, tmp_path / "merged.gguf", outtype="f32")
-    assert _continuations(tmp_path / "merged.gguf", ids) == expected
+    _, ids, expected = smollm2
+    assert _continuations(merged_f32, ids) == expected
 
 
 def test_f32_lora_gguf_on_the_f32_base_continues_as_peftkit(smollm2, tmp_path) -> None:
@@ -69,9 +75,7 @@ def test_f32_lora_gguf_on_the_f32_base_continues_as_peftkit(smollm2, tmp_path) -
     assert _continuations(tmp_path / "base.gguf", ids, tmp_path / "adapter.gguf") == expected
 
 
-def test_q8_0_is_about_027x_the_f32_file(smollm2, tmp_path) -> None:
-    adapter, _, _ = smollm2
-    for outtype in ("f32", "q8_0"):
-        export(adapter, tmp_path / f"{outtype}.gguf", outtype=outtype)
-    ratio = (tmp_path / "q8_0.gguf").stat().st_size / (tmp_path / "f32.gguf").stat().st_size
+def test_q8_0_is_about_027x_the_f32_file(smollm2, merged_f32, tmp_path) -> None:
+    export(smollm2[0], tmp_path / "q8_0.gguf", outtype="q8_0")
+    ratio = (tmp_path / "q8_0.gguf").stat().st_size / merged_f32.stat().st_size
     assert 0.26 < ratio < 0.28

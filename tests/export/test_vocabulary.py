@@ -75,9 +75,10 @@ def test_pre_tokenizer_types_are_recognised_by_their_rules() -> None:
     digits = {"type": "Digits", "individual_digits": True}
     assert pre_tokenizer_type(_pre([BYTE_LEVEL])) == "gpt-2"
     assert pre_tokenizer_type(_pre([digits, BYTE_LEVEL])) == "smollm"
-    qwen = json.loads(FAMILIES[3].tokenizer().backend_tokenizer.to_str())
+    by_name = {family.name: family for family in FAMILIES}
+    qwen = json.loads(by_name["qwen2"].tokenizer().backend_tokenizer.to_str())
     assert pre_tokenizer_type(qwen) == "qwen2"
-    llama3 = json.loads(FAMILIES[1].tokenizer().backend_tokenizer.to_str())
+    llama3 = json.loads(by_name["llama3"].tokenizer().backend_tokenizer.to_str())
     assert pre_tokenizer_type(llama3) == "llama-bpe"
 
 

@@ -67,9 +67,13 @@ def llama_logits(llm: Any, ids: list[int]) -> torch.Tensor:
 
 
 def torch_greedy(model: Any, ids: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
-    """The model's argmax continuation, recomputing the whole sequence each step (no cache)."""
-    sequence = list(ids)
+    """The argmax continuation of ``ids`` (transformers' KV cache; end-of-sequence does not stop it)."""
+    tokens: list[int] = []
     with torch.no_grad():
+        output = model(torch.tensor([ids]), use_cache=True)
         for _ in range(new_tokens):
-            sequence.append(int(model(torch.tensor([sequence])).logits[0, -1].argmax()))
-    return sequence[len(ids) :]
+            tokens.append(int(output.logits[0, -1].argmax()))
+            output = model(
+                torch.tensor([tokens[-1:]]), past_key_values=output.past_key_values, use_cache=True
+            )
+    return tokens

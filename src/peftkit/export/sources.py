@@ -61,7 +61,12 @@ def open_source(source: str | Path, model: str | None = None) -> Source:
     if not path.is_dir():
         if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
             raise UsageError(f"SOURCE {source} is not a directory; pass a run, adapter or model directory")
-        return Source(*_load_base(str(source)), name=Path(str(source)).name)
+        try:
+            return Source(*_load_base(str(source)), name=Path(str(source)).name)
+        except UsageError as e:
+            raise UsageError(
+                f"SOURCE {source} is no run, adapter or model directory, and no model that loads ({e})"
+            ) from e
     config = run_config(path, model)
     if config.task != "causal-lm":
         raise UsageError(f"{path} is a {config.task} model; only causal language models export to GGUF")
