@@ -92,21 +92,32 @@ def _family_dir(name: str, tmp_path: Path) -> tuple[Path, Path]:
     return model_dir, save_random_lora(model_dir, tmp_path / "adapter", **LORA_OPTIONS)
 
 
+def _architecture_change(**change):
+    def patch(monkeypatch: pytest.MonkeyPatch) -> None:
+        real = gguf_export.architecture_of
+        monkeypatch.setattr(gguf_export, "architecture_of", lambda c: dataclasses.replace(real(c), **change))
+
+    return patch
+
+
+def _no_rope_factors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("peftkit.export.merged.llama3_rope_factors", lambda config: None)
+
+
 @pytest.mark.parametrize(
-    ("family", "change", "fmt"),
+    ("family", "leave_out"),
     [
-        ("llama", {"permute_qk": False}, "gguf"),  # Llama's q/k row order for llama.cpp's RoPE
-        ("gemma2", {"norm_shift": 0.0}, "gguf"),  # Gemma's norms stored as 1 + w
+        ("llama", _architecture_change(permute_qk=False)),  # Llama's q/k row order for llama.cpp's RoPE
+        ("gemma2", _architecture_change(norm_shift=0.0)),  # Gemma's norms stored as 1 + w
+        ("llama3", _no_rope_factors),  # Llama 3.1's RoPE scaling as a rope_freqs tensor
     ],
+    ids=["permutation", "gemma-norms", "llama3-rope-freqs"],
 )
-def test_each_conversion_step_is_needed(family, change, fmt, tmp_path, monkeypatch) -> None:
+def test_each_conversion_step_is_needed(family, leave_out, tmp_path, monkeypatch) -> None:
     """The round trips above can fail: without one of llama.cpp's conversion steps the logits move far."""
     require_llama_cpp()
     model_dir, _ = _family_dir(family, tmp_path)
-    real = gguf_export.architecture_of
-    monkeypatch.setattr(
-        gguf_export, "architecture_of", lambda config: dataclasses.replace(real(config), **change)
-    )
+    leave_out(monkeypatch)
     export(model_dir, tmp_path / "broken.gguf", outtype="f32")
     model, tokenizer = load_model(str(model_dir))
     ids = _prompt_ids(tokenizer)[0]

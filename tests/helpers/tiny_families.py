@@ -2,7 +2,8 @@
 kind and a chat template of its family's format, saved as a transformers directory in a second.
 
 Tokenizers (trained on the bundled person-json rows, a few hundred tokens):
-- byte-level BPE: GPT-2 splitting (Llama), Llama 3 splitting (a Llama-3-style Llama), Qwen2's class
+- byte-level BPE: GPT-2 splitting (Llama), Llama 3 splitting (a Llama 3.1-style Llama, with its RoPE
+  scaling), Qwen2's class
   (Qwen2, Qwen3);
 - SentencePiece-style BPE with byte fallback: Gemma's class (Gemma 2, Gemma 3), Llama's class
   (Mistral, Phi-3).
@@ -56,6 +57,16 @@ MISTRAL = (
     "{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}{% else %}"
     "{{ ' ' + message['content'] | trim + eos_token }}{% endif %}{% endfor %}"
 )
+# Llama 3.1's RoPE scaling (llama.cpp needs it as a rope_freqs tensor), with a short original context so
+# most of a tiny head's frequencies are scaled
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 # Phi-3's added tokens (llama.cpp looks for <|endoftext|> once <|end|> is there)
 PHI3_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 LLAMA3_SPLIT = (
@@ -207,7 +218,7 @@ def _config(name: str, vocab_size: int, tokenizer: Any) -> Any:
     gemma = dict(head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM, sliding_window=512)
     configs: dict[str, Callable[[], Any]] = {
         "llama": lambda: tf.LlamaConfig(**common, tie_word_embeddings=True),
-        "llama3": lambda: tf.LlamaConfig(**common, tie_word_embeddings=False, rope_theta=500000.0),
+        "llama3": lambda: tf.LlamaConfig(**common, tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE),
         "mistral": lambda: tf.MistralConfig(**common, sliding_window=None),
         "qwen2": lambda: tf.Qwen2Config(**common, tie_word_embeddings=True),
         "qwen3": lambda: tf.Qwen3Config(**common, head_dim=HEAD_DIM, tie_word_embeddings=False),
