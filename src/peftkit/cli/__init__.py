@@ -1,4 +1,4 @@
-"""The ``peftkit`` command: train, eval, generate, merge, combine, inspect, estimate, compare, serve.
+"""The ``peftkit`` command: train, eval, generate, merge, combine, inspect, estimate, compare, serve, export.
 
 One module per subcommand (``peftkit.cli.<name>``), each with a ``register_<name>(subparsers)`` function
 that adds its parser and sets ``handler=<function(args, argv) -> exit code>``; :data:`COMMANDS` lists
@@ -23,6 +23,7 @@ from peftkit.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, Parser, parse_train
 from peftkit.cli.compare import register_compare
 from peftkit.cli.estimate import register_estimate
 from peftkit.cli.evaluate import register_eval
+from peftkit.cli.export import register_export
 from peftkit.cli.generate import register_generate
 from peftkit.cli.inspect import register_inspect
 from peftkit.cli.merge import register_merge
@@ -42,6 +43,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     register_estimate,
     register_compare,
     register_serve,
+    register_export,
 ]
 
 
