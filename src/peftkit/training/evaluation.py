@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "classify",
     "evaluate",
     "exact_match",
     "forward_logits",
@@ -204,6 +205,23 @@ def generate_answers(
         if progress is not None:
             progress(len(chunk))
     return answers
+
+
+@torch.no_grad()
+def classify(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[int]:
+    """The class a sequence classifier gives each text, tokenized as ``seq-cls`` training does (the
+    text alone), one text at a time (no padding to get wrong).
+
+    Returns:
+        one class index per text.
+    """
+    device = next(model.parameters()).device
+    classes = []
+    for text in texts:
+        input_ids = torch.tensor([tokenizer(text)["input_ids"]], device=device)  # (1, seq)
+        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits  # (1, classes)
+        classes.append(int(logits[0].argmax()))
+    return classes
 
 
 def headline_metric(metric: str, task: str, references: Sequence[Sequence[str]]) -> str:
