@@ -169,3 +169,45 @@ def test_generate_on_a_classifier_prints_the_label(classifier_run: Path, capsys)
     assert "good 3\n-> pos" in out and "bad 7\n-> neg" in out
     assert main(["generate", str(classifier_run), "bad 2"]) == 0
     assert capsys.readouterr().out.strip() == "neg"
+
+
+# ------------------------------------------------------------------ a merged QLoRA run loads as what it is
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LoRA run (2 steps) on an NF4 base (hidden 128: bitsandbytes quantizes blocks of 64)."""
+    pytest.importorskip("bitsandbytes")
+    from peftkit.training.loop import train
+    from peftkit.training.train_config import load_config
+
+    from helpers.tiny_lm import save_tiny_lm
+
+    tmp = tmp_path_factory.mktemp("qlora")
+    model = save_tiny_lm(tmp / "model", hidden=128)
+    settings = {"model": str(model), "output_dir": str(tmp / "run"), "quantize": "nf4", "max_steps": 2}
+    train(load_config(None, {**settings, "batch_size": 2, "eval_examples": 0, "validation_rows": 4}))
+    return tmp / "run"
+
+
+def _quantized_layers(model: object) -> list[str]:
+    from peftkit.foundation.quantization import is_quantized
+
+    return [name for name, module in model.named_modules() if is_quantized(module)]
+
+
+def test_a_merged_qlora_run_loads_as_the_float_model_it_is(
+    qlora_run: Path, tmp_path: Path, caplog, recwarn
+) -> None:
+    from peftkit.training.runs import load_run
+
+    assert main(["merge", str(qlora_run), str(tmp_path / "merged")]) == 0
+    assert "quantize: nf4" in (tmp_path / "merged" / "train_config.yaml").read_text()  # the run's settings
+    merged, _, _ = load_run(tmp_path / "merged")
+    assert _quantized_layers(merged) == []
+
+    assert main(["merge", str(qlora_run), str(tmp_path / "requantized"), "--requantize"]) == 0
+    caplog.clear()
+    recwarn.clear()
+    requantized, _, _ = load_run(tmp_path / "requantized")
+    assert _quantized_layers(requantized)  # its own config.json says it is quantized
+    said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in recwarn]
+    assert not [line for line in said if "quantization_config" in line]
