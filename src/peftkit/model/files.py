@@ -9,6 +9,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,12 +19,19 @@ from peftkit.core.layer import AdapterLayer, ModulesToSave
 from peftkit.core.whole_model import is_model_level
 from peftkit.foundation.io import KEY_PREFIX, read_adapter, resolve_adapter_dir, write_adapter
 from peftkit.methods import config_classes
+from peftkit.model.plain_trainer import warn_if_plain_trainer_saves
 
 DEFAULT_ADAPTER_NAME = "default"
 
 
 class Files:
     """PeftModel's file methods (its state: ``model``, ``peft_config``, the wrappers)."""
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict``; called by a plain ``transformers.Trainer`` to save the whole model,
+        it first warns once that ``peftkit.integrations.Trainer`` saves the adapter instead."""
+        warn_if_plain_trainer_saves()
+        return super().state_dict(*args, **kwargs)  # type: ignore[misc]
 
     def load_adapter(
         self,
