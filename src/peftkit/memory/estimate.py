@@ -177,7 +177,7 @@ def estimate(
     model_or_config: Any,
     method: str | LoraConfig = "lora",
     r: int = 8,
-    targets: str | Sequence[str] = "all-linear",
+    targets: str | Sequence[str] | None = "all-linear",
     batch: int = 1,
     seq: int = 512,
     dtype: str | torch.dtype = "float32",
@@ -200,7 +200,8 @@ def estimate(
         method: ``"lora"``, or a :class:`~peftkit.LoraConfig` (then ``r``, ``targets``, ``lora_alpha``
             and ``lora_dropout`` are taken from it).
         r: LoRA rank.
-        targets: LoRA ``target_modules`` (``"all-linear"``, or names such as ``["q_proj", "v_proj"]``).
+        targets: LoRA ``target_modules`` (``"all-linear"``, names such as ``["q_proj", "v_proj"]``, or
+            None: the model's attention projections, ``peftkit train``'s default).
         batch, seq: rows per step and tokens per row.
         dtype: the weights' dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         optimizer: ``"adamw"``, ``"sgd"`` (no momentum) or ``"adamw8bit"``.
@@ -338,6 +339,7 @@ def _full_breakdown(model: nn.Module, arch: _Arch, setting: _Setting, total: int
 def _lora_breakdown(
     model: nn.Module, arch: _Arch, setting: _Setting, total: int, config: LoraConfig
 ) -> MemoryBreakdown:
+    config = config.with_default_targets(model)
     targets = find_targets(model, config)
     uses = {name: _Use("lora", config.rank_for(name), config.lora_dropout) for name in targets}
     adapters = [config.build_adapter(name, model.get_submodule(name)) for name in targets]
@@ -581,7 +583,7 @@ def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _lora_config(
-    method: str | LoraConfig, r: int, targets: str | Sequence[str], alpha: float | None, dropout: float
+    method: str | LoraConfig, r: int, targets: str | Sequence[str] | None, alpha: float | None, dropout: float
 ) -> LoraConfig:
     if isinstance(method, LoraConfig):
         if method.use_dora:
@@ -594,7 +596,7 @@ def _lora_config(
         return method
     if method != "lora":
         raise ValueError(f"method={method!r}: estimate models 'lora' (or pass a LoraConfig)")
-    target_modules = targets if isinstance(targets, str) else list(targets)
+    target_modules = targets if targets is None or isinstance(targets, str) else list(targets)
     return LoraConfig(
         r=r, lora_alpha=alpha if alpha is not None else r, lora_dropout=dropout, target_modules=target_modules
     )

@@ -117,6 +117,7 @@ class PeftModel(Files, Merging, Running, nn.Module):
                     active.activate(self.model)
             targets: list[str] = []
         else:
+            config = config.with_default_targets(self.model)
             targets = find_targets(self.model, config, strict=strict_targets)
         adapters = {}
         for name in targets:
