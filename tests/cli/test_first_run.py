@@ -4,6 +4,7 @@ mistake gets instead of a traceback (exit code 2)."""
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,46 @@ def test_train_and_inspect_a_bert_classifier(tmp_path: Path, capsys) -> None:
     assert main(["train", *model, "--output-dir", str(tmp_path / "run"), *flags]) == 0
     saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert saved["target_modules"] == ["query", "key", "value", "attention.output.dense"]
+
+
+# ------------------------------------------------------------------ help that says what happens, less noise
+def _flag_help(command: str, flag: str, capsys) -> str:
+    """The help of ``flag`` (``--output-dir``) in ``peftkit COMMAND --help``, up to its default."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    match = re.search(rf"{re.escape(flag)} [A-Z_]+, --\S+ [A-Z_]+ (.*?\(default: [^)]*\))", text)
+    assert match is not None, text
+    return match.group(1)
+
+
+def test_compare_help_shows_the_output_dir_it_writes(capsys) -> None:
+    from peftkit.compare.plan import load_plan
+
+    shown = _flag_help("compare", "--output-dir", capsys)
+    assert f"(default: {load_plan(None, {}).output_dir})" in shown  # out/compare, not train's out/train
+
+
+def test_save_every_zero_help_matches_the_run(lora_run: Path, capsys) -> None:
+    """The default (0) writes no checkpoint, and the help says so."""
+    shown = _flag_help("train", "--save-every", capsys)
+    assert not (lora_run / "checkpoints").exists()
+    assert "0: none" in shown and "only at the end" not in shown
+
+
+def test_commands_keep_bitsandbytes_kernel_warning_quiet(tmp_path: Path, monkeypatch, capsys, caplog) -> None:
+    """bitsandbytes' 'Failed to load CPU gemm_4bit_forward' (on AVX512-BF16 CPUs, at its import) is not
+    shown while a command runs; outside commands its logger is as it was."""
+    import logging
+
+    import peftkit.cli.estimate
+
+    def import_bitsandbytes_here(args: object, argv: object) -> int:
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+        return 0
+
+    monkeypatch.setattr(peftkit.cli.estimate, "run_estimate", import_bitsandbytes_here)
+    with caplog.at_level(logging.WARNING):
+        assert main(["estimate"]) == 0
+    assert "gemm_4bit_forward" not in caplog.text + capsys.readouterr().err
+    assert logging.getLogger("bitsandbytes.backends.cpu.ops").isEnabledFor(logging.WARNING)
