@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -249,7 +249,8 @@ def estimate(
         double_quant=double_quant,
     )
     total = sum(p.numel() for p in model.parameters())
-    full = _full_breakdown(model, arch, setting, total)
+    # full fine-tuning trains the weights themselves: never on a quantized base
+    full = _full_breakdown(model, arch, replace(setting, quantize=None), total)
     peft = _lora_breakdown(model, arch, setting, total, lora_config)
     return MemoryEstimate(
         model=model_or_config if isinstance(model_or_config, str) else _config_name(config),
