@@ -29,10 +29,10 @@ from peftkit.training.evaluation import ANSWER_MARGIN
 __all__ = ["PlannedCost", "check_plan", "dry_run_table", "machine_flops"]
 
 # Shares of the matmul speed (measured with the runs' own thread count) reached by SmolLM2-135M on
-# person-json, 2-core CPU under load 6-8, one thread (benchmarks/compare_time.py prints them): a
-# training step 0.76, the held-out loss pass 0.67, greedy decoding of 32 rows at once 0.44. (The first
-# calibration, 0.4 and 0.1, measured the matmul with every core's thread fighting other programs, which
-# on a busy machine ran at half the speed the runs got: predictions 3-4x too long.)
+# person-json, 2-core CPU under load 6-10, one thread (benchmarks/compare_time.py; docs/benchmarks.md):
+# a training step 0.76 and 1.29 in two runs, the held-out loss pass 0.67 and 1.54, greedy decoding of
+# 32 rows at once 0.44 and 0.69; the low end is kept. (The first calibration, 0.4 and 0.1, measured the
+# matmul with every core's thread fighting other programs, about half the speed the runs got.)
 TRAINING_EFFICIENCY = 0.7
 GENERATION_EFFICIENCY = 0.4
 MATMUL_SIZE = 1024
