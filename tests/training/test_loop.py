@@ -101,8 +101,10 @@ def test_training_learns_and_writes_every_output(tmp_path, model_dir, small_data
     assert [r["loss"] for r in records if r["split"] == "train"] == pytest.approx(result.losses)
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     recorded = yaml.safe_load((run / "train_config.yaml").read_text())
-    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert recorded["method_options"] == {"r": 8, "lora_alpha": 16, "target_modules": attention}  # not {}
+    assert recorded["method_options"] == {"r": 8, "lora_alpha": 16}  # the method's defaults, not {}
+    # target_modules was not given: the model's attention projections, named in the adapter's file
+    adapter = json.loads((run / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["trainable"] == 4 * 2 * 8 * (32 + 32) - 2 * 2 * 8 * (32 - 16)  # q,o: 32->32; k,v: 32->16
     assert summary["before"]["exact_match"] == 0.0 and "rougeL" in summary["after"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging as std_logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import version
@@ -32,6 +33,8 @@ from peftkit.cli.train import register_train
 from peftkit.foundation.errors import UsageError, closest
 
 __all__ = ["COMMANDS", "EXIT_INTERRUPTED", "EXIT_USAGE", "build_parser", "main", "parse_train_args"]
+
+_BNB_CPU_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
 
 COMMANDS: list[Callable[[Any], None]] = [
     register_train,
@@ -109,6 +112,12 @@ def _quiet_libraries(active: bool = True) -> Iterator[None]:
 
     verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     data_verbosity, data_bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    # bitsandbytes (CPUs with AVX512-BF16) warns on import that it cannot fetch a hub kernel for its
+    # repacked 4-bit inference layout; peftkit keeps the standard layout (keep_trainable_layout), so
+    # that kernel would not run anyway.
+    kernel_log = std_logging.getLogger(_BNB_CPU_KERNEL_LOGGER)
+    kernel_level = kernel_log.level
+    kernel_log.setLevel(std_logging.ERROR)
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     datasets.logging.set_verbosity_error()
@@ -116,6 +125,7 @@ def _quiet_libraries(active: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
+        kernel_log.setLevel(kernel_level)
         logging.set_verbosity(verbosity)
         datasets.logging.set_verbosity(data_verbosity)
         if bars:

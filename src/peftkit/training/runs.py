@@ -86,7 +86,8 @@ def load_run(
     """Load a run's model: the base model with the run's adapter (``adapter=False``: the base alone).
 
     A directory holding a whole model (a full fine-tuning run, the output of ``peftkit merge``) loads
-    as that model; ``adapter=False`` then gives the base model it started from.
+    as that model, quantized only if its ``config.json`` says so; ``adapter=False`` then gives the base
+    model it started from.
 
     Returns:
         ``(model, tokenizer, config)``, the model in eval mode, ``config`` from :func:`run_config`.
@@ -95,7 +96,10 @@ def load_run(
     config = run_config(path, model)
     has_adapter = (path / CONFIG_NAME).is_file()
     if adapter and not has_adapter and model is None and (path / _MODEL_CONFIG).is_file():
-        config_for_load = config.replace(model=str(path))
+        # The model's own config.json decides how it loads: a merged QLoRA run is a float model although
+        # its copied train_config.yaml says `quantize: nf4`; a re-quantized merge records its
+        # quantization_config there, which from_pretrained applies by itself.
+        config_for_load = config.replace(model=str(path), quantize="none")
     else:
         config_for_load = config
     base, tokenizer = load_base_model(config_for_load)

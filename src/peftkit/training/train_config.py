@@ -132,7 +132,11 @@ class TrainConfig:
     max_new_tokens: int = _key(0, "generation length for scoring; 0: longest reference + 8")
     # --- output
     output_dir: str = _key("out/train", "where the adapter, metrics, plots and checkpoints go")
-    save_every: int = _key(0, "checkpoint every N steps; 0: only at the end")
+    save_every: int = _key(
+        0,
+        "checkpoint every N steps and at the last (for --resume); 0: none, but Ctrl-C still writes one "
+        "(the adapter itself is saved at the end either way)",
+    )
     keep_checkpoints: int = _key(2, "how many recent checkpoints to keep")
     log_every: int = _key(1, "log the training loss every N steps")
     overwrite: bool = _key(False, "replace an existing output_dir")
