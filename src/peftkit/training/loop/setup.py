@@ -15,6 +15,7 @@ from torch import nn
 
 from peftkit.core.whole_model import is_model_level
 from peftkit.foundation.errors import UsageError
+from peftkit.foundation.quantization import describe_precision
 from peftkit.model import PeftModel, wrap
 from peftkit.objectives import Objective
 from peftkit.objectives.tokens import token_objective
@@ -66,7 +67,8 @@ def set_up(context: RunContext) -> RunSetup:
     check_optimizer(config, method_config)
     if context.sharded:
         check_shardable(config.quantize, is_model_level(method_config), config.save_every, config.resume)
-    context.say(f"peftkit train: {config.method} on {config.model} ({config.task}, {config.dtype})")
+    precision = describe_precision(config.quantize, config.dtype, config.quantize_options)
+    context.say(f"peftkit train: {config.method} on {config.model} ({config.task}, {precision})")
     check_data(config)  # bad data is reported before the model loads
     model, tokenizer, data = _load(config, method_config)
     if context.sharded:
