@@ -95,6 +95,23 @@ def test_full_fine_tuning_with_a_new_label_count_saves_and_reloads_the_head(
     assert _answer(["generate", str(run), "okay 3"], capsys) in ("bad", "good", "okay")
 
 
+def test_label_names_are_recorded_and_written_into_the_merged_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = save_tiny_classifier(tmp_path / "cls", num_labels=2)
+    run = tmp_path / "run"
+    _train(model, _data(tmp_path, ("pos", "neg")), run, "--max-steps", "1")
+    said = capsys.readouterr().out
+    merged = tmp_path / "merged"
+    assert main(["merge", str(run), str(merged)]) == 0
+    config = json.loads((merged / "config.json").read_text())
+    assert (config["id2label"], config["label2id"]) == ({"0": "neg", "1": "pos"}, {"neg": 0, "pos": 1})
+    assert "labels:\n- neg\n- pos\n" in (run / "train_config.yaml").read_text()
+    assert "labels: 0=neg, 1=pos\n" in said  # the same count: no new head to report
+    (merged / "train_config.yaml").unlink()  # the model alone still names its classes
+    assert _answer(["generate", str(merged), "pos 1"], capsys) in ("neg", "pos")
+
+
 def test_labels_set_by_the_user_fix_the_ids_and_refuse_others(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

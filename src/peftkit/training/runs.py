@@ -49,8 +49,9 @@ def run_config(path: str | Path, model: str | None = None) -> TrainConfig:
     """The settings a run was trained with: its ``train_config.yaml``, else what the directory tells.
 
     Without ``train_config.yaml`` the base model and task come from ``adapter_config.json`` (or the
-    directory is the model), nothing else is assumed: ``prompt_template`` and ``system_prompt`` are
-    None and ``data`` is :data:`NO_DATA`; the other keys keep their defaults.
+    directory is the model: a classifier when its ``config.json`` names one), nothing else is assumed:
+    ``prompt_template`` and ``system_prompt`` are None and ``data`` is :data:`NO_DATA`; the other keys
+    keep their defaults.
 
     Args:
         path: a run directory, an adapter directory, or a full model directory.
@@ -75,7 +76,11 @@ def run_config(path: str | Path, model: str | None = None) -> TrainConfig:
             overrides["task"] = _TASKS_BY_TYPE[adapter["task_type"]]
         config = load_config(None, {**overrides, "data": NO_DATA})
     elif (path / _MODEL_CONFIG).is_file():
-        config = load_config(None, {**overrides, "model": str(path), "method": "full", "data": NO_DATA})
+        overrides.update(model=str(path), method="full", data=NO_DATA)
+        architectures = json.loads((path / _MODEL_CONFIG).read_text()).get("architectures") or []
+        if any(name.endswith("ForSequenceClassification") for name in architectures):
+            overrides["task"] = "seq-cls"  # a merged classifier: its head and id2label are in config.json
+        config = load_config(None, overrides)
     else:
         raise UsageError(f"{path} holds no {CONFIG_NAME} (adapter) or {_MODEL_CONFIG} (model)")
     return config if model is None else config.replace(model=model)
