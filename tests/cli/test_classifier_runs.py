@@ -123,6 +123,12 @@ def test_labels_set_by_the_user_fix_the_ids_and_refuse_others(
     argv = ["train", "--model", str(model), "--task", "seq-cls", "--data", str(data), *COLUMNS, *SHORT]
     assert main([*argv, "--output-dir", str(tmp_path / "other"), "--labels", "pos,meh"]) == 2
     assert "label 'neg' in " in capsys.readouterr().err
+    one = _data(tmp_path, ("pos",))
+    argv = ["train", "--model", str(model), "--task", "seq-cls", "--data", str(one), *COLUMNS, *SHORT]
+    assert main([*argv, "--output-dir", str(tmp_path / "one")]) == 2
+    assert (
+        "have 1 label (['pos']) in column 'label'; a classifier needs two or more" in capsys.readouterr().err
+    )
 
 
 def _minilm_dir() -> Path | None:

@@ -319,6 +319,15 @@ _RULES = (
 )
 
 
+def _check_labels(labels: list[str], task: str, source: str) -> None:
+    if task != "seq-cls":
+        raise UsageError(f"labels (from {source}) name a classifier's classes: add --task seq-cls")
+    repeated = sorted({name for name in labels if labels.count(name) > 1})
+    if len(labels) < 2 or repeated:
+        what = f"names {repeated[0]!r} twice" if repeated else f"has {len(labels)}"
+        raise UsageError(f"labels (from {source}) {what}; give two or more distinct class names")
+
+
 def _validate(config: TrainConfig, source: str) -> None:
     for name, ok, meaning in _RULES:
         value = getattr(config, name)
@@ -352,6 +361,8 @@ def _validate(config: TrainConfig, source: str) -> None:
             f"loraplus_lr_ratio (from {source}) applies to optimizer lora-plus, not {config.optimizer!r}; "
             "add --optimizer lora-plus"
         )
+    if config.labels is not None:
+        _check_labels(config.labels, config.task, source)
     if config.resume and config.overwrite:
         raise UsageError(
             "resume and overwrite exclude each other: resume keeps output_dir, overwrite replaces it"

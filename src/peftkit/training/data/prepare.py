@@ -119,7 +119,13 @@ def with_labels(config: TrainConfig) -> TrainConfig:
     column = config.completion_column
     if column not in table.column_names:
         raise missing_column(column, list(table.column_names), str(train_path))
-    return config.replace(labels=ordered_labels(table[column]))
+    labels = ordered_labels(table[column])
+    if len(labels) < 2:
+        raise UsageError(
+            f"the training rows of {train_path} have {len(labels)} label ({labels}) in column {column!r}; "
+            "a classifier needs two or more"
+        )
+    return config.replace(labels=labels)
 
 
 def _tables(
