@@ -90,7 +90,7 @@ def threads_of_runs(config: TrainConfig) -> Iterator[int]:
     """Use, for the block, the CPU threads ``peftkit train`` would use for ``config`` (``threads``, else
     ``OMP_NUM_THREADS``'s, else the cores other programs leave free: on a busy machine two threads
     fighting other processes ran a 1024² matmul at 0.6-0.8x one thread's speed, measured)."""
-    from peftkit.training.loop import auto_threads
+    from peftkit.training.loop.context import auto_threads
 
     before = torch.get_num_threads()
     if config.threads:
