@@ -367,8 +367,9 @@ def test_sequence_classification_task_reports_accuracy(tmp_path) -> None:
     assert result.after["accuracy"] == 1.0  # "good"/"bad" is separable
     three = tmp_path / "three.jsonl"
     three.write_text("".join(json.dumps({"text": f"t{i}", "label": f"l{i % 3}"}) + "\n" for i in range(12)))
-    with pytest.raises(UsageError, match=r"the data has 3 labels .* a 2-label classification head"):
-        train(settings.replace(data=str(three), output_dir=str(tmp_path / "run3")))
+    three_labels = train(settings.replace(data=str(three), output_dir=str(tmp_path / "run3"), max_steps=1))
+    assert three_labels.model.config.id2label == {0: "l0", 1: "l1", 2: "l2"}  # a new head, one row per label
+    assert three_labels.model.score.copies["default"].weight.shape == (3, 32)
 
 
 @pytest.mark.skipif(not DIALOGSUM.is_dir(), reason="shared/data/dialogsum not present")

@@ -56,9 +56,10 @@ def run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _labels(model: Any, tokenizer: Any, config: Any, texts: list[str]) -> list[str]:
-    """The label a classifier gives each text: the model's ``id2label`` names, or, where those are
-    transformers' placeholders (``LABEL_0``…) and the run records its data, the data's label names in
-    the order training numbered them."""
+    """The label a classifier gives each text: the model's ``id2label`` names (a run's recorded labels
+    since they are recorded), or, where those are transformers' placeholders (``LABEL_0``…: a run of
+    older peftkit) and the run records its data, the data's label names in the order training
+    numbered them."""
     from peftkit.training.data import prepare_data
     from peftkit.training.evaluation import classify
 

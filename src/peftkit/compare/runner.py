@@ -90,7 +90,7 @@ def threads_of_runs(config: TrainConfig) -> Iterator[int]:
     """Use, for the block, the CPU threads ``peftkit train`` would use for ``config`` (``threads``, else
     ``OMP_NUM_THREADS``'s, else the cores other programs leave free: on a busy machine two threads
     fighting other processes ran a 1024² matmul at 0.6-0.8x one thread's speed, measured)."""
-    from peftkit.training.loop import auto_threads
+    from peftkit.training.loop.context import auto_threads
 
     before = torch.get_num_threads()
     if config.threads:
@@ -108,11 +108,11 @@ def threads_of_runs(config: TrainConfig) -> Iterator[int]:
 
 def base_scores(plan: ComparePlan, say: Callable[[str], None] = print) -> dict[str, Any]:
     """The base model's held-out scores, general-text loss and size (computed once, kept in base.json)."""
-    from peftkit.training.data import prepare_data
+    from peftkit.training.data import prepare_data, with_labels
     from peftkit.training.evaluation import evaluate, headline_metric
     from peftkit.training.run_directory import load_base_model
 
-    shared = plan.shared
+    shared = with_labels(plan.shared)  # a classifier: a head for the data's labels, as its runs get
     key = _base_fingerprint(plan)
     path = plan.output_dir / BASE_FILE
     if path.is_file():

@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,7 @@ from peftkit.foundation.tasks import TASKS
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -37,6 +37,7 @@ __all__ = [
     "default_model_dir",
     "load_model",
     "load_tokenizer",
+    "model_config",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -120,6 +121,7 @@ def load_model(
     dtype: torch.dtype | str = "float32",
     quantize: str | None = None,
     quantization_options: Mapping[str, Any] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a base model and its tokenizer, with the model in eval mode.
 
@@ -134,6 +136,10 @@ def load_model(
             bitsandbytes (QLoRA; :mod:`peftkit.foundation.quantization`); the output head stays unquantized.
         quantization_options: more ``BitsAndBytesConfig`` settings (``compute_dtype``,
             ``double_quant``, or any of its own arguments).
+        labels: ``"seq-cls"``: the class names in id order. The model's config gets ``num_labels``,
+            ``id2label`` and ``label2id`` from them, and a classification head of another size than the
+            checkpoint's is initialised afresh (transformers' ``ignore_mismatched_sizes``), as a
+            checkpoint without one (an encoder, a decoder) always is.
 
     Returns:
         ``(model, tokenizer)``. The tokenizer is ``None`` when a local directory
@@ -149,6 +155,8 @@ def load_model(
     if quantize is not None and gguf_file:
         raise ValueError("quantize= does not apply to a .gguf file; convert it first (load DEFAULT_MODEL)")
     loading = {} if quantize is None else _quantized_loading(quantize, quantization_options or {})
+    if labels is not None and task == "seq-cls":
+        loading = {**loading, **_label_loading(labels)}
     model = _load_weights(auto_name, source, gguf_file, dtype, loading, name_or_path, task)
     tokenizer = None
     if gguf_file or not Path(source).is_dir() or _has_tokenizer_files(Path(source)):
@@ -177,7 +185,7 @@ def _load_weights(
     task: str,
 ) -> PreTrainedModel:
     """The model of ``source`` through transformers' ``auto_name`` class, with ``loading``'s extra
-    ``from_pretrained`` arguments (quantization); a config that class cannot load is named with the
+    ``from_pretrained`` arguments (quantization, labels); a config that class cannot load is named with the
     task (the tokenizer gets none of these arguments: a quantization config would be saved with it)."""
     import transformers
 
@@ -192,6 +200,24 @@ def _load_weights(
             f"{name_or_path!r} has no {auto_model.__name__} architecture, so it cannot be "
             f"loaded for task {task!r}; pick a task that fits it (one of {', '.join(TASKS)})"
         ) from e
+
+
+def model_config(name_or_path: str = DEFAULT_MODEL) -> PretrainedConfig:
+    """The transformers config of a model, found as :func:`load_model` finds it; no weights are read."""
+    from transformers import AutoConfig
+
+    source, gguf_file = _resolve_source(name_or_path)
+    return AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+
+
+def _label_loading(labels: Sequence[str]) -> dict[str, Any]:
+    """``from_pretrained`` arguments giving a classifier one output per label, named."""
+    names = [str(name) for name in labels]
+    return {
+        "id2label": dict(enumerate(names)),
+        "label2id": {name: i for i, name in enumerate(names)},
+        "ignore_mismatched_sizes": True,
+    }
 
 
 def _quantized_loading(scheme: str, options: Mapping[str, Any]) -> dict[str, Any]:
