@@ -14,7 +14,6 @@ import peftkit
 from peftkit import memory
 from peftkit.cli import main
 from peftkit.memory import GIB, estimate, format_estimate
-from peftkit.methods import ATTENTION
 from peftkit.training.method_choice import build_method_config
 
 from helpers.tiny_lm import tiny_llama_config
@@ -36,7 +35,13 @@ def one_error_line(err: str, command: str) -> str:
 
 # ------------------------------------------------------------------------------------------ peftkit estimate
 # peftkit estimate's defaults are peftkit train's: its LoRA (r=8, alpha 16, attention) and batch shape
-DEFAULTS = {"r": 8, "lora_alpha": 16, "targets": list(ATTENTION), "batch": 8, "seq": 512}
+DEFAULTS = {
+    "r": 8,
+    "lora_alpha": 16,
+    "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "batch": 8,
+    "seq": 512,
+}
 SETTINGS = [
     # (flags, the same settings as estimate()'s arguments, over DEFAULTS)
     ([], {}),
@@ -251,10 +256,10 @@ def test_estimate_of_a_preference_objective_counts_pairs(config_dir, capsys) -> 
         == 0
     )
     printed = capsys.readouterr().out
-    expected = estimate(str(config_dir), r=8, targets=list(ATTENTION), batch=3, seq=48, objective="dpo")
+    expected = estimate(str(config_dir), r=8, batch=3, seq=48, objective="dpo")
     assert printed.strip() == format_estimate(expected).strip()
     assert "dpo: batch 3 pairs x 2 sequences of 48 tokens" in printed
-    rows_of_sequences = estimate(str(config_dir), r=8, targets=list(ATTENTION), batch=6, seq=48, padded=True)
+    rows_of_sequences = estimate(str(config_dir), r=8, batch=6, seq=48, padded=True)
     assert expected.peft == rows_of_sequences.peft
     with pytest.raises(SystemExit) as stopped:
         main(["estimate", str(config_dir), "--objective", "ppo"])

@@ -274,3 +274,15 @@ def test_preference_estimate_matches_a_measured_dpo_step(shared_prompt: bool) ->
 def test_an_unknown_objective_is_refused() -> None:
     with pytest.raises(ValueError, match="objective='ppo' must be one of"):
         estimate(tiny_llama_config(), objective="ppo")
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
+def test_a_quantized_base_leaves_the_full_fine_tuning_column_alone(quantize: str) -> None:
+    """Full fine-tuning trains the float weights themselves: ``quantize`` (the PEFT column's base) must
+    not change its numbers, while it does change the PEFT column's weights."""
+    config = tiny_llama_config()
+    config.vocab_size = 32_000  # the logits dominate the peak, as on real models (SmolLM2: 49,152)
+    plain = estimate(config, batch=8, seq=512)
+    quantized = estimate(config, batch=8, seq=512, quantize=quantize)
+    assert quantized.full == plain.full
+    assert quantized.peft.weights < plain.peft.weights

@@ -28,7 +28,7 @@ Modules, in the order the data goes through them:
 
 from peftkit.training.data.batching import collate
 from peftkit.training.data.chats import DataFormat, encode, to_chats
-from peftkit.training.data.prepare import PreparedData, check_data, data_files, prepare_data
+from peftkit.training.data.prepare import PreparedData, check_data, data_files, prepare_data, with_labels
 from peftkit.training.data.tables import load_table
 
 __all__ = [
@@ -41,4 +41,5 @@ __all__ = [
     "load_table",
     "prepare_data",
     "to_chats",
+    "with_labels",
 ]

@@ -34,6 +34,7 @@ from torch import nn
 
 from peftkit.foundation.errors import UsageError
 from peftkit.training.checkpoints import rng_state
+from peftkit.training.data import with_labels
 from peftkit.training.loop.context import THREAD_CHECK_EVERY, RunContext, set_threads
 from peftkit.training.loop.reference import check_reference_options
 from peftkit.training.loop.reference_pass import attach_reference_log_probs
@@ -90,9 +91,10 @@ def train(config: TrainConfig, on_step: OnStep | None = None, evaluate_before: b
 
 def _resolved(config: TrainConfig) -> TrainConfig:
     """``config`` as the run uses it: the bundled task's settings, the objective's and the method's
-    default options in (so ``train_config.yaml`` records what really trained, not ``method_options:
-    {}``). With a DPO ``reference`` the adapter is that one: its config is in its files."""
-    config = with_objective_defaults(with_task_defaults(config))
+    default options and a classifier's labels in (so ``train_config.yaml`` records what really trained,
+    not ``method_options: {}``, and every command reloads a classifier with its head's size and names).
+    With a DPO ``reference`` the adapter is that one: its config is in its files."""
+    config = with_labels(with_objective_defaults(with_task_defaults(config)))
     if config.reference is not None:
         check_reference_options(config)
         return config

@@ -1,13 +1,15 @@
 """Where a run stands, and what it saves: resuming from a checkpoint, writing one, the final adapter.
 
 A checkpoint (:mod:`peftkit.training.checkpoints`) holds the trainable parameters, optimizer, scheduler,
-each process's random state right after its step, and ``before``, ``train_time`` and ``tokens_seen``
-of :class:`LoopState`; the data order needs only the step number (:mod:`~peftkit.training.loop.order`).
+each process's random state right after its step, and ``before``, ``train_time``, ``tokens_seen``, the
+wall time and the number of sessions so far (:class:`LoopState`); the data order needs only the step
+number (:mod:`~peftkit.training.loop.order`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,18 +28,21 @@ from peftkit.training.loop.setup import RunSetup
 from peftkit.training.reports import METRICS_FILE, truncate_metrics
 from peftkit.training.sharding import full_parameters, with_full_state_dict
 
-__all__ = ["LoopState", "save_final", "save_step", "start_state"]
+__all__ = ["LoopState", "save_final", "save_step", "start_state", "wall_time"]
 
 
 @dataclass
 class LoopState:
-    """Where the run stands; ``before``, ``train_time`` and ``tokens_seen`` go into each checkpoint."""
+    """Where the run stands; ``before``, ``train_time``, ``tokens_seen``, the wall time (:func:`wall_time`)
+    and ``sessions`` go into each checkpoint. Times count every session since step 0."""
 
     step: int = 0
     first_step: int = 0
     before: dict[str, Any] = field(default_factory=dict)
     train_time: float = 0.0  # seconds in optimizer steps (no evaluation, no saving)
     tokens_seen: int = 0
+    earlier_wall_time: float = 0.0  # seconds the sessions before this one ran, up to the checkpoint resumed
+    sessions: int = 1  # this process's run and the ones it resumed
     losses: list[float] = field(default_factory=list)
     rng: dict[str, Any] = field(default_factory=dict)  # the random state right after the last step
     checkpoint: Path | None = None
@@ -57,6 +62,9 @@ def start_state(context: RunContext, setup: RunSetup) -> LoopState:
             before=saved["before"],
             train_time=saved["train_time"],
             tokens_seen=saved["tokens_seen"],
+            # a checkpoint of older peftkit has no wall time: its training time is the closest bound
+            earlier_wall_time=saved.get("wall_time", saved["train_time"]),
+            sessions=saved.get("sessions", 1) + 1,
             checkpoint=checkpoint,
         )
         if context.main:
@@ -65,6 +73,11 @@ def start_state(context: RunContext, setup: RunSetup) -> LoopState:
         restore_rng(rng)
     state.rng = rng_state()
     return state
+
+
+def wall_time(context: RunContext, state: LoopState) -> float:
+    """Seconds the run has taken so far, over all its sessions (as its ``train_time`` counts them)."""
+    return state.earlier_wall_time + time.perf_counter() - context.start
 
 
 def save_step(context: RunContext, setup: RunSetup, state: LoopState) -> Path:
@@ -77,7 +90,13 @@ def save_step(context: RunContext, setup: RunSetup, state: LoopState) -> Path:
         optimizer=setup.optimizer,
         scheduler=setup.scheduler,
         rng=state.rng,
-        state={"before": state.before, "train_time": state.train_time, "tokens_seen": state.tokens_seen},
+        state={
+            "before": state.before,
+            "train_time": state.train_time,
+            "tokens_seen": state.tokens_seen,
+            "wall_time": wall_time(context, state),
+            "sessions": state.sessions,
+        },
         keep=context.config.keep_checkpoints,
         barrier=context.wait_for_everyone,
         rank=context.rank,
