@@ -35,10 +35,11 @@ def one_error_line(err: str, command: str) -> str:
 
 # ------------------------------------------------------------------------------------------ peftkit estimate
 # peftkit estimate's defaults are peftkit train's: its LoRA (r=8, alpha 16, attention) and batch shape
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the default targets of a Llama
 DEFAULTS = {
     "r": 8,
     "lora_alpha": 16,
-    "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "targets": ATTENTION,
     "batch": 8,
     "seq": 512,
 }
@@ -256,10 +257,10 @@ def test_estimate_of_a_preference_objective_counts_pairs(config_dir, capsys) -> 
         == 0
     )
     printed = capsys.readouterr().out
-    expected = estimate(str(config_dir), r=8, batch=3, seq=48, objective="dpo")
+    expected = estimate(str(config_dir), r=8, targets=ATTENTION, batch=3, seq=48, objective="dpo")
     assert printed.strip() == format_estimate(expected).strip()
     assert "dpo: batch 3 pairs x 2 sequences of 48 tokens" in printed
-    rows_of_sequences = estimate(str(config_dir), r=8, batch=6, seq=48, padded=True)
+    rows_of_sequences = estimate(str(config_dir), r=8, targets=ATTENTION, batch=6, seq=48, padded=True)
     assert expected.peft == rows_of_sequences.peft
     with pytest.raises(SystemExit) as stopped:
         main(["estimate", str(config_dir), "--objective", "ppo"])
