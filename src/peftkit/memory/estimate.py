@@ -167,33 +167,28 @@ def estimate(
             (not the output head) quantized with bitsandbytes (QLoRA); the full fine-tuning column
             stays at ``dtype``.
         double_quant: 4-bit block scales quantized too (bitsandbytes' ``bnb_4bit_use_double_quant``).
-        objective: ``"sft"``, or ``"dpo"``, ``"orpo"``, ``"simpo"``: ``batch`` pairs of two sequences of
-            ``seq`` tokens each (see the module docstring).
+        objective: ``"sft"``, or ``"dpo"``, ``"orpo"``, ``"simpo"``: ``batch`` pairs of two sequences.
 
     Raises:
         ValueError: an unknown method, dtype, optimizer or objective; a config without the decoder fields
             (``hidden_size``, ``num_hidden_layers``…); a decoder layer whose linear layers are not
             recognised.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective={objective!r} must be one of {list(OBJECTIVES)}")
-    pairs = objective in PREFERENCE_OBJECTIVES
-    rows = 2 * batch if pairs else batch  # a pair's chosen and rejected sequence, both with gradients
-    setting, torch_dtype = _setting(
-        rows,
-        seq,
-        dtype,
-        optimizer,
-        grad_checkpointing,
-        fast_lora,
-        loss,
-        padded or pairs,
-        quantize,
-        double_quant,
-    )
+    rows, masked = _rows(batch, objective, padded)
+    choices = (dtype, optimizer, grad_checkpointing, fast_lora, loss, masked, quantize, double_quant)
+    setting, torch_dtype = _setting(rows, seq, *choices)
     lora_config = _lora_config(method, r, targets, lora_alpha, lora_dropout)
     result = _estimate(model_or_config, lora_config, setting, torch_dtype, seq, device_memory)
     return dataclasses.replace(result, batch=batch, objective=objective)
+
+
+def _rows(batch: int, objective: str, padded: bool) -> tuple[int, bool]:
+    """The sequences with gradients in a step of ``batch`` examples, and whether they are masked: a
+    pair's chosen and rejected sequence, of different lengths."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} must be one of {list(OBJECTIVES)}")
+    pairs = objective in PREFERENCE_OBJECTIVES
+    return (2 * batch if pairs else batch), padded or pairs
 
 
 def _setting(

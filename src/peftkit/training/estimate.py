@@ -51,19 +51,7 @@ def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
         raise UsageError(
             f"{refusal}: method {config.method!r} is not modelled; use --method lora or --method full"
         )
-    tokenizer = load_tokenizer(config.model)
-    if tokenizer is None:
-        seq = config.max_length
-        notes.append(f"no tokenizer for {config.model}: rows assumed max_length={seq} tokens long")
-    elif config.objective == "sft":
-        seq = longest_row(config, tokenizer)
-        notes.append(f"batch: {config.batch_size} rows of {seq} tokens (the longest training row)")
-    else:
-        seq = longest_row(config, tokenizer)
-        notes.append(
-            f"batch: {config.batch_size} pairs, each a chosen and a rejected sequence of up to {seq} tokens "
-            "(the longest pair's prompt and longer answer)"
-        )
+    seq = _row_length(config, load_tokenizer(config.model), notes)
     if config.bf16:
         notes.append("bf16 autocast is not modelled: the estimate assumes arithmetic in the weights' dtype")
     try:
@@ -85,6 +73,24 @@ def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
     except ValueError as e:
         raise UsageError(str(e)) from e
     return result, notes
+
+
+def _row_length(config: TrainConfig, tokenizer: object | None, notes: list[str]) -> int:
+    """The tokens of the run's longest row (``max_length`` without a tokenizer), said in ``notes``."""
+    if tokenizer is None:
+        notes.append(
+            f"no tokenizer for {config.model}: rows assumed max_length={config.max_length} tokens long"
+        )
+        return config.max_length
+    seq = longest_row(config, tokenizer)
+    if config.objective == "sft":
+        notes.append(f"batch: {config.batch_size} rows of {seq} tokens (the longest training row)")
+    else:
+        notes.append(
+            f"batch: {config.batch_size} pairs, each a chosen and a rejected sequence of up to {seq} tokens "
+            "(the longest pair's prompt and longer answer)"
+        )
+    return seq
 
 
 def longest_row(config: TrainConfig, tokenizer: object) -> int:

@@ -20,8 +20,9 @@ from peftkit.foundation.errors import UsageError, closest
 from peftkit.foundation.loading import DEFAULT_MODEL
 from peftkit.foundation.quantization import check_quantization_options
 from peftkit.foundation.tasks import TASKS
-from peftkit.objectives.choice import OBJECTIVE_OPTIONS, OBJECTIVES, OPTION_HELP, objectives_taking
+from peftkit.objectives.choice import OBJECTIVES, OPTION_HELP
 from peftkit.training.method_choice import METHOD_NAMES, method_fields, unknown_name
+from peftkit.training.objective_settings import check_objective
 
 __all__ = [
     "LR_SCHEDULERS",
@@ -33,12 +34,10 @@ __all__ = [
     "load_config",
     "parse_value",
     "read_yaml_mapping",
-    "with_objective_defaults",
     "with_task_defaults",
 ]
 
 METRICS = ("auto", "exact_match", "rouge1", "rouge2", "rougeL", "accuracy", "loss", "preference_accuracy")
-PREFERENCE_METRICS = ("auto", "preference_accuracy", "loss")  # what a preference run scores
 PREFERENCE_TASK = "person-json-pairs"  # the bundled data of a preference objective given no data
 DTYPES = ("float32", "bfloat16")
 QUANTIZE = ("none", "nf4", "fp4", "int8")  # bitsandbytes schemes (peftkit.foundation.quantization.SCHEMES)
@@ -245,14 +244,6 @@ def with_task_defaults(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, **changes)
 
 
-def with_objective_defaults(config: TrainConfig) -> TrainConfig:
-    """``config`` with its objective's unset options at their defaults (``beta: 0.1`` for DPO…)."""
-    defaults = OBJECTIVE_OPTIONS[config.objective]
-    return dataclasses.replace(
-        config, **{name: value for name, value in defaults.items() if getattr(config, name) is None}
-    )
-
-
 def apply_overrides(config: TrainConfig, changes: Mapping[str, Any], source: str) -> TrainConfig:
     """A copy of ``config`` with ``changes``; ``method_options`` dicts are merged key by key.
 
@@ -397,37 +388,4 @@ def _validate(config: TrainConfig, source: str) -> None:
         raise UsageError(
             "resume and overwrite exclude each other: resume keeps output_dir, overwrite replaces it"
         )
-    _validate_objective(config, source)
-
-
-def _validate_objective(config: TrainConfig, source: str) -> None:
-    """An objective's options only with it; what a preference objective cannot run with."""
-    taken = OBJECTIVE_OPTIONS[config.objective]
-    for name in ("beta", "simpo_gamma", "cpo_alpha", "reference"):
-        if getattr(config, name) is not None and name not in taken:
-            takers = objectives_taking(name)
-            named = ", ".join(takers[:-1]) + (" or " if len(takers) > 1 else "") + takers[-1]
-            raise UsageError(
-                f"{name} (from {source}) is an option of objective {named}, not of {config.objective!r}: "
-                f"add --objective {takers[0]} or leave {name} out"
-            )
-    for name, meaning in (("beta", lambda v: v > 0), ("cpo_alpha", lambda v: v >= 0)):
-        value = getattr(config, name)
-        if value is not None and not meaning(value):
-            raise UsageError(
-                f"{name}={value!r} (from {source}) must be {'positive' if name == 'beta' else '0 or more'}"
-            )
-    if config.objective == "sft":
-        return
-    what = f"objective {config.objective!r} (from {source})"
-    if config.task != "causal-lm":
-        raise UsageError(
-            f"{what} trains causal language models: task {config.task!r} is not one; use causal-lm"
-        )
-    if config.packing:
-        raise UsageError(f"{what}: packing of preference pairs is not built yet; drop --packing")
-    if config.metric not in PREFERENCE_METRICS:
-        raise UsageError(
-            f"metric={config.metric!r} (from {source}) scores answers; {what} is scored by "
-            f"{', '.join(PREFERENCE_METRICS[1:])}: use metric auto"
-        )
+    check_objective(config, source)

@@ -45,9 +45,10 @@ from peftkit.training.loop.state import LoopState, save_final, save_step, start_
 from peftkit.training.loop.step import StepOutcome, take_step
 from peftkit.training.loop.summary import finish, progress_bar
 from peftkit.training.method_choice import resolved_options
+from peftkit.training.objective_settings import with_objective_defaults
 from peftkit.training.reports import MetricsLog
 from peftkit.training.result import TrainResult
-from peftkit.training.train_config import TrainConfig, with_objective_defaults, with_task_defaults
+from peftkit.training.train_config import TrainConfig, with_task_defaults
 
 __all__ = ["TrainResult", "train"]
 

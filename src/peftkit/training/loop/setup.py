@@ -94,10 +94,7 @@ def set_up(context: RunContext) -> RunSetup:
         len(data.train), config.batch_size, config.grad_accum, context.world, context.rank, config.seed
     )
     total_steps = config.max_steps or math.ceil(config.epochs * order.steps_per_epoch)
-    references = data.validation["references"] if data.validation is not None else []
-    metric = headline_metric(config.metric, config.task, references)
-    if config.objective != "sft" and config.metric == "auto":
-        metric = "preference_accuracy"
+    metric = _headline_metric(config, data)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total_steps)
@@ -109,14 +106,8 @@ def set_up(context: RunContext) -> RunSetup:
     else:
         wrapped, optimizer = context.accelerator.prepare(model, optimizer)
     context.say(setup_report(context, model, data, total_steps, order, metric))
-    preference = preference_settings(config) if config.objective != "sft" else None
     pad_id = pad_token_id(tokenizer)
-    if preference is None:
-        columns, objective = ["input_ids", "labels"], token_objective(config.task)
-        batches = functools.partial(collate, pad_id=pad_id)
-    else:
-        columns, objective = ["prompt_ids", "chosen_ids", "rejected_ids"], preference_objective(preference)
-        batches = functools.partial(collate_pairs, pad_id=pad_id, shared_prompt=shares_prompts(model))
+    preference, columns, objective, batches = _objective_parts(config, model, pad_id)
     return RunSetup(
         model=model,
         wrapped=wrapped,
@@ -135,6 +126,32 @@ def set_up(context: RunContext) -> RunSetup:
         total_steps=total_steps,
         metric=metric,
     )
+
+
+def _headline_metric(config: TrainConfig, data: PreparedData) -> str:
+    """The run's headline metric: a preference run's ``auto`` is its preference accuracy."""
+    if config.objective != "sft" and config.metric == "auto":
+        return "preference_accuracy"
+    references = data.validation["references"] if data.validation is not None else []
+    return headline_metric(config.metric, config.task, references)
+
+
+def _objective_parts(
+    config: TrainConfig, model: nn.Module, pad_id: int
+) -> tuple[
+    PreferenceSettings | None, list[str], Objective, Callable[[Sequence[dict[str, Any]]], dict[str, Any]]
+]:
+    """The preference settings (None: sft), the training rows' columns, the objective and the collate."""
+    if config.objective == "sft":
+        return (
+            None,
+            ["input_ids", "labels"],
+            token_objective(config.task),
+            functools.partial(collate, pad_id=pad_id),
+        )
+    preference = preference_settings(config)
+    batches = functools.partial(collate_pairs, pad_id=pad_id, shared_prompt=shares_prompts(model))
+    return preference, ["prompt_ids", "chosen_ids", "rejected_ids"], preference_objective(preference), batches
 
 
 def preference_settings(config: TrainConfig) -> PreferenceSettings:
