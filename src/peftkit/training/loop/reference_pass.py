@@ -44,6 +44,7 @@ def attach_reference_log_probs(context: RunContext, setup: RunSetup) -> None:
     if saved is None:
         tick = time.perf_counter()
         adapters_off = config.reference is None
+        context.say(f"reference: scoring {len(needed)} training and {len(validation)} held-out pairs once")
         batch = 2 * config.batch_size  # no gradients: twice the rows fit
         rows = [setup.train_rows[i] for i in needed]
         train = torch.full((len(setup.train_rows), 2), float("nan"))

@@ -232,9 +232,10 @@ def setup_report(
     validation = len(data.validation) if data.validation is not None else 0
     generated = min(config.eval_examples, validation) if config.task != "seq-cls" else 0
     scored = f" (loss on all, the first {generated} also by generation)" if generated else ""
-    lines.append(f"  {validation} held-out rows{scored}; headline metric: {metric}")
+    unit = "rows" if config.objective == "sft" else "pairs"
+    lines.append(f"  {validation} held-out {unit}{scored}; headline metric: {metric}")
     lines.append(
-        f"steps: {total} of {order.global_batch_size} rows ({total / order.steps_per_epoch:.2f} epochs), "
+        f"steps: {total} of {order.global_batch_size} {unit} ({total / order.steps_per_epoch:.2f} epochs), "
         f"{context.world} process(es)"
         + (f", {torch.get_num_threads()} CPU thread(s) each" if context.device.type == "cpu" else "")
         + (", parameters sharded (FSDP2)" if context.sharded else "")
