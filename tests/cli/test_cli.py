@@ -20,6 +20,7 @@ import yaml
 import peftkit
 from peftkit.cli import EXIT_INTERRUPTED, build_parser, main, parse_train_args
 from peftkit.foundation.errors import UsageError
+from peftkit.objectives.choice import OBJECTIVE_OPTIONS
 from peftkit.training.loop import train
 from peftkit.training.method_choice import build_method_config
 from peftkit.training.tasks import BUILTIN_TASKS
@@ -101,7 +102,7 @@ def _other_value(name: str, field: dataclasses.Field):
     if kind.startswith("int"):
         return default + 1
     if kind.startswith("float"):
-        return {"validation_split": 0.3, "lr": 1e-4}.get(name, default + 0.5)
+        return {"validation_split": 0.3, "lr": 1e-4}.get(name, (default or 0.0) + 0.5)
     if kind.startswith("list"):
         return ["a", "b"]
     if kind.startswith("dict"):
@@ -123,6 +124,9 @@ def test_every_config_key_is_a_flag(name: str) -> None:
         argv += ["--optimizer", "lora-plus"]  # the ratio applies to LoRA+ only
     if name == "labels":
         argv += ["--task", "seq-cls"]  # labels name a classifier's classes
+    if name in OBJECTIVE_OPTIONS["simpo"] or name in OBJECTIVE_OPTIONS["dpo"]:
+        taking = "simpo" if name in OBJECTIVE_OPTIONS["simpo"] else "dpo"
+        argv += ["--objective", taking]  # an objective's options are refused for another objective
     assert getattr(parse(argv), name) == value
 
 

@@ -35,10 +35,11 @@ def one_error_line(err: str, command: str) -> str:
 
 # ------------------------------------------------------------------------------------------ peftkit estimate
 # peftkit estimate's defaults are peftkit train's: its LoRA (r=8, alpha 16, attention) and batch shape
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the default targets of a Llama
 DEFAULTS = {
     "r": 8,
     "lora_alpha": 16,
-    "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "targets": ATTENTION,
     "batch": 8,
     "seq": 512,
 }
@@ -247,3 +248,30 @@ def test_estimate_prints_the_table_and_json(tmp_path, capsys) -> None:
     assert data["peft"]["trainable_parameters"] == 2 * 4 * ((64 + 64) + (64 + 32))
     assert main(["estimate", str(tmp_path / "missing")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_estimate_of_a_preference_objective_counts_pairs(config_dir, capsys) -> None:
+    """``--objective dpo``: ``--batch-size`` pairs of two sequences; the numbers are ``estimate()``'s."""
+    assert (
+        main(["estimate", str(config_dir), "--objective", "dpo", "--batch-size", "3", "--max-length", "48"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    expected = estimate(str(config_dir), r=8, targets=ATTENTION, batch=3, seq=48, objective="dpo")
+    assert printed.strip() == format_estimate(expected).strip()
+    assert "dpo: batch 3 pairs x 2 sequences of 48 tokens" in printed
+    rows_of_sequences = estimate(str(config_dir), r=8, targets=ATTENTION, batch=6, seq=48, padded=True)
+    assert expected.peft == rows_of_sequences.peft
+    with pytest.raises(SystemExit) as stopped:
+        main(["estimate", str(config_dir), "--objective", "ppo"])
+    assert stopped.value.code == 2
+
+
+def test_train_estimate_only_of_a_dpo_run_reads_its_pairs(model_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    flags = ["--model", str(model_dir), "--objective", "dpo", "--batch-size", "2", "--output-dir", str(out)]
+    assert main(["train", *flags, "--estimate-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "dpo: batch 2 pairs x 2 sequences of" in printed
+    assert "each a chosen and a rejected sequence of up to" in printed
+    assert not out.exists()

@@ -200,3 +200,49 @@ def test_base_scores_are_computed_once(finished) -> None:
     base = json.loads((path.parent / "report" / BASE_FILE).read_text())
     assert base["scores"] == report["base"]["scores"]
     assert base["metric"] == "exact_match" and "loss" in base["scores"]
+
+
+def test_objectives_compare_on_pairs(tmp_path: Path, model_dir: Path) -> None:
+    """Methods with their own objectives on the bundled pairs: the base scored under the shared
+    objective (DPO: it is its own reference, so 0.5 and margin 0), each row its objective's scores and
+    a measured step of that objective."""
+    task = BUILTIN_TASKS["person-json-pairs"]
+    path = compare_file(
+        tmp_path,
+        model_dir,
+        objective="dpo",
+        data=str(task.train),
+        validation_data=str(task.validation),
+        ranks=None,
+        methods=[
+            {"name": "lora-dpo", "preset": "lora"},
+            {"name": "lora-orpo", "preset": "lora", "objective": "orpo", "beta": 0.2},
+            {"name": "lora-simpo", "preset": "lora", "objective": "simpo"},
+        ],
+    )
+    report = run_compare(load_plan(path), say=lambda text: None)
+    base = report["base"]
+    assert report["metric"] == "preference_accuracy" and base["objective"] == "dpo"
+    assert base["scores"]["preference_accuracy"] == 0.5 and base["scores"]["reward_margin"] == 0.0
+    rows = {row["name"]: row for row in report["methods"]}
+    assert [rows[name]["objective"] for name in ("lora-dpo", "lora-orpo", "lora-simpo")] == [
+        "dpo",
+        "orpo",
+        "simpo",
+    ]
+    for row in rows.values():
+        assert {"preference_accuracy", "reward_margin", "loss"} <= row["scores"].keys()
+        assert row["measured_memory"]["peak"] > 0 and row["estimated_peak_bytes"] > 0
+    text = (tmp_path / "report" / REPORT_MD).read_text()
+    assert "objective orpo beta=0.2" in text and "preference_accuracy (base → after)" in text
+
+
+def test_a_comparison_trains_one_kind_of_objective(tmp_path: Path, model_dir: Path) -> None:
+    path = compare_file(
+        tmp_path,
+        model_dir,
+        ranks=None,
+        methods=["lora", {"name": "dpo", "preset": "lora", "objective": "dpo"}],
+    )
+    with pytest.raises(UsageError, match=r"mix objectives sft .* and dpo"):
+        load_plan(path)

@@ -228,6 +228,54 @@ def test_measuring_with_peftkit_train_loss_skips_the_whole_logits() -> None:
     assert plain.peak - fused.peak > 1.5 * logits_bytes  # here 1.9x: the logits and their gradient
 
 
+@pytest.mark.parametrize("shared_prompt", [False, True], ids=["two-rows", "shared-prompt"])
+def test_preference_estimate_matches_a_measured_dpo_step(shared_prompt: bool) -> None:
+    """``objective="dpo"``: ``batch`` pairs = 2 x batch sequences with gradients, through the fused
+    log-prob head; the pairs' own step (objectives.preference) measured, within the tolerance in two
+    rows per pair. Sharing the prompt holds fewer tokens (here 88 instead of 128): the estimate is then
+    an upper bound (measured: 1.32x the peak)."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.objectives.choice import PreferenceSettings
+    from peftkit.objectives.pair_batch import collate_pairs
+    from peftkit.objectives.preference import preference_objective
+
+    config = tiny_llama_config()
+    lora = peftkit.LoraConfig(r=8, target_modules="all-linear")
+    torch.manual_seed(0)
+    model = peftkit.wrap(AutoModelForCausalLM.from_config(config), lora).train()
+    generator = torch.Generator().manual_seed(1)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, config.vocab_size, (n,), generator=generator).tolist()
+
+    pairs = [{"prompt_ids": ids(16), "chosen_ids": ids(16), "rejected_ids": ids(12)} for _ in range(2)]
+    batch = collate_pairs(pairs, pad_id=0, shared_prompt=shared_prompt)
+    batch["reference_log_probs"] = torch.zeros(4)
+    objective = preference_objective(PreferenceSettings.of("dpo"))
+
+    def dpo_loss(m, inputs):
+        total, count = objective(m, inputs)
+        return total / count
+
+    measured = measure_training_step(model, batch, loss_fn=dpo_loss)
+    result = estimate(config, method=lora, batch=2, seq=32, loss="fused", objective="dpo")
+    assert result.batch == 2 and result.sequences_per_example == 2
+    if shared_prompt:
+        assert measured.peak <= result.peft.peak <= 1.5 * measured.peak
+        assert measured.activations <= result.peft.activations <= 1.5 * measured.activations
+    else:
+        assert_close(result.peft.peak, measured.peak, "peak")
+        assert_close(result.peft.activations, measured.activations, "activations")
+    same_rows = estimate(config, method=lora, batch=4, seq=32, loss="fused", padded=True)
+    assert result.peft == same_rows.peft
+
+
+def test_an_unknown_objective_is_refused() -> None:
+    with pytest.raises(ValueError, match="objective='ppo' must be one of"):
+        estimate(tiny_llama_config(), objective="ppo")
+
+
 @pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
 def test_a_quantized_base_leaves_the_full_fine_tuning_column_alone(quantize: str) -> None:
     """Full fine-tuning trains the float weights themselves: ``quantize`` (the PEFT column's base) must

@@ -63,3 +63,17 @@ def test_a_70b_config_is_planned_without_weights() -> None:
     best = rows[0]
     assert best.method == "QLoRA nf4" and best.batch >= 1  # 70B only fits in 48 GiB with a 4-bit base
     assert all(row.batch == 0 for row in rows if row.method in ("full fine-tuning", "LoRA"))
+
+
+def test_a_preference_objective_plans_pairs() -> None:
+    """A pair is two sequences with gradients: the largest batch of pairs is about half that of rows."""
+    rows = plan(tiny_llama_config(), 6 * 2**20, seq=64)
+    pairs = plan(tiny_llama_config(), 6 * 2**20, seq=64, objective="dpo", padded=True)
+    by_row = {
+        (r.method, r.gradient_checkpointing): r.batch
+        for r in plan(tiny_llama_config(), 6 * 2**20, seq=64, padded=True)
+    }
+    for row in pairs:
+        assert row.batch <= by_row[(row.method, row.gradient_checkpointing)] // 2 + 1
+    assert any(r.batch > 0 for r in pairs) and len(pairs) == len(rows)
+    assert "dpo pairs of 2 sequences of 64 tokens" in format_plan(pairs, "tiny", 6 * 2**20, 64, "dpo")

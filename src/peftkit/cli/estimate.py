@@ -56,7 +56,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([dataclasses.asdict(row) for row in rows], indent=2))
     else:
-        print(format_plan(rows, args.model, budget, args.max_length))
+        print(format_plan(rows, args.model, budget, args.max_length, args.objective))
     return 0
 
 
@@ -65,6 +65,7 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     ``--targets``, ``--batch``, ``--seq``, ``--grad-checkpointing`` still work)."""
     from peftkit.foundation.loading import DEFAULT_MODEL
     from peftkit.methods import method_by_name
+    from peftkit.objectives.choice import OBJECTIVES
     from peftkit.training.train_config import FIELDS
 
     lora = method_by_name("lora").defaults
@@ -99,6 +100,13 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
         "--loss", default="model", help="model (logits, then cross-entropy) or fused (peftkit train's)"
     )
     parser.add_argument("--padded", action="store_true", help="rows of different lengths (an attention mask)")
+    parser.add_argument(
+        "--objective",
+        default="sft",
+        choices=OBJECTIVES,
+        help="sft, or a preference objective: then --batch-size counts pairs (chosen and rejected, each "
+        "--max-length tokens; DPO's reference pass runs once before training)",
+    )
     parser.add_argument(
         "--quantize", default="none", help="none, nf4, fp4 or int8: a QLoRA base for the LoRA column"
     )
@@ -143,6 +151,7 @@ def _shared_settings(args: argparse.Namespace) -> dict[str, Any]:
         "lora_dropout": args.lora_dropout,
         "loss": args.loss,
         "padded": args.padded,
+        "objective": args.objective,
     }
 
 

@@ -61,6 +61,8 @@ def run_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if data.validation is None or len(data.validation) == 0:
         raise UsageError("no held-out rows to score; pass --data FILE")
     examples = config.eval_examples if args.examples is None else args.examples
+    if config.objective != "sft":
+        return _eval_pairs(args, model, tokenizer, config, data.validation, examples)
     result = evaluate(
         model,
         tokenizer,
@@ -85,6 +87,42 @@ def run_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
             print(f"  {name:12s} {value:.4f}")
     for sample in result.get("samples", [])[:2]:
         print(f"  e.g. {sample['answer']!r} (reference {sample['reference']!r})")
+    return 0
+
+
+def _eval_pairs(
+    args: argparse.Namespace, model: Any, tokenizer: Any, config: Any, rows: Any, examples: int
+) -> int:
+    """A preference run: its objective's loss, reward margin and preference accuracy on held-out pairs
+    (DPO's reference scored now), and which answer the greedy generations give."""
+    import functools
+
+    from peftkit.objectives.pair_batch import collate_pairs
+    from peftkit.objectives.sequences import shares_prompts
+    from peftkit.training.evaluation import pad_token_id
+    from peftkit.training.loop.reference import with_reference_log_probs
+    from peftkit.training.loop.setup import preference_settings
+    from peftkit.training.pair_evaluation import evaluate_pairs
+
+    settings = preference_settings(config)
+    collate = functools.partial(
+        collate_pairs, pad_id=pad_token_id(tokenizer), shared_prompt=shares_prompts(model)
+    )
+    if settings.uses_reference:
+        rows = with_reference_log_probs(model, rows, collate, 2 * config.batch_size, config.reference)
+    result = evaluate_pairs(
+        model, tokenizer, rows, settings, collate, examples, args.max_new_tokens, 2 * config.batch_size
+    )
+    which = "base model" if args.base else args.run_dir
+    print(
+        f"{which} on {len(rows)} held-out pairs of {_source(config)} ({config.objective}; headline metric: "
+        "preference_accuracy)"
+    )
+    for name, value in result.items():
+        if isinstance(value, float):
+            print(f"  {name:20s} {value:.4f}")
+    for sample in result.get("samples", [])[:2]:
+        print(f"  e.g. {sample['answer']!r} (chosen {sample['reference']!r})")
     return 0
 
 

@@ -9,6 +9,10 @@ three more keys::
 
 A method is a preset name (:data:`PRESETS`) or a mapping of ``peftkit train`` keys with a ``name``,
 optionally starting from a preset: ``{name: lora-qv, preset: lora, target_modules: [q_proj, v_proj]}``.
+Objectives compare the same way: ``objective: dpo`` shared (the data: pairs), and a method may set its
+own (``{name: lora-orpo, preset: lora, objective: orpo}``) with its options (``beta``…); the base model
+is scored under the shared objective. One comparison trains either SFT or preference objectives (their
+data differ).
 Method options may be written flat (``r: 16``) or under ``method_options``. The sweep trains the first
 LoRA method in the list (or ``rank_sweep:``, a preset or mapping) at each rank with ``lora_alpha = 2r``;
 a sweep point equal to a listed method is that method, not a second run.
@@ -212,11 +216,24 @@ def make_plan(data: Mapping[str, Any], source: str = "compare", num_layers: int 
             raise UsageError(f"method name {name!r} appears twice in {source}; give each a distinct 'name'")
         runs.append(PlannedRun(name, _run_config(shared, changes, output_dir / "runs" / name, name, source)))
 
+    _check_objectives(runs, source)
     sweep = _sweep(compare, runs, shared, output_dir, source, layers)
     general_text = Path(str(compare.get("general_text", GENERAL_TEXT)))
     if not general_text.is_file():
         raise UsageError(f"general_text {general_text} (from {source}) is not a file")
     return ComparePlan(shared, tuple(runs), sweep, output_dir, general_text)
+
+
+def _check_objectives(runs: list[PlannedRun], source: str) -> None:
+    """SFT and preference objectives need different data: one comparison trains one kind."""
+    kinds = {run.config.objective == "sft" for run in runs}
+    if len(kinds) > 1:
+        sft = next(run.name for run in runs if run.config.objective == "sft")
+        pairs = next(run for run in runs if run.config.objective != "sft")
+        raise UsageError(
+            f"methods in {source} mix objectives sft ({sft}) and {pairs.config.objective} ({pairs.name}), "
+            "which need different data (answers vs pairs); compare them in two comparisons"
+        )
 
 
 def _resolve_entry(entry: Any, source: str, layers: int | None) -> tuple[str, dict[str, Any]]:
@@ -362,8 +379,13 @@ def _layer_count(shared: TrainConfig, given: int | None) -> int | None:
 
 def describe(run: PlannedRun) -> str:
     """``lora r=8 (q_proj, k_proj…) lr 0.001``: a run in a few words."""
-    options = ", ".join(f"{k}={_short(v)}" for k, v in run.config.method_options.items() if v is not None)
-    return f"{run.config.method}" + (f" ({options})" if options else "") + f", lr {run.config.lr:g}"
+    config = run.config
+    options = ", ".join(f"{k}={_short(v)}" for k, v in config.method_options.items() if v is not None)
+    text = f"{config.method}" + (f" ({options})" if options else "") + f", lr {config.lr:g}"
+    if config.objective != "sft":
+        given = [f"{k}={getattr(config, k)}" for k in ("beta", "simpo_gamma", "cpo_alpha", "reference")]
+        text += f", objective {config.objective}" + "".join(f" {g}" for g in given if not g.endswith("=None"))
+    return text
 
 
 def _short(value: Any) -> str:

@@ -20,6 +20,7 @@ files it saved, and the loss on the general text after training (forgetting).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -109,7 +110,6 @@ def threads_of_runs(config: TrainConfig) -> Iterator[int]:
 def base_scores(plan: ComparePlan, say: Callable[[str], None] = print) -> dict[str, Any]:
     """The base model's held-out scores, general-text loss and size (computed once, kept in base.json)."""
     from peftkit.training.data import prepare_data, with_labels
-    from peftkit.training.evaluation import evaluate, headline_metric
     from peftkit.training.run_directory import load_base_model
 
     shared = with_labels(plan.shared)  # a classifier: a head for the data's labels, as its runs get
@@ -127,20 +127,12 @@ def base_scores(plan: ComparePlan, say: Callable[[str], None] = print) -> dict[s
 
         raise UsageError("compare needs held-out rows: set validation_data or validation_split > 0")
     with threads_of_runs(shared):
-        scores = evaluate(
-            model,
-            tokenizer,
-            data.validation,
-            shared.task,
-            examples=shared.eval_examples,
-            max_new_tokens=shared.max_new_tokens,
-            batch_size=2 * shared.batch_size,
-            progress=True,  # minutes on a CPU: a bar, not silence
-        )
+        scores, metric = _held_out_scores(model, tokenizer, data, shared)
     base = {
         "fingerprint": key,
         "model": shared.model,
-        "metric": headline_metric(shared.metric, shared.task, data.validation["references"]),
+        "objective": shared.objective,
+        "metric": metric,
         "scores": _numbers(scores),
         "samples": scores.get("samples", []),
         "general_loss": _general_loss(model, tokenizer, plan) if shared.task == "causal-lm" else None,
@@ -162,6 +154,7 @@ def run_method(run: PlannedRun, base: dict[str, Any], plan: ComparePlan) -> dict
     row: dict[str, Any] = {
         "name": run.name,
         "fingerprint": run.fingerprint,
+        "objective": run.config.objective,
         "method": run.config.method,
         "method_options": run.config.method_options,
         "lr": run.config.lr,
@@ -185,9 +178,14 @@ def run_method(run: PlannedRun, base: dict[str, Any], plan: ComparePlan) -> dict
     row["general_loss"] = _general_loss(model, tokenizer, plan) if run.config.task == "causal-lm" else None
     if row["general_loss"] is not None and base.get("general_loss") is not None:
         row["forgetting"] = row["general_loss"] - base["general_loss"]
-    batch = _first_batch(result.data, run.config.batch_size, tokenizer)
-    row["measured_memory"] = _measure(model, batch)
-    row["estimated_peak_bytes"] = estimated_peak(run, tuple(batch["input_ids"].shape))
+    if run.config.objective == "sft":
+        batch = _first_batch(result.data, run.config.batch_size, tokenizer)
+        row["measured_memory"] = _measure(model, batch)
+        row["estimated_peak_bytes"] = estimated_peak(run, tuple(batch["input_ids"].shape))
+        return row
+    batch, longest = _first_pairs(result.data, run.config.batch_size, tokenizer, model)
+    row["measured_memory"] = _measure(model, batch, _pair_loss(run.config))
+    row["estimated_peak_bytes"] = estimated_peak(run, (len(batch["answer_lengths"]) // 2, longest))
     return row
 
 
@@ -238,7 +236,94 @@ def _first_batch(data: PreparedData, batch_size: int, tokenizer: Any) -> dict[st
     return collate(rows, pad_token_id(tokenizer))
 
 
-def _measure(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _held_out_scores(
+    model: nn.Module, tokenizer: Any, data: PreparedData, shared: TrainConfig
+) -> tuple[dict[str, Any], str]:
+    """The base model's held-out scores and their headline metric: preference accuracy for a
+    preference objective, the task's metric otherwise."""
+    from peftkit.training.evaluation import evaluate, headline_metric
+
+    if shared.objective != "sft":
+        return _base_pair_scores(model, tokenizer, data, shared), "preference_accuracy"
+    scores = evaluate(
+        model,
+        tokenizer,
+        data.validation,
+        shared.task,
+        examples=shared.eval_examples,
+        max_new_tokens=shared.max_new_tokens,
+        batch_size=2 * shared.batch_size,
+        progress=True,  # minutes on a CPU: a bar, not silence
+    )
+    return scores, headline_metric(shared.metric, shared.task, data.validation["references"])
+
+
+def _base_pair_scores(model: nn.Module, tokenizer: Any, data: PreparedData, shared: Any) -> dict[str, Any]:
+    """The base model on held-out pairs under the shared objective (DPO: it is its own reference)."""
+    from peftkit.objectives.pair_batch import collate_pairs
+    from peftkit.objectives.sequences import shares_prompts
+    from peftkit.training.evaluation import pad_token_id
+    from peftkit.training.loop.reference import reference_log_probs
+    from peftkit.training.loop.setup import preference_settings
+    from peftkit.training.pair_evaluation import evaluate_pairs
+
+    settings = preference_settings(shared)
+    collate = functools.partial(
+        collate_pairs, pad_id=pad_token_id(tokenizer), shared_prompt=shares_prompts(model)
+    )
+    rows = data.validation
+    if settings.uses_reference:
+        pairs = rows.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_list()
+        reference = reference_log_probs(model, model, pairs, collate, 2 * shared.batch_size, False)
+        rows = rows.add_column("reference_chosen", reference[:, 0].tolist())
+        rows = rows.add_column("reference_rejected", reference[:, 1].tolist())
+    return evaluate_pairs(
+        model,
+        tokenizer,
+        rows,
+        settings,
+        collate,
+        shared.eval_examples,
+        shared.max_new_tokens,
+        2 * shared.batch_size,
+    )
+
+
+def _first_pairs(
+    data: PreparedData, batch_size: int, tokenizer: Any, model: nn.Module
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The first ``batch_size`` training pairs collated as the run collated them (reference values 0:
+    memory does not depend on them), and their longest sequence (prompt + longer answer)."""
+    from peftkit.objectives.pair_batch import collate_pairs
+    from peftkit.objectives.sequences import shares_prompts
+    from peftkit.training.evaluation import pad_token_id
+
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+    rows = data.train.select(range(min(batch_size, len(data.train)))).select_columns(columns).to_list()
+    rows = [{**row, "reference_chosen": 0.0, "reference_rejected": 0.0} for row in rows]
+    longest = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows)
+    return collate_pairs(rows, pad_token_id(tokenizer), shared_prompt=shares_prompts(model)), longest
+
+
+def _pair_loss(config: Any) -> Callable[[nn.Module, Any], torch.Tensor]:
+    """The preference objective's mean loss over a batch of pairs, for measuring a step."""
+    from peftkit.objectives.preference import preference_objective
+    from peftkit.training.loop.setup import preference_settings
+
+    objective = preference_objective(preference_settings(config))
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        total, pairs = objective(model, batch)
+        return total / pairs
+
+    return loss
+
+
+def _measure(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    loss: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+) -> dict[str, Any]:
     """One training step's memory (learning rate 0: the weights do not change)."""
     from peftkit.memory import measure_training_step
 
@@ -246,7 +331,7 @@ def _measure(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]
     model.train()
     try:
         with torch.random.fork_rng(devices=[]):
-            measured = measure_training_step(model, batch)
+            measured = measure_training_step(model, batch, loss_fn=loss)
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
@@ -254,7 +339,8 @@ def _measure(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]
 
 
 def estimated_peak(run: PlannedRun, shape: tuple[int, int]) -> int | None:
-    """:func:`peftkit.memory.estimate`'s peak for a ``(rows, seq)`` batch; None where it has no model.
+    """:func:`peftkit.memory.estimate`'s peak for a ``(rows, seq)`` batch (pairs: ``(pairs, longest
+    sequence)``); None where it has no model.
 
     The estimate models full fine-tuning and plain LoRA (not DoRA) of decoder-only models.
     """
@@ -276,6 +362,8 @@ def estimated_peak(run: PlannedRun, shape: tuple[int, int]) -> int | None:
             seq=int(seq),
             dtype=config.dtype,
             grad_checkpointing=config.gradient_checkpointing,
+            objective=config.objective,
+            loss="model" if config.objective == "sft" else "fused",
         )
     except ValueError:
         return None

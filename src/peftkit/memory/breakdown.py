@@ -138,8 +138,10 @@ def _peak_breakdown(
     else:
         optimizer_states = optimizer_scratch = 0
     if setting.loss == "fused":
-        # one chunk's float32 logits and their exp at a time; in backward the scaled ∂/∂hidden
-        loss_temporaries = max(2 * CHUNK_ELEMENTS * 4, setting.tokens * arch.hidden * 4)
+        # one chunk's float32 logits and their exp at a time (a chunk is at most the batch's tokens);
+        # in backward the scaled ∂/∂hidden
+        chunk = min(CHUNK_ELEMENTS, setting.tokens * arch.vocab)
+        loss_temporaries = max(2 * chunk * 4, setting.tokens * arch.hidden * 4)
     else:
         logits = setting.tokens * arch.vocab
         # Around the loss's backward: two float32 logits-sized tensors (the float32 logits, or their

@@ -47,6 +47,13 @@ keeps two float32 ``batch × seq × seq`` tensors (measured with PyTorch's CPU a
 keeps float32 gradients for the head's input (``T × hidden``; the head's weight too when it trains)
 and one chunk of logits at a time.
 
+With a preference ``objective`` (``dpo``, ``orpo``, ``simpo``) ``batch`` counts pairs and ``seq`` the
+tokens of one sequence (the prompt and one answer): the step runs the chosen and the rejected sequence
+of each pair with gradients (``2 × batch`` rows, an explicit mask; pairs that share their prompt in one
+row hold fewer tokens, so this is an upper bound), through the fused log-prob head (the same
+temporaries as ``loss="fused"``). DPO's reference pass, the other two sequences of a pair, runs once
+before training without gradients (one layer's activations at a time): it is never at the step's peak.
+
 Not modelled: key/value caches, mixture-of-experts layers, encoder-decoder models,
 ``modules_to_save``, and memory the runtime keeps besides tensors (CUDA context, allocator caching,
 kernel scratch; on the CPU, the process's code and libraries).
@@ -54,6 +61,7 @@ kernel scratch; on the CPU, the process's code and libraries).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -64,6 +72,7 @@ from peftkit.memory.architecture import analyse, config_name, load_model_config,
 from peftkit.memory.breakdown import MemoryBreakdown, full_breakdown, lora_breakdown
 from peftkit.memory.setting import Setting, check_choices, parse_dtype
 from peftkit.methods.lora import LoraConfig
+from peftkit.objectives.choice import OBJECTIVES, PREFERENCE_OBJECTIVES
 from peftkit.ops import fast_lora_enabled
 
 __all__ = ["GIB", "MemoryEstimate", "estimate"]
@@ -82,6 +91,7 @@ class MemoryEstimate:
         device_memory: bytes available on the device, or None.
         full: full fine-tuning.
         peft: the PEFT method.
+        objective: ``sft``, or a preference objective (then ``batch`` counts pairs of two sequences).
     """
 
     model: str
@@ -94,6 +104,12 @@ class MemoryEstimate:
     device_memory: int | None
     full: MemoryBreakdown
     peft: MemoryBreakdown
+    objective: str = "sft"
+
+    @property
+    def sequences_per_example(self) -> int:
+        """Sequences a training example adds to the step: 2 for a pair (chosen and rejected), else 1."""
+        return 2 if self.objective in PREFERENCE_OBJECTIVES else 1
 
     def fits(self, breakdown: MemoryBreakdown) -> bool | None:
         """Whether the predicted peak fits in ``device_memory`` (None when no memory was given)."""
@@ -122,6 +138,7 @@ def estimate(
     padded: bool = False,
     quantize: str | None = None,
     double_quant: bool = True,
+    objective: str = "sft",
 ) -> MemoryEstimate:
     """Predict the peak memory of a training step, full fine-tuning next to LoRA.
 
@@ -150,17 +167,28 @@ def estimate(
             (not the output head) quantized with bitsandbytes (QLoRA); the full fine-tuning column
             stays at ``dtype``.
         double_quant: 4-bit block scales quantized too (bitsandbytes' ``bnb_4bit_use_double_quant``).
+        objective: ``"sft"``, or ``"dpo"``, ``"orpo"``, ``"simpo"``: ``batch`` pairs of two sequences.
 
     Raises:
-        ValueError: an unknown method, dtype or optimizer; a config without the decoder fields
+        ValueError: an unknown method, dtype, optimizer or objective; a config without the decoder fields
             (``hidden_size``, ``num_hidden_layers``…); a decoder layer whose linear layers are not
             recognised.
     """
-    setting, torch_dtype = _setting(
-        batch, seq, dtype, optimizer, grad_checkpointing, fast_lora, loss, padded, quantize, double_quant
-    )
+    rows, masked = _rows(batch, objective, padded)
+    choices = (dtype, optimizer, grad_checkpointing, fast_lora, loss, masked, quantize, double_quant)
+    setting, torch_dtype = _setting(rows, seq, *choices)
     lora_config = _lora_config(method, r, targets, lora_alpha, lora_dropout)
-    return _estimate(model_or_config, lora_config, setting, torch_dtype, seq, device_memory)
+    result = _estimate(model_or_config, lora_config, setting, torch_dtype, seq, device_memory)
+    return dataclasses.replace(result, batch=batch, objective=objective)
+
+
+def _rows(batch: int, objective: str, padded: bool) -> tuple[int, bool]:
+    """The sequences with gradients in a step of ``batch`` examples, and whether they are masked: a
+    pair's chosen and rejected sequence, of different lengths."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} must be one of {list(OBJECTIVES)}")
+    pairs = objective in PREFERENCE_OBJECTIVES
+    return (2 * batch if pairs else batch), padded or pairs
 
 
 def _setting(

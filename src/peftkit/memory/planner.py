@@ -127,9 +127,12 @@ def _with_reason(row: PlanRow, best: PlanRow | None, budget: int) -> PlanRow:
     return PlanRow(row.method, row.quantize, row.gradient_checkpointing, row.batch, row.peak, reason)
 
 
-def format_plan(rows: list[PlanRow], model: str, budget: int, seq: int) -> str:
-    """The plan as a table, best row first."""
-    header = f"{model}: what fits in {budget / GIB:.3g} GiB, rows of {seq} tokens"
+def format_plan(rows: list[PlanRow], model: str, budget: int, seq: int, objective: str = "sft") -> str:
+    """The plan as a table, best row first (a preference objective's batch counts pairs)."""
+    shape = (
+        f"rows of {seq} tokens" if objective == "sft" else f"{objective} pairs of 2 sequences of {seq} tokens"
+    )
+    header = f"{model}: what fits in {budget / GIB:.3g} GiB, {shape}"
     cells = [["method", "checkpointing", "largest batch", "peak", "why"]]
     for row in rows:
         cells.append(

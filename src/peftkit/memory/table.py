@@ -28,10 +28,12 @@ def format_estimate(result: MemoryEstimate) -> str:
     if result.device_memory is not None:
         verdict = {True: "fits", False: "does not fit"}
         rows.append((f"in {result.device_memory / GIB:.3g} GiB", lambda b: verdict[bool(result.fits(b))]))
+    shape = f"batch {result.batch} x seq {result.seq}"
+    if result.sequences_per_example == 2:
+        shape = f"{result.objective}: batch {result.batch} pairs x 2 sequences of {result.seq} tokens"
     header = (
-        f"{result.model}: {format_count(result.total_parameters)} parameters, batch {result.batch} x seq "
-        f"{result.seq}, {result.dtype}, {result.optimizer}"
-        + (", gradient checkpointing" if result.grad_checkpointing else "")
+        f"{result.model}: {format_count(result.total_parameters)} parameters, {shape}, {result.dtype}, "
+        f"{result.optimizer}" + (", gradient checkpointing" if result.grad_checkpointing else "")
     )
     columns = [result.full, result.peft]
     cells = [[label] + [render(b) for b in columns] for label, render in rows]
@@ -40,6 +42,11 @@ def format_estimate(result: MemoryEstimate) -> str:
     lines = [header, "  ".join(t.ljust(w) for t, w in zip(titles, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.append("peak: weights + optimizer states + the larger of (activations + temporaries) and gradients")
+    if result.sequences_per_example == 2:
+        lines.append(
+            "pairs: chosen and rejected with gradients; DPO's reference pass runs once before training, "
+            "without gradients (below this peak)"
+        )
     return "\n".join(lines)
 
 

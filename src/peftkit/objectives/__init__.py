@@ -5,15 +5,22 @@ An :class:`Objective` is a function of the model and a collated batch returning 
 row's ``targets``), so that accumulation and processes split a batch without changing its gradient.
 
 - :mod:`~peftkit.objectives.tokens`: the token cross-entropy (``token_objective``), through the fused
-  head where it applies, and ``fused_model_loss`` for a model's own loss in other trainers.
+  head where it applies, and ``fused_model_loss`` for a model's own loss in other trainers;
+- :mod:`~peftkit.objectives.choice`: the objectives by name (``sft``, ``dpo``, ``orpo``, ``simpo``) and
+  their options (no torch: the command line reads it);
+- :mod:`~peftkit.objectives.preference`: DPO, ORPO and SimPO as pure functions of per-sequence
+  log-probabilities, and ``preference_objective``;
+- :mod:`~peftkit.objectives.sequences`: per-sequence log-probabilities of answers through the fused head
+  (``sequence_log_probs``), for a batch of pairs that share their prompt.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from torch import Tensor, nn
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 __all__ = ["Objective"]
 
@@ -21,9 +28,9 @@ __all__ = ["Objective"]
 class Objective(Protocol):
     """A training objective: ``objective(model, batch) -> (loss_sum, count)``.
 
-    ``batch`` is a collated batch (``input_ids``, ``attention_mask``, ``labels``: (batch, seq)); both
-    results are 0-dim tensors, ``loss_sum`` differentiable. The loop back-propagates
-    ``loss_sum / global count``.
+    ``batch`` is a collated batch (``input_ids``, ``attention_mask``, ``labels``: (batch, seq) for the
+    token cross-entropy; pairs for the preference objectives); both results are 0-dim tensors,
+    ``loss_sum`` differentiable. The loop back-propagates ``loss_sum / global count``.
     """
 
     def __call__(self, model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]: ...

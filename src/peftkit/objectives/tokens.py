@@ -33,6 +33,7 @@ __all__ = [
     "forward_logits",
     "fused_model_loss",
     "head_inputs",
+    "inner_model",
     "loss_sum",
     "takes_logits_to_keep",
     "token_loss_sum",
@@ -136,7 +137,7 @@ def forward_logits(model: nn.Module, batch: Mapping[str, Tensor], task: str) -> 
 
 def takes_logits_to_keep(model: nn.Module) -> bool:
     """Whether the (wrapped) model's forward accepts transformers' ``logits_to_keep``."""
-    return "logits_to_keep" in inspect.signature(_inner_model(model).forward).parameters
+    return "logits_to_keep" in inspect.signature(inner_model(model).forward).parameters
 
 
 @contextmanager
@@ -227,7 +228,7 @@ def _fused_causal_lm_loss(captured: list[Tensor], head: nn.Linear, own_loss: Any
     return loss
 
 
-def _inner_model(model: nn.Module) -> Any:
+def inner_model(model: nn.Module) -> Any:
     """The model inside DDP-style wrappers (``.module``) and a ``PeftModel`` (``get_base_model()``)."""
     while hasattr(model, "module"):  # DistributedDataParallel and similar wrappers
         model = model.module
@@ -237,7 +238,7 @@ def _inner_model(model: nn.Module) -> Any:
 
 def _causal_lm(model: nn.Module) -> Any:
     """The transformers causal LM inside ``model`` whose loss goes through ``loss_function``, or None."""
-    base = _inner_model(model)
+    base = inner_model(model)
     loss_type = getattr(base, "loss_type", None)
     if not hasattr(type(base), "loss_function") or loss_type not in (None, "ForCausalLM"):
         return None

@@ -3,7 +3,9 @@
 The run's batch is ``batch_size`` rows as long as the longest tokenized training row (rows are padded
 to the longest in their batch, so that is the worst step), its loss is the one ``peftkit train``
 computes (the fused head + cross-entropy unless switched off), and its targets, rank, dropout, dtype
-and checkpointing are the run's. Only the tokenizer and the data are read; the weights are not.
+and checkpointing are the run's. A preference objective's batch is ``batch_size`` pairs of two
+sequences (the prompt and an answer) as long as the longest pair's. Only the tokenizer and the data
+are read; the weights are not.
 """
 
 from __future__ import annotations
@@ -49,13 +51,7 @@ def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
         raise UsageError(
             f"{refusal}: method {config.method!r} is not modelled; use --method lora or --method full"
         )
-    tokenizer = load_tokenizer(config.model)
-    if tokenizer is None:
-        seq = config.max_length
-        notes.append(f"no tokenizer for {config.model}: rows assumed max_length={seq} tokens long")
-    else:
-        seq = longest_row(config, tokenizer)
-        notes.append(f"batch: {config.batch_size} rows of {seq} tokens (the longest training row)")
+    seq = _row_length(config, load_tokenizer(config.model), notes)
     if config.bf16:
         notes.append("bf16 autocast is not modelled: the estimate assumes arithmetic in the weights' dtype")
     try:
@@ -72,15 +68,40 @@ def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
             double_quant=config.quantize_options.get(
                 "double_quant", config.quantize_options.get("bnb_4bit_use_double_quant", True)
             ),
+            objective=config.objective,
         )
     except ValueError as e:
         raise UsageError(str(e)) from e
     return result, notes
 
 
+def _row_length(config: TrainConfig, tokenizer: object | None, notes: list[str]) -> int:
+    """The tokens of the run's longest row (``max_length`` without a tokenizer), said in ``notes``."""
+    if tokenizer is None:
+        notes.append(
+            f"no tokenizer for {config.model}: rows assumed max_length={config.max_length} tokens long"
+        )
+        return config.max_length
+    seq = longest_row(config, tokenizer)
+    if config.objective == "sft":
+        notes.append(f"batch: {config.batch_size} rows of {seq} tokens (the longest training row)")
+    else:
+        notes.append(
+            f"batch: {config.batch_size} pairs, each a chosen and a rejected sequence of up to {seq} tokens "
+            "(the longest pair's prompt and longer answer)"
+        )
+    return seq
+
+
 def longest_row(config: TrainConfig, tokenizer: object) -> int:
-    """Tokens in the longest training row of ``config``'s data, as ``peftkit train`` prepares it."""
+    """Tokens in the longest training row of ``config``'s data, as ``peftkit train`` prepares it (pairs:
+    the longest prompt plus its longer answer)."""
     from peftkit.training.data import prepare_data
 
     data = prepare_data(config, tokenizer)
+    if config.objective != "sft":
+        columns = zip(
+            data.train["prompt_ids"], data.train["chosen_ids"], data.train["rejected_ids"], strict=True
+        )
+        return max(len(p) + max(len(c), len(r)) for p, c, r in columns)
     return max(len(ids) for ids in data.train["input_ids"])

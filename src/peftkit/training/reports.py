@@ -38,6 +38,7 @@ __all__ = [
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+SUMMARY_EXTRAS = ("reward_margin", "generated_chosen")  # shown after the headline and the loss, if scored
 
 
 def trainable_table(model: nn.Module) -> str:
@@ -177,7 +178,7 @@ def summarize(result: TrainResult, train_time: float) -> tuple[str, dict[str, An
         ["tokens/s", f"{result.tokens_per_s:.0f} (training, all processes)"],
         ["peak memory", _memory_text(result.peak_memory_bytes)],
     ]
-    for name in dict.fromkeys([result.metric, "loss"]):
+    for name in dict.fromkeys([result.metric, "loss", *SUMMARY_EXTRAS]):
         if name in result.before or name in result.after:
             before, after = _num(result.before.get(name)), _num(result.after.get(name))
             rows.append([f"{name} (held-out)", f"{before} -> {after}"])

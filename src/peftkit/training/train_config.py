@@ -20,7 +20,9 @@ from peftkit.foundation.errors import UsageError, closest
 from peftkit.foundation.loading import DEFAULT_MODEL
 from peftkit.foundation.quantization import check_quantization_options
 from peftkit.foundation.tasks import TASKS
+from peftkit.objectives.choice import OBJECTIVES, OPTION_HELP
 from peftkit.training.method_choice import METHOD_NAMES, method_fields, unknown_name
+from peftkit.training.objective_settings import check_objective
 
 __all__ = [
     "LR_SCHEDULERS",
@@ -35,7 +37,8 @@ __all__ = [
     "with_task_defaults",
 ]
 
-METRICS = ("auto", "exact_match", "rouge1", "rouge2", "rougeL", "accuracy", "loss")
+METRICS = ("auto", "exact_match", "rouge1", "rouge2", "rougeL", "accuracy", "loss", "preference_accuracy")
+PREFERENCE_TASK = "person-json-pairs"  # the bundled data of a preference objective given no data
 DTYPES = ("float32", "bfloat16")
 QUANTIZE = ("none", "nf4", "fp4", "int8")  # bitsandbytes schemes (peftkit.foundation.quantization.SCHEMES)
 DATA_FORMATS = ("auto", "prompt_completion", "instruction", "messages")
@@ -73,6 +76,17 @@ class TrainConfig:
     method_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "options of the method's config class, e.g. {r: 8}"}
     )
+    # --- objective
+    objective: str = _key(
+        "sft",
+        "what training minimises: sft (the answers' cross-entropy), or a preference loss on pairs of a "
+        f"chosen and a rejected answer: dpo, orpo, simpo (default data: {PREFERENCE_TASK})",
+        choices=OBJECTIVES,
+    )
+    beta: float | None = _key(None, OPTION_HELP["beta"])
+    simpo_gamma: float | None = _key(None, OPTION_HELP["simpo_gamma"])
+    cpo_alpha: float | None = _key(None, OPTION_HELP["cpo_alpha"])
+    reference: str | None = _key(None, OPTION_HELP["reference"])
     # --- data
     data: str = _key("person-json", "training file (.jsonl/.json/.csv/.parquet) or a bundled task name")
     validation_data: str | None = _key(None, "held-out file; default: split off validation_split of data")
@@ -92,6 +106,8 @@ class TrainConfig:
     input_column: str = _key("input", "instruction format: the (optional) input column")
     output_column: str = _key("output", "instruction format: the answer column")
     messages_column: str = _key("messages", "messages format: the column of chat turns")
+    chosen_column: str = _key("chosen", "preference objectives: the preferred answer's column")
+    rejected_column: str = _key("rejected", "preference objectives: the other answer's column")
     prompt_template: str | None = _key(
         None, "Python format string over a row's columns, e.g. 'Summarize:\\n{dialogue}'"
     )
@@ -211,9 +227,14 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
 
 
 def with_task_defaults(config: TrainConfig) -> TrainConfig:
-    """Apply a bundled task's settings (``peftkit.training.tasks``) to the keys still at their defaults."""
+    """Apply a bundled task's settings (``peftkit.training.tasks``) to the keys still at their defaults.
+
+    A preference objective given the default data trains on the bundled preference task instead.
+    """
     from peftkit.training.tasks import builtin_task
 
+    if config.objective != "sft" and config.data == FIELDS["data"].default:
+        config = dataclasses.replace(config, data=PREFERENCE_TASK)
     task = builtin_task(config.data)
     if task is None:
         return config
@@ -367,3 +388,4 @@ def _validate(config: TrainConfig, source: str) -> None:
         raise UsageError(
             "resume and overwrite exclude each other: resume keeps output_dir, overwrite replaces it"
         )
+    check_objective(config, source)

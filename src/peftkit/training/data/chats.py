@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from peftkit.training.train_config import TrainConfig
 
-__all__ = ["DataFormat", "Encoded", "encode", "to_chats"]
+__all__ = ["DataFormat", "Encoded", "encode", "fill_template", "to_chats"]
 
 Encoded = tuple[list[int], list[int], list[int]]  # (input_ids, labels, prompt_ids)
 
@@ -47,6 +47,8 @@ class DataFormat:
     prompt_template: str | None = None
     system_prompt: str | None = None
     reference_columns: tuple[str, ...] = ()
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> DataFormat:
@@ -62,6 +64,8 @@ class DataFormat:
             config.prompt_template,
             config.system_prompt,
             tuple(config.reference_columns or ()),
+            config.chosen_column,
+            config.rejected_column,
         )
 
 
@@ -100,7 +104,9 @@ def to_chats(table: datasets.Dataset, fmt: DataFormat, source: str = "the data")
                 answer = row[fmt.output_column]
             else:
                 prompt = (
-                    _fill(fmt.prompt_template, row, source) if fmt.prompt_template else row[fmt.prompt_column]
+                    fill_template(fmt.prompt_template, row, source)
+                    if fmt.prompt_template
+                    else row[fmt.prompt_column]
                 )
                 answer = row[completion]
             messages = [
@@ -188,7 +194,12 @@ def _layout(fmt: DataFormat, columns: list[str]) -> str:
     return "prompt_completion"
 
 
-def _fill(template: str, row: dict[str, Any], source: str) -> str:
+def fill_template(template: str, row: dict[str, Any], source: str) -> str:
+    """``template`` filled with a row's columns.
+
+    Raises:
+        UsageError: the template names a column ``source`` lacks (with the closest one).
+    """
     try:
         return template.format(**row)
     except KeyError as e:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from peftkit.foundation.errors import UsageError
 from peftkit.training.data.chats import DataFormat, to_chats
 from peftkit.training.data.packing import pack
+from peftkit.training.data.pairs import to_pair_chats, tokenize_pairs
 from peftkit.training.data.tables import load_table, missing_column
 from peftkit.training.data.tokenization import ordered_labels, tokenize, tokenize_classification
 
@@ -27,7 +28,9 @@ class PreparedData:
     """Tokenized training and validation rows plus what happened on the way.
 
     ``train`` has ``input_ids`` and ``labels``; ``validation`` also ``prompt_ids`` (the prompt a model
-    answers when scored by generation) and ``references`` (the accepted answers).
+    answers when scored by generation) and ``references`` (the accepted answers). Preference pairs:
+    ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (and in ``validation`` ``references``: the chosen
+    and the rejected answer's text).
     """
 
     train: datasets.Dataset
@@ -56,6 +59,8 @@ def check_data(config: TrainConfig) -> None:
             for column in (fmt.prompt_column, fmt.completion_column):
                 if column not in head.column_names:
                     raise missing_column(column, list(head.column_names), str(path))
+        elif config.objective != "sft":
+            to_pair_chats(head, file_fmt, str(path))
         else:
             to_chats(head, file_fmt, str(path))
 
@@ -73,6 +78,8 @@ def prepare_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
     train_path, validation_path = data_files(config)
     table, validation = _tables(config, train_path, validation_path)
 
+    if config.objective != "sft":
+        return _prepare_pairs(config, tokenizer, fmt, (table, train_path), (validation, validation_path))
     if config.task == "seq-cls":
         train, stats, names = tokenize_classification(
             table, tokenizer, fmt, config.max_length, config.labels, str(train_path)
@@ -102,6 +109,27 @@ def prepare_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
         train = pack(train, config.max_length)
         stats["packed_rows"] = len(train)
     return PreparedData(train, val, stats)
+
+
+def _prepare_pairs(
+    config: TrainConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: DataFormat,
+    train: tuple[datasets.Dataset, Path],
+    validation: tuple[datasets.Dataset | None, Path | None],
+) -> PreparedData:
+    """Preference pairs, training and held-out (every row of the data is checked, not only the first)."""
+    (table, train_path), (held_out, validation_path) = train, validation
+    rows, stats = tokenize_pairs(to_pair_chats(table, fmt, str(train_path)), tokenizer, config.max_length)
+    if len(rows) == 0:
+        raise UsageError(
+            f"no pair of {train_path} fits max_length={config.max_length} with its answers apart"
+        )
+    val = None
+    if held_out is not None:
+        source = str(validation_path or train_path)
+        val, _ = tokenize_pairs(to_pair_chats(held_out, fmt, source), tokenizer, config.max_length)
+    return PreparedData(rows.remove_columns(["references"]), val, stats)
 
 
 def with_labels(config: TrainConfig) -> TrainConfig:

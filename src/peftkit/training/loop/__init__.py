@@ -36,6 +36,8 @@ from peftkit.foundation.errors import UsageError
 from peftkit.training.checkpoints import rng_state
 from peftkit.training.data import with_labels
 from peftkit.training.loop.context import THREAD_CHECK_EVERY, RunContext, set_threads
+from peftkit.training.loop.reference import check_reference_options
+from peftkit.training.loop.reference_pass import attach_reference_log_probs
 from peftkit.training.loop.scoring import evaluate_run
 from peftkit.training.loop.setup import RunSetup, set_up
 from peftkit.training.loop.signals import StopFlag, stop_requested
@@ -43,6 +45,7 @@ from peftkit.training.loop.state import LoopState, save_final, save_step, start_
 from peftkit.training.loop.step import StepOutcome, take_step
 from peftkit.training.loop.summary import finish, progress_bar
 from peftkit.training.method_choice import resolved_options
+from peftkit.training.objective_settings import with_objective_defaults
 from peftkit.training.reports import MetricsLog
 from peftkit.training.result import TrainResult
 from peftkit.training.train_config import TrainConfig, with_task_defaults
@@ -50,6 +53,7 @@ from peftkit.training.train_config import TrainConfig, with_task_defaults
 __all__ = ["TrainResult", "train"]
 
 OnStep = Callable[[int, float, nn.Module], None]
+_SHORT = {"reward_margin": "margin", "reward_accuracy": "acc"}  # the progress bar's names
 
 
 def train(config: TrainConfig, on_step: OnStep | None = None, evaluate_before: bool = True) -> TrainResult:
@@ -87,16 +91,21 @@ def train(config: TrainConfig, on_step: OnStep | None = None, evaluate_before: b
 
 
 def _resolved(config: TrainConfig) -> TrainConfig:
-    """``config`` as the run uses it: the bundled task's settings, the method's default options and a
-    classifier's labels in (so ``train_config.yaml`` records what really trained, not
-    ``method_options: {}``, and every command reloads a classifier with its head's size and names)."""
-    config = with_labels(with_task_defaults(config))
+    """``config`` as the run uses it: the bundled task's settings, the objective's and the method's
+    default options and a classifier's labels in (so ``train_config.yaml`` records what really trained,
+    not ``method_options: {}``, and every command reloads a classifier with its head's size and names).
+    With a DPO ``reference`` the adapter is that one: its config is in its files."""
+    config = with_labels(with_objective_defaults(with_task_defaults(config)))
+    if config.reference is not None:
+        check_reference_options(config)
+        return config
     return config.replace(method_options=resolved_options(config.method, config.method_options))
 
 
 def _run(context: RunContext, on_step: OnStep | None, evaluate_before: bool) -> TrainResult:
     """Set up, resume, train steps, evaluate, save, summarize."""
     setup = set_up(context)
+    attach_reference_log_probs(context, setup)  # before a checkpoint changes the model
     state = start_state(context, setup)
     log = MetricsLog(context.out) if context.main else None
     if not context.config.resume and evaluate_before:
@@ -149,8 +158,11 @@ class _Steps:
         state.tokens_seen += outcome.tokens
         state.losses.append(outcome.loss)
         self.bar.update(1)
+        shown = {_SHORT.get(name, name): f"{value:.3g}" for name, value in outcome.metrics.items()}
         self.bar.set_postfix(
-            loss=f"{outcome.loss:.4f}", tok_s=f"{state.tokens_seen / max(state.train_time, 1e-9):.0f}"
+            loss=f"{outcome.loss:.4f}",
+            **shown,
+            tok_s=f"{state.tokens_seen / max(state.train_time, 1e-9):.0f}",
         )
         step = state.step
         if self.log is not None and (step % self.context.config.log_every == 0 or step == setup.total_steps):
@@ -162,6 +174,7 @@ class _Steps:
                     "lr": setup.scheduler.get_last_lr()[0],  # the base rate (optimization.py)
                     "grad_norm": outcome.grad_norm,
                     "tokens_per_s": outcome.tokens / max(seconds, 1e-9),
+                    **outcome.metrics,
                 }
             )
         if self.on_step is not None and self.context.main:

@@ -9,6 +9,7 @@ import torch
 from peftkit.training.evaluation import evaluate
 from peftkit.training.loop.context import RunContext
 from peftkit.training.loop.setup import RunSetup
+from peftkit.training.pair_evaluation import evaluate_pairs
 from peftkit.training.reports import MetricsLog
 
 __all__ = ["evaluate_run"]
@@ -35,15 +36,27 @@ def evaluate_run(
     result: dict[str, Any] = {}
     if (context.main or context.sharded) and data.validation is not None and len(data.validation) > 0:
         with torch.random.fork_rng(devices=[]):
-            result = evaluate(
-                setup.model,
-                setup.tokenizer,
-                data.validation,
-                config.task,
-                examples=config.eval_examples,
-                max_new_tokens=config.max_new_tokens,
-                batch_size=2 * config.batch_size,  # no gradients: twice the rows fit
-            )
+            if setup.preference is not None:
+                result = evaluate_pairs(
+                    setup.model,
+                    setup.tokenizer,
+                    data.validation,
+                    setup.preference,
+                    setup.collate,
+                    examples=config.eval_examples,
+                    max_new_tokens=config.max_new_tokens,
+                    batch_size=2 * config.batch_size,
+                )
+            else:
+                result = evaluate(
+                    setup.model,
+                    setup.tokenizer,
+                    data.validation,
+                    config.task,
+                    examples=config.eval_examples,
+                    max_new_tokens=config.max_new_tokens,
+                    batch_size=2 * config.batch_size,  # no gradients: twice the rows fit
+                )
         if context.main:
             _report(result, step, log, when, progress)
     context.wait_for_everyone()

@@ -6,7 +6,9 @@ data files, model, batch size); then the output directory is created with ``trai
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,11 +20,16 @@ from peftkit.foundation.errors import UsageError
 from peftkit.foundation.quantization import describe_precision
 from peftkit.model import PeftModel, wrap
 from peftkit.objectives import Objective
+from peftkit.objectives.choice import PreferenceSettings
+from peftkit.objectives.pair_batch import collate_pairs
+from peftkit.objectives.preference import preference_objective
+from peftkit.objectives.sequences import shares_prompts
 from peftkit.objectives.tokens import token_objective
-from peftkit.training.data import PreparedData, check_data, prepare_data
+from peftkit.training.data import PreparedData, check_data, collate, prepare_data
 from peftkit.training.evaluation import headline_metric, pad_token_id
 from peftkit.training.loop.context import RunContext, set_threads
 from peftkit.training.loop.order import BatchOrder
+from peftkit.training.loop.reference import check_reference, load_reference_adapter
 from peftkit.training.method_choice import build_method_config
 from peftkit.training.optimization import build_optimizer, build_scheduler, check_optimizer
 from peftkit.training.reports import trainable_table
@@ -35,7 +42,7 @@ from peftkit.training.run_directory import (
 from peftkit.training.sharding import check_shardable, shard
 from peftkit.training.train_config import TrainConfig
 
-__all__ = ["RunSetup", "apply_method", "set_up"]
+__all__ = ["RunSetup", "apply_method", "preference_settings", "set_up", "with_checkpointing"]
 
 
 @dataclass
@@ -49,9 +56,11 @@ class RunSetup:
     params: list[nn.Parameter]  # the trainable ones, for gradient clipping
     tokenizer: Any
     data: PreparedData
-    train_rows: list[dict[str, Any]]  # input_ids and labels of every training row
-    targets: list[int]  # what each training row's loss is divided by: its answer tokens
+    train_rows: list[dict[str, Any]]  # input_ids and labels (pairs: prompt, chosen, rejected ids) per row
+    targets: list[int]  # what each training row's loss is divided by: its answer tokens (pairs: 1)
     objective: Objective  # (model, batch) -> (loss_sum, count)
+    collate: Callable[[Sequence[dict[str, Any]]], dict[str, Any]]  # rows -> the objective's batch
+    preference: PreferenceSettings | None  # the preference objective's settings (None: sft)
     order: BatchOrder
     pad_id: int
     total_steps: int
@@ -75,6 +84,7 @@ def set_up(context: RunContext) -> RunSetup:
     precision = describe_precision(config.quantize, config.dtype, config.quantize_options)
     context.say(f"peftkit train: {config.method} on {config.model} ({config.task}, {precision})")
     check_data(config)  # bad data is reported before the model loads
+    check_reference(config)
     model, tokenizer, data = _load(config, method_config)
     if config.labels:
         context.say(head_note(config, full_model=method_config is None))
@@ -84,8 +94,7 @@ def set_up(context: RunContext) -> RunSetup:
         len(data.train), config.batch_size, config.grad_accum, context.world, context.rank, config.seed
     )
     total_steps = config.max_steps or math.ceil(config.epochs * order.steps_per_epoch)
-    references = data.validation["references"] if data.validation is not None else []
-    metric = headline_metric(config.metric, config.task, references)
+    metric = _headline_metric(config, data)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total_steps)
@@ -97,6 +106,8 @@ def set_up(context: RunContext) -> RunSetup:
     else:
         wrapped, optimizer = context.accelerator.prepare(model, optimizer)
     context.say(setup_report(context, model, data, total_steps, order, metric))
+    pad_id = pad_token_id(tokenizer)
+    preference, columns, objective, batches = _objective_parts(config, model, pad_id)
     return RunSetup(
         model=model,
         wrapped=wrapped,
@@ -105,14 +116,48 @@ def set_up(context: RunContext) -> RunSetup:
         params=params,
         tokenizer=tokenizer,
         data=data,
-        train_rows=data.train.select_columns(["input_ids", "labels"]).to_list(),
+        train_rows=data.train.select_columns(columns).to_list(),
         targets=data.train["targets"],
-        objective=token_objective(config.task),
+        objective=objective,
+        collate=batches,
+        preference=preference,
         order=order,
-        pad_id=pad_token_id(tokenizer),
+        pad_id=pad_id,
         total_steps=total_steps,
         metric=metric,
     )
+
+
+def _headline_metric(config: TrainConfig, data: PreparedData) -> str:
+    """The run's headline metric: a preference run's ``auto`` is its preference accuracy."""
+    if config.objective != "sft" and config.metric == "auto":
+        return "preference_accuracy"
+    references = data.validation["references"] if data.validation is not None else []
+    return headline_metric(config.metric, config.task, references)
+
+
+def _objective_parts(
+    config: TrainConfig, model: nn.Module, pad_id: int
+) -> tuple[
+    PreferenceSettings | None, list[str], Objective, Callable[[Sequence[dict[str, Any]]], dict[str, Any]]
+]:
+    """The preference settings (None: sft), the training rows' columns, the objective and the collate."""
+    if config.objective == "sft":
+        return (
+            None,
+            ["input_ids", "labels"],
+            token_objective(config.task),
+            functools.partial(collate, pad_id=pad_id),
+        )
+    preference = preference_settings(config)
+    batches = functools.partial(collate_pairs, pad_id=pad_id, shared_prompt=shares_prompts(model))
+    return preference, ["prompt_ids", "chosen_ids", "rejected_ids"], preference_objective(preference), batches
+
+
+def preference_settings(config: TrainConfig) -> PreferenceSettings:
+    """The preference objective of ``config`` (``beta``… filled with the objective's defaults)."""
+    options = {name: getattr(config, name) for name in ("beta", "simpo_gamma", "cpo_alpha")}
+    return PreferenceSettings.of(config.objective, **options)
 
 
 def _load(config: TrainConfig, method_config: Any) -> tuple[nn.Module, Any, PreparedData]:
@@ -122,6 +167,8 @@ def _load(config: TrainConfig, method_config: Any) -> tuple[nn.Module, Any, Prep
     model, tokenizer = load_base_model(config)  # seq-cls: a head of len(config.labels) outputs
     data = prepare_data(config, tokenizer)
     set_seed(config.seed)  # adapter initialisation
+    if config.reference is not None:  # DPO continuing from an adapter: it is the reference and the start
+        return with_checkpointing(load_reference_adapter(model, config), config), tokenizer, data
     return apply_method(model, method_config, config), tokenizer, data
 
 
@@ -154,6 +201,11 @@ def apply_method(model: nn.Module, method_config: Any, config: TrainConfig) -> n
             model = wrap(model, method_config)
         except ValueError as e:
             raise UsageError(f"method {config.method!r}: {e}") from e
+    return with_checkpointing(model, config)
+
+
+def with_checkpointing(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """``model`` with gradient checkpointing on when ``config`` asks for it."""
     if config.gradient_checkpointing:
         if isinstance(model, PeftModel):
             model.gradient_checkpointing_enable()
@@ -167,7 +219,8 @@ def setup_report(
 ) -> str:
     """What the run will do: the data (truncated, packed, held out), the steps, the trainable table."""
     config, stats = context.config, data.stats
-    lines = [f"data: {stats['examples']} training examples"]
+    what = "examples" if config.objective == "sft" else f"pairs ({config.objective})"
+    lines = [f"data: {stats['examples']} training {what}"]
     if stats.get("truncated"):
         dropped = stats.get("dropped")
         lines.append(
@@ -179,9 +232,10 @@ def setup_report(
     validation = len(data.validation) if data.validation is not None else 0
     generated = min(config.eval_examples, validation) if config.task != "seq-cls" else 0
     scored = f" (loss on all, the first {generated} also by generation)" if generated else ""
-    lines.append(f"  {validation} held-out rows{scored}; headline metric: {metric}")
+    unit = "rows" if config.objective == "sft" else "pairs"
+    lines.append(f"  {validation} held-out {unit}{scored}; headline metric: {metric}")
     lines.append(
-        f"steps: {total} of {order.global_batch_size} rows ({total / order.steps_per_epoch:.2f} epochs), "
+        f"steps: {total} of {order.global_batch_size} {unit} ({total / order.steps_per_epoch:.2f} epochs), "
         f"{context.world} process(es)"
         + (f", {torch.get_num_threads()} CPU thread(s) each" if context.device.type == "cpu" else "")
         + (", parameters sharded (FSDP2)" if context.sharded else "")

@@ -11,19 +11,18 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from peftkit.ops import fused_cross_entropy
 from peftkit.training.checkpoints import latest_checkpoint
-from peftkit.training.data import collate
 from peftkit.training.loop.context import RunContext
 from peftkit.training.loop.setup import RunSetup
 from peftkit.training.sharding import gradient_sync, to_float
 
-__all__ = ["StepOutcome", "take_step"]
+__all__ = ["StepOutcome", "loss_mode", "take_step"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,7 @@ class StepOutcome:
     loss: float  # the objective over the global batch: summed, divided by its count
     grad_norm: float  # before clipping
     tokens: int  # tokens in the global batch (all processes)
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's own, per row of the batch
 
 
 def take_step(context: RunContext, setup: RunSetup, step: int) -> StepOutcome | None:
@@ -47,10 +47,10 @@ def take_step(context: RunContext, setup: RunSetup, step: int) -> StepOutcome | 
     local_loss = torch.zeros((), device=acc.device)
     local_tokens = torch.zeros((), device=acc.device)
     for j, rows in enumerate(setup.order.micro_batches(indices)):
-        batch = collate([setup.train_rows[i] for i in rows], setup.pad_id)
+        batch = setup.collate([setup.train_rows[i] for i in rows])
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         sync = j == config.grad_accum - 1
-        with _gradient_sync(context, setup, sync), _loss_mode(context):
+        with _gradient_sync(context, setup, sync), loss_mode(context):
             summed, _ = setup.objective(setup.wrapped, batch)
             acc.backward(summed * context.world / n_targets)  # DDP and FSDP2 average over processes
         local_loss += summed.detach()
@@ -58,16 +58,24 @@ def take_step(context: RunContext, setup: RunSetup, step: int) -> StepOutcome | 
     norm = to_float(acc.clip_grad_norm_(setup.params, config.max_grad_norm or float("inf")))
     loss = (acc.reduce(local_loss, "sum") / n_targets).item()
     tokens = int(acc.reduce(local_tokens, "sum").item())
+    metrics = {name: (acc.reduce(value, "sum") / n_targets).item() for name, value in _taken(setup).items()}
     if not (math.isfinite(loss) and math.isfinite(norm)):
         _report_non_finite(context, step + 1, loss, norm)
         return None
     setup.optimizer.step()
     setup.scheduler.step()
     setup.optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(loss, norm, tokens)
+    return StepOutcome(loss, norm, tokens, metrics)
 
 
-def _loss_mode(context: RunContext) -> Any:
+def _taken(setup: RunSetup) -> dict[str, torch.Tensor]:
+    """The objective's metrics summed over this process's rows of the step (preference objectives: the
+    reward margin and accuracy), in a fixed order so that every process reduces the same ones."""
+    take = getattr(setup.objective, "take_metrics", None)
+    return dict(sorted(take().items())) if take is not None else {}
+
+
+def loss_mode(context: RunContext) -> Any:
     """Under FSDP2 the model's own loss: the fused head loss reads the head's weight outside the
     model's forward, where it is sharded."""
     return fused_cross_entropy(False) if context.sharded else contextlib.nullcontext()

@@ -4,6 +4,11 @@
 SmolLM2-135M-Instruct gets it wrong (it echoes or reformats the sentence); a few minutes of LoRA on two
 CPU cores get most held-out rows exactly right. Test rows use names and cities absent from the training
 rows. Regenerate with ``python scripts/make_default_task.py``.
+
+``person-json-pairs``: the same sentences as preference pairs for ``--objective dpo|orpo|simpo``: the
+chosen answer is the right line of JSON, the rejected one that JSON with one field wrong (three pairs in
+four) or the sentence repeated (what the base model writes). Regenerate with
+``python scripts/make_preference_task.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 __all__ = ["BUILTIN_TASKS", "BuiltinTask", "builtin_task"]
 
 _HERE = Path(__file__).resolve().parent
+PERSON_JSON_INSTRUCTION = "Extract the person's name, age, job and city as one line of JSON.\n\n"
 
 
 @dataclass(frozen=True)
@@ -42,11 +48,16 @@ BUILTIN_TASKS = {
         train=_HERE / "person_json" / "train.jsonl",
         validation=_HERE / "person_json" / "test.jsonl",
         settings={
-            "prompt_template": (
-                "Extract the person's name, age, job and city as one line of JSON.\n\n{prompt}"
-            ),
+            "prompt_template": PERSON_JSON_INSTRUCTION + "{prompt}",
             "metric": "exact_match",
         },
+        example="Ada Park, 36, has worked as a surgeon in Toronto for ten years.",
+    ),
+    "person-json-pairs": BuiltinTask(
+        name="person-json-pairs",
+        train=_HERE / "person_json_pairs" / "train.jsonl",
+        validation=_HERE / "person_json_pairs" / "test.jsonl",
+        settings={"prompt_template": PERSON_JSON_INSTRUCTION + "{prompt}"},
         example="Ada Park, 36, has worked as a surgeon in Toronto for ten years.",
     ),
 }
