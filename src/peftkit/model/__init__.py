@@ -3,7 +3,8 @@
 - :mod:`.peft_model`: the class: adding, switching, deleting, combining and counting adapters;
 - :mod:`.files`: reading and writing adapter files (Hugging Face PEFT's layout);
 - :mod:`.merging`: merging into the base weights and back, ``merge_and_unload``, ``unload``;
-- :mod:`.running`: ``forward``, ``generate``, per-row routings, activation checkpointing;
+- :mod:`.running`: ``forward``, ``generate``, activation checkpointing;
+- :mod:`.routing`: mixed batches (one adapter per row), the function the wrappers call for them;
 - :mod:`.entry`: ``wrap`` and ``load``.
 """
 

@@ -17,13 +17,14 @@ from torch import nn
 
 from peftkit.arithmetic import CombinationReport, combine_lora_adapters
 from peftkit.core.adapter_config import AdapterConfig
-from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSave, Routing, outer_modules
+from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSave, outer_modules
 from peftkit.core.targeting import CLASSIFIER_HEAD_NAMES, find_targets, name_matches
 from peftkit.core.whole_model import ModelAdapter, is_model_level
 from peftkit.foundation.formatting import format_count, format_percent
 from peftkit.foundation.quantization import keep_trainable_layout
 from peftkit.model.files import Files
 from peftkit.model.merging import Merging
+from peftkit.model.routing import Routing
 from peftkit.model.running import Running
 
 # The live PeftModel of each base model (by id), so a second wrap or load of the same base is refused

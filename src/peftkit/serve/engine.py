@@ -307,8 +307,7 @@ class Engine:
         names = tuple(adapter or BASE_ADAPTER_NAME for adapter in adapters)
         key = (names, self.registry.version)
         if self._routing is None or self._routing[:2] != key:
-            like = self._routing[2] if self._routing is not None and self._routing[1] == key[1] else None
-            self._routing = (*key, self.model.routing(names, like=like))
+            self._routing = (*key, self.model.routing(names))
         return self._routing[2]
 
     def _leave(self, leaving: list[GenerationRequest]) -> None:
