@@ -28,8 +28,8 @@ _BOUNDS: tuple[tuple[str, type, Any, str], ...] = (
     ("--max-new-tokens", int, 512, "largest max_tokens (default: 512)"),
     ("--max-adapters", int, None, "adapter slots: adapters running at once, the least recently used idle one "
      "reused (default: as many as are used)"),
-    ("--max-cpu-adapters", int, None, "adapters kept in memory outside the slots; beyond, the least recently "
-     "used is read from disk again when asked for (default: all registered)"),
+    ("--max-cpu-adapters", int, None, "adapters kept in memory, those in slots included; beyond, the least "
+     "recently used is read from disk again when asked for (default: all registered)"),
     ("--max-rank", int, None, "refuse adapters of a higher rank"),
     ("--max-connections", int, 256, "open connections; more are closed at once (default: 256)"),
     ("--read-timeout", float, 10.0, "seconds for a request's headers, then its body, to arrive "

@@ -27,10 +27,9 @@ from torch import Tensor
 __all__ = ["LoraStacks", "RowSlots", "masked_path_applies", "multi_lora", "multi_lora_reference"]
 
 #: The masked path applies every adapter in the rows' span to every token: per row, tokens × (adapters
-#: − 1) rank-r products wasted. With several tokens per row it is faster than gathering each row's A
-#: and B up to this many (``python benchmarks/multi_lora_paths.py --threads 1``: at SmolLM2's shapes,
-#: r16, the two paths cross between 4 and 8 for 2, 4, 8 and 16 adapters); with one token per row (a
-#: decoding step) it was faster at every size measured, up to 16 adapters over 16 rows.
+#: − 1) rank-r products wasted. It stays the faster path up to about this much waste, and for one token
+#: per row at any size (``python benchmarks/multi_lora_paths.py --threads 1``; the crossover is in
+#: docs/benchmarks.md, "Mixed batches: the two paths of ops/multi_lora").
 MASKED_PATH_MAX_WASTE = 6
 
 

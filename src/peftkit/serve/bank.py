@@ -76,7 +76,7 @@ class AdapterBank:
         base_name: the base model's name in the API (an adapter may not take it).
         max_slots: adapters in slots at once (None: as many as are used).
         max_rank: the largest rank accepted, and the slots' rank (None: any; the slots grow).
-        max_resident: adapters kept in the CPU tier (None: every registered one).
+        max_resident: adapters kept in the CPU tier, those in slots included (None: every registered one).
         root: the only directory runtime loading may read from; None: runtime loading is off.
         metrics: counts reads, placements and evictions (see :class:`~peftkit.serve.metrics.Metrics`).
     """

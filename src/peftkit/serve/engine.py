@@ -80,6 +80,8 @@ class Engine:
         self._stopping = False
         self._drain_deadline: float | None = None
         self._progress_at = time.monotonic()
+        self._changes = 0  # submissions, cancellations and finished reads: what a waiting turn waits for
+        self._seen_changes = 0  # the count when the last admission looked at the queue
         bank.on_ready = self._notify
         metrics.running.set_function(lambda: len(self._rows))
 
@@ -98,6 +100,7 @@ class Engine:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already")
             self._waiting.append(request)
             self.metrics.queue_depth.set(len(self._waiting))
+            self._changes += 1
             self._wake.notify()
 
     def cancel(self, request: GenerationRequest) -> None:
@@ -110,6 +113,7 @@ class Engine:
                 self._waiting.remove(request)
                 self.metrics.queue_depth.set(len(self._waiting))
                 self.metrics.finished.labels(self._label(request), "cancelled").inc()
+            self._changes += 1
             self._wake.notify()
 
     def start(self) -> None:
@@ -199,7 +203,8 @@ class Engine:
                 self._progress_at = time.monotonic()
                 if not busy:  # what waits, waits on a read or a slot: sleep until something changes
                     with self._wake:
-                        self._wake.wait(0.5)
+                        if self._changes == self._seen_changes:
+                            self._wake.wait(0.5)
 
     def _turn(self) -> bool:
         """One turn: end the rows past the shutdown grace, admit, run one decoding step. False when
@@ -219,6 +224,7 @@ class Engine:
         joining: list[Row] = []
         with self._wake:
             queue = list(self._waiting)
+            self._seen_changes = self._changes
         self.bank.keep_reservation_for({request.adapter for request in queue if request.adapter is not None})
         for request in queue:
             if len(self._rows) + len(joining) >= self.max_concurrent:
@@ -332,4 +338,5 @@ class Engine:
 
     def _notify(self) -> None:
         with self._wake:
+            self._changes += 1
             self._wake.notify()

@@ -32,7 +32,7 @@ class ServeSettings:
         max_concurrent: requests in the running batch at most.
         max_queue: requests waiting at most; beyond that, 429.
         max_adapters: adapter slots (adapters running at once; LRU reuse); None: as many as are used.
-        max_cpu_adapters: adapters kept in memory outside the slots (LRU); None: every registered one.
+        max_cpu_adapters: adapters kept in memory, those in slots included (LRU); None: every registered one.
         max_rank: the largest adapter rank accepted; None: any.
         dtype: the base model's dtype.
         quantize: ``"nf4"``, ``"fp4"`` or ``"int8"``, or None.
