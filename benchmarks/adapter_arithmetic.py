@@ -23,7 +23,7 @@ from common import machine
 import peftkit
 from peftkit.training.data import prepare_data
 from peftkit.training.evaluation import evaluate
-from peftkit.training.loop import load_base_model
+from peftkit.training.run_directory import load_base_model
 from peftkit.training.runs import run_config
 
 # (label, add_weighted_adapter arguments); None: an input adapter alone or the base model

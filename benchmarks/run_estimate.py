@@ -16,11 +16,12 @@ import torch
 
 from peftkit.memory import measure_training_step
 from peftkit.model import wrap
+from peftkit.objectives.tokens import loss_sum
 from peftkit.training.data import collate, prepare_data
 from peftkit.training.estimate import estimate_run
-from peftkit.training.evaluation import loss_sum, pad_token_id
-from peftkit.training.loop import load_base_model
+from peftkit.training.evaluation import pad_token_id
 from peftkit.training.method_choice import build_method_config
+from peftkit.training.run_directory import load_base_model
 from peftkit.training.train_config import load_config
 
 

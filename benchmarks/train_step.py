@@ -38,10 +38,9 @@ from common import (
 from torch import nn
 
 import peftkit
-from peftkit.integrations.fused_loss import fused_model_loss
 from peftkit.memory import measure_training_step
+from peftkit.objectives.tokens import fused_model_loss, loss_sum
 from peftkit.ops import fast_lora
-from peftkit.training.evaluation import loss_sum
 
 
 def peftkit_model(base: nn.Module, config: object) -> nn.Module:
@@ -76,14 +75,14 @@ def model_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tenso
 
 
 def peftkit_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The loss of ``peftkit train``: ``training.evaluation.loss_sum`` (fused head + cross-entropy), mean."""
+    """The loss of ``peftkit train``: ``objectives.tokens.loss_sum`` (fused head + cross-entropy), mean."""
     total, count = loss_sum(model, inputs, "causal-lm")
     return total / count
 
 
 def fused_own_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's own loss (``ForCausalLMLoss``'s value and gradients) computed by the fused head:
-    ``peftkit.integrations.fused_loss.fused_model_loss``, what ``peftkit.integrations.Trainer`` runs."""
+    ``peftkit.objectives.tokens.fused_model_loss``, what ``peftkit.integrations.Trainer`` runs."""
     with fused_model_loss(model):
         return model(**inputs).loss
 

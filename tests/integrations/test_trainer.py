@@ -8,7 +8,9 @@ Hugging Face PEFT (losses and trained values to 1e-5), HF PEFT loading the saved
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,8 @@ import torch
 import peftkit
 from peftkit.foundation.io import read_adapter
 from peftkit.integrations import Trainer, load_saved_adapters
+from peftkit.objectives import tokens as loss_module
+from peftkit.ops import fused_cross_entropy
 
 from helpers.tiny_lm import build_model, build_tokenizer
 
@@ -247,3 +251,56 @@ def test_other_models_are_saved_as_trainer_saves_them(tokenizer, rows, tmp_path)
 
     files = {path.name for path in (tmp_path / "plain").iterdir()}
     assert {"model.safetensors", "config.json"} <= files and not files & ADAPTER_FILES
+
+
+def test_trainer_steps_use_the_fused_loss_and_train_as_the_models_own(
+    tokenizer, rows, tmp_path, monkeypatch
+) -> None:
+    """FusedLoss: every training micro-batch goes through objectives.tokens' fused head, with the losses of
+    the model's own loss (1e-5 relative: chunked float32 sums); label smoothing keeps Trainer's path."""
+    calls: list[int] = []
+    real = loss_module.linear_cross_entropy
+    monkeypatch.setattr(loss_module, "linear_cross_entropy", lambda *a: calls.append(1) or real(*a))
+
+    def losses(name: str, **changes: object) -> list[float]:
+        model = lora_model(tokenizer, lora_dropout=0.0)
+        settings = {"max_steps": 4, "gradient_accumulation_steps": 2, "save_strategy": "no", **changes}
+        trainer = make_trainer(model, tokenizer, rows, tmp_path / name, eval_strategy="no", **settings)
+        trainer.train()
+        return list(step_losses(trainer).values())
+
+    fused = losses("fused")
+    assert len(calls) == 4 * 2  # every micro-batch of every step
+    with fused_cross_entropy(False):
+        plain = losses("plain")
+    assert len(calls) == 8 and len(fused) == len(plain) == 4
+    assert fused == pytest.approx(plain, rel=1e-5)
+    smoothed = losses("smoothed", label_smoothing_factor=0.1)  # reads the logits
+    assert len(calls) == 8 and len(smoothed) == 4
+
+
+def test_plain_transformers_trainer_warns_once_that_it_saves_the_whole_model(
+    tokenizer, rows, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers.Trainer cannot be taught to save the adapter (docs/design.md): it says so, once."""
+    import peftkit.model.plain_trainer
+
+    monkeypatch.setattr(peftkit.model.plain_trainer, "_warned", False)
+    model = lora_model(tokenizer)
+    plain = make_trainer(model, tokenizer, rows, tmp_path / "plain", transformers.Trainer, max_steps=1)
+    # contextlib.suppress: the tiny Llama's tied embeddings make Trainer's whole-model fallback fail too
+    warns = pytest.warns(UserWarning, match=r"use peftkit\.integrations\.Trainer")
+    with warns as first, contextlib.suppress(RuntimeError):
+        plain.save_model(str(tmp_path / "plain" / "one"))
+    assert len([w for w in first if "peftkit.integrations.Trainer" in str(w.message)]) == 1
+    with warnings.catch_warnings(record=True) as second:
+        warnings.simplefilter("always")
+        with contextlib.suppress(RuntimeError):
+            plain.save_model(str(tmp_path / "plain" / "two"))
+        model.state_dict()  # any other caller: no warning
+    assert not [w for w in second if "peftkit.integrations.Trainer" in str(w.message)]
+    monkeypatch.setattr(peftkit.model.plain_trainer, "_warned", False)
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        make_trainer(model, tokenizer, rows, tmp_path / "ours", max_steps=1).save_model(str(tmp_path / "o"))
+    assert not [w for w in ours if "peftkit.integrations.Trainer" in str(w.message)]

@@ -3,9 +3,13 @@ and every config class is registered."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import pytest
 
 import peftkit
+import peftkit.methods
 from peftkit.cli import build_parser
 from peftkit.compare.plan import PRESETS, make_plan
 from peftkit.core.adapter_config import AdapterConfig
@@ -23,12 +27,23 @@ def all_subclasses(cls: type) -> set[type]:
     return found.union(*(all_subclasses(sub) for sub in found)) if found else found
 
 
+def method_config_classes() -> list[type[AdapterConfig]]:
+    """Every config class with a ``peft_type`` defined under ``peftkit.methods``, each module imported
+    first: a class is only a subclass once its module has run, and a method left out of the table is
+    imported by nothing else."""
+    for module in pkgutil.walk_packages(peftkit.methods.__path__, "peftkit.methods."):
+        importlib.import_module(module.name)
+    found = [cls for cls in all_subclasses(AdapterConfig) if cls.__module__.startswith("peftkit.methods.")]
+    return [cls for cls in found if cls.peft_type]  # "": a shared base class
+
+
 def test_every_config_class_is_registered_by_its_peft_type() -> None:
     # a new config class that is not in the table fails here
-    for cls in all_subclasses(AdapterConfig):
-        if cls.__module__.startswith("peftkit.methods") and cls.peft_type:  # "": a shared base class
-            assert cls.peft_type in METHODS, f"{cls.__name__} ({cls.peft_type}) is missing from METHOD_TABLE"
-            assert issubclass(cls, METHODS[cls.peft_type])
+    classes = method_config_classes()
+    assert {cls.__name__ for cls in classes} >= {"LoraConfig", "SelectiveConfig", "PrefixTuningConfig"}
+    for cls in classes:
+        assert cls.peft_type in METHODS, f"{cls.__name__} ({cls.peft_type}) is missing from METHOD_TABLE"
+        assert issubclass(cls, METHODS[cls.peft_type])
 
 
 def test_names_are_unique_and_families_known() -> None:

@@ -232,4 +232,17 @@ def test_pickle_and_deepcopy_keep_the_wrapper_and_its_outputs() -> None:
         torch.testing.assert_close(output_of(other, inputs), expected, atol=0, rtol=0)
 
 
+def test_a_copy_changes_its_own_adapters_only() -> None:
+    tiny = TINY_MODELS[1]
+    model = peftkit.wrap(tiny.make(), peftkit.LoraConfig(r=4, target_modules=list(tiny.targets)))
+    copied = copy.deepcopy(model)
+    copied.merge_adapter()
+    assert copied.merged_adapters == ["default"] and model.merged_adapters == []
+    copied.unmerge_adapter()
+    copied.delete_adapter("default")
+    assert not any(isinstance(m, AdapterLayer) for m in copied.modules())
+    assert list(model.peft_config) == ["default"]
+    assert any(isinstance(m, AdapterLayer) for m in model.modules())
+
+
 # ----------------------------------------------------------------------------- load_adapter_weights

@@ -1,4 +1,4 @@
-"""The fused output-head cross-entropy against plain PyTorch, alone and as the training loss of models.
+"""The fused output-head cross-entropy against plain PyTorch (its use as models' loss: tests/test_loss.py).
 
 The reference is ``F.cross_entropy(reduction="sum")`` of whole float32 logits through autograd.
 Tolerances: float32 atol 1e-5 relative to the loss's size (the same products summed in another order);
@@ -12,14 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import peftkit
 from peftkit.ops import (
     fused_cross_entropy,
     fused_cross_entropy_enabled,
     linear_cross_entropy,
     plain_output_head,
 )
-from peftkit.training.evaluation import loss_sum
 
 from helpers.tiny_lm import build_model
 
@@ -83,56 +81,6 @@ def test_switch_restores_the_setting() -> None:
     with fused_cross_entropy(False):
         assert not fused_cross_entropy_enabled()
     assert fused_cross_entropy_enabled()
-
-
-def batch_with_prompts(vocab: int) -> dict[str, torch.Tensor]:
-    """Two rows: the first 5 / 3 positions are prompt (no target), the second row is padded at the end."""
-    generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(0, vocab, (2, 12), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 10:] = 0
-    labels = input_ids.clone()
-    labels[0, :5] = labels[1, :3] = -100
-    labels[1, 10:] = -100
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def wrapped_models():
-    yield "full fine-tuning", build_model(60)
-    yield "lora", peftkit.wrap(build_model(60), peftkit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    yield (
-        "prompt tuning",
-        peftkit.wrap(
-            build_model(60), peftkit.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")
-        ),
-    )
-    yield (
-        "lora on the head",
-        peftkit.wrap(build_model(60), peftkit.LoraConfig(r=4, target_modules=["lm_head"])),
-    )
-
-
-@pytest.mark.parametrize("case", range(4))
-def test_training_loss_of_models_is_unchanged_by_the_fused_path(case: int) -> None:
-    name, model = list(wrapped_models())[case]
-    model.train()
-    batch = batch_with_prompts(60)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def loss_and_grads(fused: bool):
-        with fused_cross_entropy(fused):
-            total, count = loss_sum(model, batch, "causal-lm")
-        grads = torch.autograd.grad(total, params)
-        return total.detach(), count, grads
-
-    fused, fused_count, fused_grads = loss_and_grads(True)
-    whole, whole_count, whole_grads = loss_and_grads(False)
-    assert fused_count == whole_count == (batch["labels"][:, 1:] != -100).sum()
-    assert torch.allclose(fused, whole, rtol=1e-5, atol=1e-5), name
-    for a, b in zip(fused_grads, whole_grads, strict=True):
-        assert torch.allclose(a, b, atol=1e-5), name
-    adapted_head = name == "lora on the head"
-    assert (plain_output_head(model) is None) == adapted_head
 
 
 def test_heads_the_fused_path_must_leave_alone() -> None:

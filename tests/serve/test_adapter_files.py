@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from peftkit.serve.adapter_files import AdapterError, read_adapter_files, resolve_inside
 
@@ -53,9 +54,10 @@ def test_links_out_of_the_root_are_refused_whoever_made_them(root: Path, serve_f
         ("config not JSON", 400, "is not valid JSON"),
         ("config a list", 400, "is not a JSON object"),
         ("config too large", 400, "larger than"),
-        ("truncated weights", 400, "not a readable safetensors file"),
-        ("garbage weights", 400, "not a readable safetensors file"),
+        ("truncated weights", 400, "not a complete safetensors file"),
+        ("garbage weights", 400, "not a complete safetensors file"),
         ("weights a directory", 400, "has no adapter_model.safetensors"),
+        ("a NaN weight", 400, "holds NaN or inf values"),
     ],
 )
 def test_damaged_directories_are_refused_with_the_reason(
@@ -77,6 +79,10 @@ def test_damaged_directories_are_refused_with_the_reason(
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif damage == "garbage weights":
         weights.write_bytes(b"\xff" * 64)
+    elif damage == "a NaN weight":
+        tensors = load_file(str(weights))
+        tensors[sorted(tensors)[0]][0, 0] = float("nan")
+        save_file(tensors, str(weights))
     else:
         weights.unlink()
         weights.mkdir()

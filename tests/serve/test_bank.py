@@ -105,7 +105,7 @@ def test_a_reload_runs_the_registrations_checks_and_the_engine_keeps_serving(
     expected = {
         "symlink out of the root": "links outside the adapter root",
         "rank 16 copied over": "rank 16, above",
-        "truncated": "not a readable safetensors file",
+        "truncated": "not a complete safetensors file",
         "r: eight": "r and rank_pattern values must be positive integers",
     }[damage]
     assert expected in refused.final.error

@@ -245,8 +245,8 @@ def test_defaults_some_clients_send_are_accepted(client) -> None:
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
-        ("corrupted", "not a readable safetensors file"),
-        ("truncated", "not a readable safetensors file"),
+        ("corrupted", "not a complete safetensors file"),
+        ("truncated", "not a complete safetensors file"),
         ("r: eight", "positive integers"),
         ("target_modules: 12", "target_modules must be"),
         ("lora_alpha: x", "lora_alpha must be a number"),

@@ -11,17 +11,10 @@ import torch
 
 from peftkit.foundation.errors import UsageError
 from peftkit.foundation.tasks import IGNORE_INDEX
-from peftkit.training.data import (
-    DataFormat,
-    collate,
-    encode,
-    is_dataset_name,
-    load_table,
-    pack,
-    prepare_data,
-    to_chats,
-    tokenize,
-)
+from peftkit.training.data import DataFormat, collate, encode, load_table, prepare_data, to_chats
+from peftkit.training.data.packing import pack
+from peftkit.training.data.tables import is_dataset_name
+from peftkit.training.data.tokenization import tokenize
 from peftkit.training.evaluation import headline_metric
 from peftkit.training.train_config import load_config
 

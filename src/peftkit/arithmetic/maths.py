@@ -22,12 +22,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from peftkit.arithmetic.settings import COMBINATION_TYPES
+
 __all__ = [
-    "COMBINATION_TYPES",
-    "DENSITY_TYPES",
-    "EXACT_TYPES",
-    "SIGN_METHODS",
-    "SIGN_TYPES",
     "LowRankFit",
     "combine_deltas",
     "concatenate_factors",
@@ -37,27 +34,6 @@ __all__ = [
     "magnitude_trim",
     "random_drop",
 ]
-
-COMBINATION_TYPES = (
-    "svd",
-    "linear",
-    "cat",
-    "ties",
-    "ties_svd",
-    "dare_linear",
-    "dare_ties",
-    "dare_linear_svd",
-    "dare_ties_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-)
-#: Exact: the new factors are the old ones concatenated, ΔW = Σ wᵢ·ΔWᵢ with no fit.
-EXACT_TYPES = ("linear", "cat")
-#: Types that read ``density`` (the share of entries each task vector keeps).
-DENSITY_TYPES = tuple(t for t in COMBINATION_TYPES if t.startswith(("ties", "dare", "magnitude_prune")))
-#: Types that elect a sign per entry (``majority_sign_method``).
-SIGN_TYPES = ("ties", "ties_svd", "dare_ties", "dare_ties_svd")
-SIGN_METHODS = ("total", "frequency")
 
 
 def concatenate_factors(

@@ -18,16 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from peftkit.arithmetic.maths import (
-    COMBINATION_TYPES,
-    DENSITY_TYPES,
-    EXACT_TYPES,
-    SIGN_METHODS,
-    SIGN_TYPES,
-    combine_deltas,
-    concatenate_factors,
-    low_rank_fit,
-)
+from peftkit.arithmetic.maths import LowRankFit, combine_deltas, concatenate_factors, low_rank_fit
+from peftkit.arithmetic.settings import Combination
 from peftkit.core.adapter_config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.foundation.io import KEY_PREFIX
@@ -35,7 +27,7 @@ from peftkit.methods.lora.adapters import LoraConv, LoraEmbedding, LoraLinear
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.pissa import PrincipalLoraLinear
 
-__all__ = ["CombinationReport", "check_combination", "combine_lora_adapters", "lora_factors"]
+__all__ = ["CombinationReport", "combine_lora_adapters", "lora_factors"]
 
 
 @dataclass(frozen=True)
@@ -93,19 +85,10 @@ def lora_factors(adapter: nn.Module) -> tuple[Tensor, Tensor, float]:
 
 
 def combine_lora_adapters(
-    model: nn.Module,
-    configs: Mapping[str, AdapterConfig],
-    adapters: Sequence[str],
-    weights: Sequence[float],
-    combination_type: str = "svd",
-    svd_rank: int | None = None,
-    svd_clamp: float | None = None,
-    density: float | None = None,
-    majority_sign_method: str = "total",
-    seed: int | None = None,
+    model: nn.Module, configs: Mapping[str, AdapterConfig], adapters: Sequence[str], combination: Combination
 ) -> tuple[LoraConfig, dict[str, Tensor], CombinationReport]:
-    """The LoRA adapter combining ``adapters`` of ``model`` with ``weights``; see
-    ``PeftModel.add_weighted_adapter`` for the arguments.
+    """The LoRA adapter combining ``adapters`` of ``model`` as ``combination`` says; see
+    ``PeftModel.add_weighted_adapter`` for the settings.
 
     A module that only some of the adapters target counts as a zero update for the others. The rank at
     a module is the sum of the adapters' ranks there for ``linear`` / ``cat``, else ``svd_rank`` or
@@ -114,6 +97,7 @@ def combine_lora_adapters(
     Args:
         model: the base model with peftkit's wrappers inside (``PeftModel.model``).
         configs: adapter name → config, for every adapter of ``model``.
+        adapters: the names to combine, one per weight of ``combination``.
 
     Returns:
         ``(config, tensors, report)``: the new adapter's config, its tensors under their file keys
@@ -126,108 +110,57 @@ def combine_lora_adapters(
     """
     if isinstance(adapters, str) or not adapters:
         raise ValueError(f"adapters={adapters!r} must be a non-empty list of adapter names")
-    check_combination(
-        combination_type, len(adapters), weights, svd_rank, svd_clamp, density, majority_sign_method
-    )
+    combination.check(len(adapters))
     _check_sources(configs, adapters)
+    seed = combination.seed
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     tensors: dict[str, Tensor] = {}
-    ranks: dict[str, int] = {}
-    errors: dict[str, float] = {}
-    residual_sq = target_sq = 0.0
+    fits: dict[str, LowRankFit] = {}
     for path, layer in model.named_modules():
         if not isinstance(layer, AdapterLayer):
             continue
-        present = [(name, w) for name, w in zip(adapters, weights, strict=True) if name in layer.adapters]
+        present = [
+            (name, w) for name, w in zip(adapters, combination.weights, strict=True) if name in layer.adapters
+        ]
         if not present:
             continue
-        factors = [lora_factors(layer.adapters[name]) for name, _ in present]
-        used = [w for _, w in present]
-        if combination_type in EXACT_TYPES:
-            A, B = concatenate_factors(factors, used)
-            error = 0.0
-        else:
-            target = combine_deltas(
-                combination_type,
-                [s * b @ a for a, b, s in factors],  # (out, in) each
-                used,
-                density,
-                majority_sign_method,
-                generator,
-            )
-            rank = svd_rank or max(_rank(layer.adapters[name]) for name, _ in present)
-            fit = low_rank_fit(target, rank, svd_clamp)
-            A, B, error = fit.A, fit.B, fit.relative_error
-            residual_sq += fit.residual_norm**2
-            target_sq += fit.target_norm**2
-        a_key, b_key, a_shape, b_shape = _file_layout(layer.adapters[present[0][0]], A.shape[0])
-        tensors[f"{KEY_PREFIX}{path}.{a_key}"] = A.reshape(a_shape)
-        tensors[f"{KEY_PREFIX}{path}.{b_key}"] = B.reshape(b_shape)
-        ranks[path] = A.shape[0]
-        errors[path] = error
-    if not ranks:
+        fit = fits[path] = _combine_module(layer, present, combination, generator)
+        a_key, b_key, a_shape, b_shape = _file_layout(layer.adapters[present[0][0]], fit.A.shape[0])
+        tensors[f"{KEY_PREFIX}{path}.{a_key}"] = fit.A.reshape(a_shape)
+        tensors[f"{KEY_PREFIX}{path}.{b_key}"] = fit.B.reshape(b_shape)
+    if not fits:
         raise ValueError(f"adapters {list(adapters)} adapt no module of this model; nothing to combine")
+    ranks = {path: fit.A.shape[0] for path, fit in fits.items()}
+    residual_sq = sum(fit.residual_norm**2 for fit in fits.values())
+    target_sq = sum(fit.target_norm**2 for fit in fits.values())
     total = math.sqrt(residual_sq / target_sq) if target_sq > 0 else 0.0
     config = _combined_config([configs[name] for name in adapters], ranks)
-    return config, tensors, CombinationReport(combination_type, ranks, errors, total)
+    errors = {path: fit.relative_error for path, fit in fits.items()}
+    return config, tensors, CombinationReport(combination.combination_type, ranks, errors, total)
 
 
-def check_combination(
-    combination_type: str,
-    adapter_count: int,
-    weights: Sequence[float],
-    svd_rank: int | None = None,
-    svd_clamp: float | None = None,
-    density: float | None = None,
-    majority_sign_method: str = "total",
-) -> None:
-    """Refuse arguments of ``add_weighted_adapter`` that do not fit together, before any work.
-
-    Raises:
-        ValueError: naming the argument, its value and what is accepted: an unknown type, a weight
-            count other than ``adapter_count``, a non-finite weight, ``svd_rank`` / ``svd_clamp`` with
-            an exact type, ``density`` missing or outside (0, 1] for the types that read it (or given
-            to one that does not), an unknown ``majority_sign_method`` or one given to a type without
-            sign election.
-    """
-    if combination_type not in COMBINATION_TYPES:
-        raise ValueError(f"combination_type={combination_type!r} must be one of {list(COMBINATION_TYPES)}")
-    if len(weights) != adapter_count:
-        raise ValueError(f"{len(weights)} weights for {adapter_count} adapters; give one weight per adapter")
-    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
-        raise ValueError(f"weights={list(weights)!r} must be finite numbers (negative ones subtract)")
-    exact = combination_type in EXACT_TYPES
-    if svd_rank is not None and (exact or not isinstance(svd_rank, int) or svd_rank <= 0):
-        raise ValueError(
-            f"svd_rank={svd_rank!r}: linear and cat are exact (rank = the sum of the ranks); "
-            "use an svd type to choose the rank"
-            if exact
-            else f"svd_rank={svd_rank!r} must be a positive integer"
-        )
-    if svd_clamp is not None and (exact or not 0 < svd_clamp <= 1):
-        raise ValueError(
-            f"svd_clamp={svd_clamp!r}: linear and cat have no fit to clamp"
-            if exact
-            else f"svd_clamp={svd_clamp!r} must be a quantile in (0, 1]"
-        )
-    if combination_type in DENSITY_TYPES:
-        if density is None or not 0 < density <= 1:
-            raise ValueError(
-                f"density={density!r}: combination_type={combination_type!r} needs the share of entries "
-                "each update keeps, in (0, 1] (e.g. 0.5)"
-            )
-    elif density is not None:
-        raise ValueError(
-            f"density={density!r} applies to {list(DENSITY_TYPES)} only, not combination_type="
-            f"{combination_type!r}"
-        )
-    if majority_sign_method not in SIGN_METHODS:
-        raise ValueError(f"majority_sign_method={majority_sign_method!r} must be one of {list(SIGN_METHODS)}")
-    if majority_sign_method != "total" and combination_type not in SIGN_TYPES:
-        raise ValueError(
-            f"majority_sign_method={majority_sign_method!r} applies to {list(SIGN_TYPES)} only, not "
-            f"combination_type={combination_type!r}"
-        )
+def _combine_module(
+    layer: AdapterLayer,
+    present: list[tuple[str, float]],
+    combination: Combination,
+    generator: torch.Generator | None,
+) -> LowRankFit:
+    """The combined factors at one layer of the ``(adapter name, weight)`` pairs that adapt it, with
+    their fit (both norms 0 for an exact combination: no fit, no error)."""
+    factors = [lora_factors(layer.adapters[name]) for name, _ in present]
+    used = [w for _, w in present]
+    if combination.exact:
+        return LowRankFit(*concatenate_factors(factors, used), residual_norm=0.0, target_norm=0.0)
+    target = combine_deltas(
+        combination.combination_type,
+        [s * b @ a for a, b, s in factors],  # (out, in) each
+        used,
+        combination.density,
+        combination.majority_sign_method,
+        generator,
+    )
+    rank = combination.svd_rank or max(_rank(layer.adapters[name]) for name, _ in present)
+    return low_rank_fit(target, rank, combination.svd_clamp)
 
 
 def _check_sources(configs: Mapping[str, AdapterConfig], adapters: Sequence[str]) -> None:

@@ -6,25 +6,17 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from peftkit.arithmetic.settings import COMBINATION_TYPES, EXACT_TYPES, Combination
 from peftkit.foundation.errors import UsageError
+
+if TYPE_CHECKING:
+    from peftkit.arithmetic.weighted import CombinationReport
+    from peftkit.model import PeftModel
 
 __all__ = ["register_combine", "run_combine"]
 
-METHODS = (  # peftkit.arithmetic.COMBINATION_TYPES, spelt out so that --help imports no torch
-    "linear",
-    "cat",
-    "svd",
-    "ties",
-    "ties_svd",
-    "dare_linear",
-    "dare_ties",
-    "dare_linear_svd",
-    "dare_ties_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-)
 RECORD_NAME = "combination.json"  # how the adapter was made, next to it
 
 
@@ -48,10 +40,10 @@ def register_combine(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--method",
-        choices=METHODS,
+        choices=COMBINATION_TYPES,
         default="linear",
         metavar="METHOD",
-        help=f"{', '.join(METHODS)} (default: linear, exact)",
+        help=f"{', '.join(COMBINATION_TYPES)} (default: linear, exact)",
     )
     parser.add_argument(
         "--density", type=float, help="share of each update's entries kept (ties, dare_*, magnitude_prune)"
@@ -70,29 +62,62 @@ def register_combine(subparsers: Any) -> None:
 
 
 def run_combine(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from peftkit.arithmetic import check_combination
     from peftkit.foundation.io import CONFIG_NAME, atomic_directory, check_overwrite
-    from peftkit.model import load
-    from peftkit.training.loop import load_base_model
-    from peftkit.training.runs import run_config
 
     out = Path(args.out)
     check_overwrite(out, args.overwrite, "OUT_DIR")
+    combination = Combination(
+        args.weights,
+        args.method,
+        args.rank,
+        args.svd_clamp,
+        args.density,
+        args.majority_sign_method,
+        args.seed,
+    )
     try:
-        check_combination(
-            args.method,
-            len(args.adapters),
-            args.weights,
-            args.rank,
-            args.svd_clamp,
-            args.density,
-            args.majority_sign_method,
-        )
+        combination.check(len(args.adapters))
     except ValueError as e:
         raise UsageError(_as_flags(str(e))) from e
     directories = [Path(path) for path in args.adapters]
     for directory in directories:
         _check_lora_dir(directory, CONFIG_NAME)
+    model, base_model, report = _combine(directories, combination, args)
+    record = {
+        "adapters": [str(d) for d in directories],
+        "weights": args.weights,
+        "method": args.method,
+        "density": args.density,
+        "rank": args.rank,
+        "svd_clamp": args.svd_clamp,
+        "majority_sign_method": args.majority_sign_method,
+        "seed": args.seed,
+        "base_model": base_model,
+        "ranks": report.ranks,
+        "relative_errors": report.errors,
+        "total_relative_error": report.total_error,
+    }
+    with atomic_directory(out, replace=True) as staging:  # a reader never sees half an adapter
+        model.save_pretrained(staging, selected_adapters=["default"])
+        (staging / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    print(report.table())
+    exact = " (exact)" if args.method in EXACT_TYPES else f" of the {args.method} update"
+    print(
+        f"combined adapter written to {out}: total relative error {report.total_error:.3e}{exact}; "
+        f"ranks {min(report.ranks.values())}–{max(report.ranks.values())}"
+    )
+    return 0
+
+
+def _combine(
+    directories: list[Path], combination: Combination, args: argparse.Namespace
+) -> tuple[PeftModel, str, CombinationReport]:
+    """Load the base model the adapters record (or ``--model``) with the adapters as ``input_<i>`` and
+    add their combination as ``default``; returns the model, the base model's name and the report."""
+    from peftkit.model import load
+    from peftkit.training.run_directory import load_base_model
+    from peftkit.training.runs import run_config
+
     configs = [run_config(directory, args.model) for directory in directories]
     bases = sorted({config.model for config in configs})
     if len(bases) > 1:
@@ -108,41 +133,18 @@ def run_combine(args: argparse.Namespace, argv: Sequence[str]) -> int:
             model.load_adapter(directory, adapter_name=name)
         report = model.add_weighted_adapter(
             names,
-            args.weights,
+            combination.weights,
             "default",
-            combination_type=args.method,
-            svd_rank=args.rank,
-            svd_clamp=args.svd_clamp,
-            density=args.density,
-            majority_sign_method=args.majority_sign_method,
-            seed=args.seed,
+            combination_type=combination.combination_type,
+            svd_rank=combination.svd_rank,
+            svd_clamp=combination.svd_clamp,
+            density=combination.density,
+            majority_sign_method=combination.majority_sign_method,
+            seed=combination.seed,
         )
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(f"cannot combine {' '.join(args.adapters)}: {e}") from e
-    record = {
-        "adapters": [str(d) for d in directories],
-        "weights": args.weights,
-        "method": args.method,
-        "density": args.density,
-        "rank": args.rank,
-        "svd_clamp": args.svd_clamp,
-        "majority_sign_method": args.majority_sign_method,
-        "seed": args.seed,
-        "base_model": configs[0].model,
-        "ranks": report.ranks,
-        "relative_errors": report.errors,
-        "total_relative_error": report.total_error,
-    }
-    with atomic_directory(out, replace=True) as staging:  # a reader never sees half an adapter
-        model.save_pretrained(staging, selected_adapters=["default"])
-        (staging / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
-    print(report.table())
-    exact = " (exact)" if args.method in ("linear", "cat") else f" of the {args.method} update"
-    print(
-        f"combined adapter written to {out}: total relative error {report.total_error:.3e}{exact}; "
-        f"ranks {min(report.ranks.values())}–{max(report.ranks.values())}"
-    )
-    return 0
+    return model, configs[0].model, report
 
 
 def _check_lora_dir(directory: Path, config_name: str) -> None:

@@ -51,7 +51,7 @@ def register_merge(subparsers: Any) -> None:
 def run_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from peftkit.foundation.io import atomic_directory, check_overwrite, save_pretrained
     from peftkit.model import PeftModel
-    from peftkit.training.loop import CONFIG_FILE
+    from peftkit.training.run_directory import CONFIG_FILE
     from peftkit.training.runs import is_recorded, load_run
 
     out = Path(args.out)

@@ -198,7 +198,7 @@ def _set_threads(threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
     elif "OMP_NUM_THREADS" not in os.environ:
-        from peftkit.training.loop import auto_threads
+        from peftkit.training.loop.context import auto_threads
 
         torch.set_num_threads(auto_threads(0))
 

@@ -162,16 +162,17 @@ def add_to_weight(weight: Tensor, delta: Tensor, safe: bool = False) -> None:
     Args:
         weight: a base module's weight, any floating dtype.
         delta: same shape; cast to float32 for the addition.
-        safe: check the result is finite before writing it.
+        safe: check the result is finite in the weight's dtype before writing it (a float16 sum can
+            overflow there though finite in float32).
 
     Raises:
         ValueError: ``safe`` and the result holds NaN or inf (the weight is left unchanged).
     """
-    merged = weight.detach().float() + delta.detach().float()
+    merged = (weight.detach().float() + delta.detach().float()).to(weight.dtype)
     if safe and not torch.isfinite(merged).all():
         raise ValueError("merging would put NaN or inf into the base weights; the adapter is broken")
     with torch.no_grad():
-        weight.copy_(merged.to(weight.dtype))
+        weight.copy_(merged)
 
 
 def outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

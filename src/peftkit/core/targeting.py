@@ -106,6 +106,24 @@ def find_targets(
             f"{type(config).__name__}.target_modules is not set; name the modules to adapt, "
             f"e.g. {_candidate_hint(candidates)}, or use 'all-linear'"
         )
+    selected = _matching_targets(model, config, candidates, strict)
+    if config.exclude_modules is not None:
+        selected = [name for name in selected if not name_matches(name, config.exclude_modules)]
+        if not selected:
+            raise ValueError(
+                f"exclude_modules={_show(config.exclude_modules)} excluded every module that "
+                f"target_modules={_show(config.target_modules)} selected; narrow the exclusion"
+            )
+    if config.layers_to_transform is not None:
+        selected = _in_layers(selected, config.layers_to_transform, config.layers_pattern)
+    return selected
+
+
+def _matching_targets(
+    model: nn.Module, config: AdapterConfig, candidates: list[tuple[str, nn.Module]], strict: bool
+) -> list[str]:
+    """The candidates ``config.target_modules`` selects (``"all-linear"``: every linear layer but the
+    output head); raises ValueError when none is (or, ``strict``, an entry of the list matches nothing)."""
     if config.target_modules == "all-linear":
         heads = output_head_names(model)
         selected = [
@@ -123,27 +141,25 @@ def find_targets(
             f"target_modules={_show(config.target_modules)} matched no module of a supported type; "
             f"candidates: {_candidate_hint(candidates)}"
         )
-    if config.exclude_modules is not None:
-        selected = [name for name in selected if not name_matches(name, config.exclude_modules)]
-        if not selected:
-            raise ValueError(
-                f"exclude_modules={_show(config.exclude_modules)} excluded every module that "
-                f"target_modules={_show(config.target_modules)} selected; narrow the exclusion"
-            )
-    if config.layers_to_transform is not None:
-        wanted = config.layers_to_transform
-        wanted = {wanted} if isinstance(wanted, int) else set(wanted)
-        indexed = [(name, layer_index(name, config.layers_pattern)) for name in selected]
-        kept = [name for name, index in indexed if index in wanted]
-        if not kept:
-            found = sorted({index for _, index in indexed if index is not None})
-            indices = found or "not found (set layers_pattern, e.g. 'layers' or 'h')"
-            raise ValueError(
-                f"layers_to_transform={sorted(wanted)} kept none of the targeted modules; their layer "
-                f"indices are {indices}"
-            )
-        selected = kept
     return selected
+
+
+def _in_layers(
+    selected: list[str], layers: int | Sequence[int], layers_pattern: str | Sequence[str] | None
+) -> list[str]:
+    """The names of ``selected`` in the decoder layers of index ``layers`` (``layers_to_transform``);
+    raises ValueError when that keeps none, with the indices found."""
+    wanted = {layers} if isinstance(layers, int) else set(layers)
+    indexed = [(name, layer_index(name, layers_pattern)) for name in selected]
+    kept = [name for name, index in indexed if index in wanted]
+    if not kept:
+        found = sorted({index for _, index in indexed if index is not None})
+        indices = found or "not found (set layers_pattern, e.g. 'layers' or 'h')"
+        raise ValueError(
+            f"layers_to_transform={sorted(wanted)} kept none of the targeted modules; their layer "
+            f"indices are {indices}"
+        )
+    return kept
 
 
 def _check_every_entry_matches(

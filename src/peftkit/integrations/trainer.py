@@ -22,8 +22,8 @@ import transformers
 from torch import nn
 
 from peftkit.foundation.io import CONFIG_NAME
-from peftkit.integrations.fused_loss import fused_model_loss
 from peftkit.model import DEFAULT_ADAPTER_NAME, PeftModel
+from peftkit.objectives.tokens import fused_model_loss
 
 __all__ = ["AdapterCheckpoints", "FusedLoss", "Trainer", "load_saved_adapters"]
 
@@ -85,7 +85,7 @@ class AdapterCheckpoints:
 class FusedLoss:
     """Mixed into a ``transformers.Trainer`` subclass (listed before it): a training step of a causal LM
     computes the model's own loss through the fused head
-    (:func:`~peftkit.integrations.fused_loss.fused_model_loss`): the same value and gradients, without
+    (:func:`peftkit.objectives.tokens.fused_model_loss`): the same value and gradients, without
     the vocabulary-sized logits (for SmolLM2 at 4 x 256 tokens, ~200 MB each, several of them).
     Evaluation and prediction, label smoothing and a ``compute_loss_func`` keep Trainer's own path
     (they read the logits). Off with ``peftkit.ops.fused_cross_entropy(False)`` or ``PEFTKIT_FUSED_CE=0``.

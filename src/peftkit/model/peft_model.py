@@ -1,38 +1,43 @@
-"""PeftModel: a base model with named adapters injected; adding, switching, deleting and counting them
-(files, merging and running are its mixins: :mod:`.files`, :mod:`.merging`, :mod:`.running`)."""
+"""PeftModel: the adapted model users hold, a facade over its :class:`~peftkit.model.adapter_set.AdapterSet`.
+
+The class is the public surface (Hugging Face PEFT's method names and arguments, the ``nn.Module`` that
+training and generation see); the work is done where its state lives: :mod:`.adapter_set` (adding,
+removing, activating, merging), :mod:`.files` (adapter files), :mod:`.merging` (``merge_and_unload``),
+:mod:`.combining` (``add_weighted_adapter``), :mod:`.running` (``forward``, ``generate``, routings).
+"""
 
 from __future__ import annotations
 
-import copy
-import functools
-import inspect
-import math
+import os
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
-from peftkit.arithmetic import CombinationReport, combine_lora_adapters
+from peftkit.arithmetic.settings import Combination
+from peftkit.arithmetic.weighted import CombinationReport
 from peftkit.core.adapter_config import AdapterConfig
-from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSave, outer_modules
-from peftkit.core.targeting import CLASSIFIER_HEAD_NAMES, find_targets, name_matches
-from peftkit.core.whole_model import ModelAdapter, is_model_level
+from peftkit.core.layer import AdapterLayer, ModulesToSave
+from peftkit.core.whole_model import ModelAdapter
 from peftkit.foundation.formatting import format_count, format_percent
-from peftkit.foundation.quantization import keep_trainable_layout
-from peftkit.model.files import Files
-from peftkit.model.merging import Merging
-from peftkit.model.routing import Routing
+from peftkit.foundation.quantization import keep_trainable_layout, logical_numel
+from peftkit.model import files
+from peftkit.model.adapter_set import AdapterSet
+from peftkit.model.combining import add_combination
+from peftkit.model.files import DEFAULT_ADAPTER_NAME
+from peftkit.model.merging import merge_and_unload
+from peftkit.model.plain_trainer import warn_if_plain_trainer_saves
 from peftkit.model.running import Running
+from peftkit.model.signature import subclass_for
 
 # The live PeftModel of each base model (by id), so a second wrap or load of the same base is refused
 # even when its adapters change no module (soft prompts, selective). Weak: a dropped wrapper leaves it.
 _WRAPPERS: weakref.WeakValueDictionary[int, PeftModel] = weakref.WeakValueDictionary()
 
 
-class PeftModel(Files, Merging, Running, nn.Module):
+class PeftModel(Running, nn.Module):
     """A base model whose targeted modules carry named adapters.
 
     The base model is changed in place: each targeted module is replaced by a wrapper that keeps the
@@ -51,7 +56,7 @@ class PeftModel(Files, Merging, Running, nn.Module):
 
     def __new__(cls, model: nn.Module, *args: Any, **kwargs: Any) -> PeftModel:
         if cls is PeftModel and isinstance(model, nn.Module):
-            cls = _class_for(type(model))
+            cls = subclass_for(PeftModel, type(model))  # the base's forward signature (signature.py)
         return super().__new__(cls)
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -65,19 +70,20 @@ class PeftModel(Files, Merging, Running, nn.Module):
         self.model = model
         keep_trainable_layout(model)  # bitsandbytes' CPU inference layout would break adapter gradients
         _WRAPPERS[id(model)] = self
-        self.peft_config: dict[str, AdapterConfig] = {}
-        self._targets: dict[str, list[str]] = {}
-        self._trainable: set[str] = set()
-        self._active: list[str] = []
         self.model_adapters = nn.ModuleDict()
-        self._model_adapters_disabled = False
+        self._adapters = AdapterSet(model, self.model_adapters)
+
+    @property
+    def peft_config(self) -> dict[str, AdapterConfig]:
+        """Adapter name → its config, in the order the adapters were added."""
+        return self._adapters.configs
 
     @property
     def _hf_peft_config_loaded(self) -> bool:
         """transformers' flag for "adapters are attached": its Trainer refuses to fine-tune a quantized
         model without them (``validate_quantization_for_training``), and would otherwise read the
         base model's ``False`` through :meth:`__getattr__`."""
-        return bool(self.peft_config)
+        return bool(self._adapters.configs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -102,53 +108,7 @@ class PeftModel(Files, Merging, Running, nn.Module):
                 candidates), ``modules_to_save`` naming no module, or an initialisation that cannot
                 run (``init_lora_weights="loftq"`` on an unquantized base).
         """
-        self._check_new_name(adapter_name)
-        config = self._with_task_head(config)
-        model_adapter = None
-        if is_model_level(config):
-            active_model_level = self._active_model_adapters()
-            for active in active_model_level:  # a new adapter is built against the plain base model
-                active.deactivate(self.model)
-            try:
-                config = config.resolve(self.model)
-                model_adapter = config.build_model_adapter(self.model).to(_device_of(self.model))
-                model_adapter.train(self.model.training)
-            finally:
-                for active in active_model_level:
-                    active.activate(self.model)
-            targets: list[str] = []
-        else:
-            targets = find_targets(self.model, config, strict=strict_targets)
-        adapters = {}
-        for name in targets:
-            module = self.model.get_submodule(name)
-            base = module.base if isinstance(module, AdapterLayer) else module
-            adapters[name] = config.build_adapter(name, base).train(base.training)
-        saved = self._modules_to_save(config)
-        if model_adapter is not None:
-            self.model_adapters[adapter_name] = model_adapter
-        for name, adapter in adapters.items():
-            module = self.model.get_submodule(name)
-            if not isinstance(module, AdapterLayer):
-                module = AdapterLayer(module)
-                self.model.set_submodule(name, module)
-            module.adapters[adapter_name] = adapter
-        for name in saved:
-            module = self.model.get_submodule(name)
-            if not isinstance(module, ModulesToSave):
-                module = ModulesToSave(module)
-                self.model.set_submodule(name, module)
-            module.copies[adapter_name] = copy.deepcopy(module.original)
-        self.peft_config[adapter_name] = config
-        self._targets[adapter_name] = targets
-        if trainable:
-            self._trainable.add(adapter_name)
-        self._apply_state(self._active or [adapter_name])
-        try:
-            config.initialize(self.model, adapter_name)
-        except Exception:
-            self.delete_adapter(adapter_name)  # leave the model as it was
-            raise
+        self._adapters.add(adapter_name, config, trainable, strict_targets)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make ``adapter_name`` (or several: their contributions add up) the active adapter(s).
@@ -162,43 +122,13 @@ class PeftModel(Files, Merging, Running, nn.Module):
                 scale the same layer's input (IA³ feed-forward).
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        self._check_known(names)
-        model_level = [name for name in names if name in self.model_adapters]
-        if len(model_level) > 1:
-            raise ValueError(
-                f"adapters {model_level} are model-level (soft prompt / selective) and only one of them can "
-                "be active at a time; activate one, possibly together with layer adapters such as LoRA"
-            )
-        if self.merged_adapters:
-            raise ValueError(
-                f"adapters {self.merged_adapters} are merged into the weights; call unmerge_adapter() "
-                "before set_adapter()"
-            )
-        self._check_input_scalings(names)
-        self._apply_state(names)
-
-    def _check_input_scalings(self, names: list[str]) -> None:
-        """Refuse two input-scaling adapters (IA³ on a feed-forward layer) active on one layer: applied
-        unmerged their scalings would add up, where the maths (and merging) multiplies them."""
-        for path, wrapper in self._wrappers():
-            if not isinstance(wrapper, AdapterLayer):
-                continue
-            scaling = [
-                n
-                for n in names
-                if n in wrapper.adapters and getattr(wrapper.adapters[n], "scales_input", False)
-            ]
-            if len(scaling) > 1:
-                raise ValueError(
-                    f"adapters {scaling} both scale the input of {path} (IA³ feed-forward) and cannot be "
-                    f"active together unmerged; activate one at a time, or fold them into the weights "
-                    f"with merge_adapter({scaling})"
-                )
+        self._adapters.check_activatable(names)
+        self._adapters.activate(names)
 
     @property
     def active_adapters(self) -> list[str]:
         """The names of the adapters in use, in the order they apply."""
-        return list(self._active)
+        return list(self._adapters.active)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; a module left with no adapter gets its original back.
@@ -206,23 +136,7 @@ class PeftModel(Files, Merging, Running, nn.Module):
         Raises:
             ValueError: an unknown name, or the adapter is merged (unmerge first).
         """
-        self._check_known([adapter_name])
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it")
-        for name, wrapper in list(self._wrappers()):
-            store = wrapper.adapters if isinstance(wrapper, AdapterLayer) else wrapper.copies
-            if adapter_name in store:
-                del store[adapter_name]
-            if len(store) == 0:
-                self.model.set_submodule(name, _original(wrapper))
-        if adapter_name in self.model_adapters:
-            self.model_adapters[adapter_name].release(self.model, keep_values=False)
-            del self.model_adapters[adapter_name]
-        del self.peft_config[adapter_name]
-        del self._targets[adapter_name]
-        self._trainable.discard(adapter_name)
-        remaining = [name for name in self._active if name != adapter_name]
-        self._apply_state(remaining or list(self.peft_config)[:1])
+        self._adapters.remove(adapter_name)
 
     def add_weighted_adapter(
         self,
@@ -266,62 +180,137 @@ class PeftModel(Files, Merging, Running, nn.Module):
             ValueError: a bad argument, an existing name without ``overwrite``, or an adapter that is not
                 LoRA (DoRA, IA³, prompts, prefix, bottleneck …); nothing changes then.
         """
-        replacing = adapter_name in self.peft_config
-        if replacing and not overwrite:
-            raise ValueError(
-                f"an adapter named {adapter_name!r} exists already; pick another name or pass overwrite=True"
-            )
-        if replacing and adapter_name in self.merged_adapters:
-            raise ValueError(
-                f"adapter {adapter_name!r} is merged; call unmerge_adapter() before replacing it"
-            )
-        if not replacing:
-            self._check_new_name(adapter_name)
-        config, tensors, report = combine_lora_adapters(
-            self.model,
-            self.peft_config,
-            adapters,
-            weights,
-            combination_type,
-            svd_rank=svd_rank,
-            svd_clamp=svd_clamp,
-            density=density,
-            majority_sign_method=majority_sign_method,
-            seed=seed,
+        combination = Combination(
+            weights, combination_type, svd_rank, svd_clamp, density, majority_sign_method, seed
         )
-        active = self.active_adapters
-        if replacing:
-            self.delete_adapter(adapter_name)
-        self.add_adapter(adapter_name, config)
-        self._load_tensors(adapter_name, tensors, source=f"add_weighted_adapter({adapter_name!r})")
-        self._apply_state(active)
-        return report
+        return add_combination(self._adapters, adapter_name, adapters, combination, overwrite)
 
-    @contextmanager
-    def disable_adapters(self) -> Iterator[None]:
+    def disable_adapters(self) -> AbstractContextManager[None]:
         """Inside this block the model computes exactly what the base model computes.
 
         Merged adapters are taken out for the block and merged back after it.
         """
-        merged = self.merged_adapters
-        self.unmerge_adapter()
-        wrappers = [wrapper for _, wrapper in self._wrappers()]
-        for wrapper in wrappers:
-            wrapper.disabled = True
-        model_level = self._active_model_adapters()
-        for adapter in model_level:
-            adapter.deactivate(self.model)
-        self._model_adapters_disabled = True
-        try:
-            yield
-        finally:
-            for wrapper in wrappers:
-                wrapper.disabled = False
-            self._model_adapters_disabled = False
-            for adapter in model_level:
-                adapter.activate(self.model)
-            if merged:
-                self.merge_adapter(merged)
+        return self._adapters.disabled()
+
+    # ----------------------------------------------------------------------------- files
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict``; called by a plain ``transformers.Trainer`` to save the whole model,
+        it first warns once that ``peftkit.integrations.Trainer`` saves the adapter instead."""
+        warn_if_plain_trainer_saves()
+        return super().state_dict(*args, **kwargs)
+
+    def load_adapter(
+        self,
+        path: str | os.PathLike[str],
+        adapter_name: str = DEFAULT_ADAPTER_NAME,
+        is_trainable: bool = False,
+    ) -> None:
+        """Load an adapter saved by peftkit or Hugging Face PEFT and add it as ``adapter_name``.
+
+        Args:
+            path: an adapter directory, or a Hugging Face Hub repo id.
+            adapter_name: the name to give it here.
+            is_trainable: leave its parameters trainable (to continue training); else frozen.
+
+        Raises:
+            FileNotFoundError: no adapter there, or only pickled weights (never loaded).
+            ValueError: a tensor of the file is missing here, unexpected here, or of another shape;
+                nothing is loaded then.
+        """
+        files.load_adapter(self._adapters, path, adapter_name, is_trainable)
+
+    def load_adapter_weights(
+        self, path: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER_NAME
+    ) -> None:
+        """Replace the values of the existing adapter ``adapter_name`` by those saved in ``path``.
+
+        For continuing a training run: the parameters are written in place, so an optimizer holding them
+        stays valid; trainability and the active adapters do not change. ``peftkit.integrations.Trainer``
+        resumes checkpoints this way.
+
+        Raises:
+            FileNotFoundError: no adapter at ``path``.
+            ValueError: an unknown adapter name; a config that differs from this adapter's (the fields
+                are named); a tensor missing, unexpected or of another shape; or an adapter saved as a
+                computed table (P-tuning's encoder output, a projected prefix), which cannot restore
+                the parameters that compute it. Nothing is changed then.
+        """
+        files.load_adapter_weights(self._adapters, path, adapter_name)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], selected_adapters: Sequence[str] | None = None
+    ) -> None:
+        """Write each adapter as Hugging Face PEFT does: ``adapter_config.json`` and
+        ``adapter_model.safetensors`` in ``save_directory`` for ``"default"``, in
+        ``save_directory/<name>/`` for any other name. Each file is written atomically.
+        """
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        files.save_adapters(self._adapters, save_directory, names)
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, Tensor]:
+        """The adapter's tensors under their file keys (``base_model.model.<module>.<param>``).
+
+        The values are the live parameters: detach or clone them before changing them.
+        """
+        return files.adapter_state_dict(self._adapters, adapter_name)
+
+    # ----------------------------------------------------------------------------- merging
+    @property
+    def merged_adapters(self) -> list[str]:
+        """Adapters currently folded into the base weights, in merge order."""
+        return self._adapters.merged
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights in place; reversible.
+
+        Weights are merged in float32 whatever their dtype. With ``safe_merge`` each layer's result
+        is checked before it is written; on a non-finite one the layers merged so far are unmerged
+        again (their weights restored up to float rounding) and nothing stays merged.
+
+        Raises:
+            ValueError: an unknown name, or ``safe_merge`` found NaN/inf.
+            NotImplementedError: a method that cannot be merged (soft prompts); nothing is merged then.
+        """
+        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        self._adapters.merge(names, safe=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Take every merged adapter back out of the base weights."""
+        self._adapters.unmerge()
+
+    def merge_and_unload(
+        self,
+        safe_merge: bool = False,
+        adapter_names: Sequence[str] | None = None,
+        requantize: bool | str = False,
+        probe: Tensor | None = None,
+    ) -> nn.Module:
+        """Merge adapters (default: the active ones) and return the plain base model, no peftkit inside.
+
+        ``modules_to_save`` copies of the merged adapters replace their originals. This PeftModel is
+        empty afterwards. A quantized base (4-bit or 8-bit) comes back dequantized, every linear layer
+        a plain ``nn.Linear`` in its compute dtype, with the adapters merged exactly.
+
+        Args:
+            requantize: quantize the merged layers again instead (``True``: each layer as it was;
+                ``"nf4"``, ``"fp4"``, ``"int8"``: that scheme). This changes the merged weights: the
+                change of the logits against the unmerged model is measured on ``probe`` and kept
+                as the returned model's ``requantization_report``
+                (a :class:`peftkit.model.requantization.RequantizationReport`, which also gives the change
+                the adapter itself makes, for scale).
+            probe: ``(batch, seq)`` token ids for that measurement (default: 2×64 ids drawn with a
+                fixed seed from the vocabulary).
+
+        Raises:
+            UsageError: ``requantize`` on a base that is not quantized, or an unknown scheme.
+        """
+        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        return merge_and_unload(self, self._adapters, names, safe_merge, requantize, probe)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter (unmerging first) and return the original base model."""
+        self._adapters.unmerge()
+        return self._adapters.unwrap(keep_copies_of=[])
 
     # ----------------------------------------------------------------------------- accounting
     def trainable_parameters(self) -> tuple[int, int]:
@@ -337,151 +326,26 @@ class PeftModel(Files, Merging, Running, nn.Module):
             f"parameters ({share})"
         )
 
-    # ----------------------------------------------------------------------------- internals
-    def _wrappers(self) -> Iterator[tuple[str, AdapterLayer | ModulesToSave]]:
-        for name, module in outer_modules(self.model):  # wrappers are never nested (targeting skips them)
-            if isinstance(module, (AdapterLayer, ModulesToSave)):
-                yield name, module
-
-    def _check_new_name(self, adapter_name: str) -> None:
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter name {adapter_name!r} must be a non-empty string without '.'")
-        if adapter_name == BASE_ADAPTER_NAME:
-            raise ValueError(f"{BASE_ADAPTER_NAME!r} is reserved for 'no adapter' in adapter_names")
-        if adapter_name in self.peft_config:
-            raise ValueError(
-                f"an adapter named {adapter_name!r} exists already; pick another name, delete_adapter() it, "
-                "or replace its values with load_adapter_weights(path, adapter_name)"
-            )
-
-    def _active_model_adapters(self) -> list[ModelAdapter]:
-        """The active model-level adapter (at most one), unless adapters are disabled."""
-        if self._model_adapters_disabled:
-            return []
-        return [self.model_adapters[name] for name in self._active if name in self.model_adapters]
+    # ----------------------------------------------------------------------------- for running.py
+    # Running reads the adapters' state through these (it is left as it was while the serving work on
+    # routing moves that code).
+    @property
+    def _active(self) -> list[str]:
+        return self._adapters.active
 
     def _check_known(self, names: Sequence[str]) -> None:
-        unknown = [name for name in names if name not in self.peft_config]
-        if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        self._adapters.check_known(names)
 
-    def _with_task_head(self, config: AdapterConfig) -> AdapterConfig:
-        """For ``task_type="SEQ_CLS"`` the freshly initialised classifier head trains too (as in HF PEFT)."""
-        if config.task_type != "SEQ_CLS":
-            return config
-        saved = tuple(config.modules_to_save or ())
-        heads = tuple(n for n in CLASSIFIER_HEAD_NAMES if hasattr(self.model, n) and n not in saved)
-        return config.replace(modules_to_save=saved + heads) if heads else config
+    def _wrappers(self) -> Iterator[tuple[str, AdapterLayer | ModulesToSave]]:
+        return self._adapters.wrappers()
 
-    def _modules_to_save(self, config: AdapterConfig) -> list[str]:
-        if not config.modules_to_save:
-            return []
-        patterns = list(config.modules_to_save)
-        names = [
-            name
-            for name, module in outer_modules(self.model)
-            if name and name_matches(name, patterns) and not isinstance(module, AdapterLayer)
-        ]
-        if not names:
-            raise ValueError(
-                f"modules_to_save={patterns} matched no module; give module names such as "
-                f"{[name for name, _ in self.model.named_children()]}"
-            )
-        return names
-
-    def _apply_state(self, active: list[str]) -> None:
-        """Set the active adapters on every wrapper and which parameters train."""
-        self._active = list(active)
-        for name, adapter in self.model_adapters.items():
-            if name not in active:
-                adapter.deactivate(self.model)
-        for name in active:
-            if name in self.model_adapters:
-                self.model_adapters[name].activate(self.model)
-        for param in self.model.parameters():
-            param.requires_grad_(False)
-        for _, wrapper in self._wrappers():
-            wrapper.active_adapters = list(active)
-            store = wrapper.adapters if isinstance(wrapper, AdapterLayer) else wrapper.copies
-            for name, module in store.items():
-                module.requires_grad_(name in active and name in self._trainable)
-        # Inactive first: a selective adapter sharing a parameter with the active one must not refreeze it.
-        for name, adapter in sorted(self.model_adapters.items(), key=lambda item: item[0] in active):
-            adapter.set_trainable(self.model, name in active and name in self._trainable)
-        for name in active:
-            if name in self._trainable:
-                bias = getattr(self.peft_config[name], "bias", "none")
-                for _, param in self._trained_biases(name, bias):
-                    param.requires_grad_(True)
-
-    def _trained_biases(self, adapter_name: str, bias: str) -> list[tuple[str, nn.Parameter]]:
-        """(file key without prefix, parameter) of the base biases an adapter's ``bias`` mode trains."""
-        if bias == "none":
-            return []
-        found = []
-        for path, module in outer_modules(self.model):
-            if isinstance(module, AdapterLayer):
-                param = module.base._parameters.get("bias")
-                if param is not None and (bias == "all" or adapter_name in module.adapters):
-                    found.append((f"{path}.base_layer.bias", param))
-            elif bias == "all" and not isinstance(module, ModulesToSave):
-                param = module._parameters.get("bias")
-                if param is not None:
-                    found.append((f"{path}.bias" if path else "bias", param))
-        return found
-
-
-@functools.cache
-def _class_for(base_class: type[nn.Module]) -> type[PeftModel]:
-    """The PeftModel subclass for bases of ``base_class``: its ``forward`` shows the base's parameters.
-
-    transformers reads a model's inputs from its ``forward``: ``Trainer`` keeps the dataset columns named
-    in ``inspect.signature(model.forward)`` and takes label names from ``type(model).forward``, TRL copies
-    ``type(model).forward``'s signature. A class per base class serves both readings.
-    """
-    signature = _forward_signature(base_class)
-    if signature is None:
-        return PeftModel
-
-    def forward(
-        self: PeftModel, *args: Any, adapter_names: Sequence[str] | Routing | None = None, **kwargs: Any
-    ) -> Any:
-        return PeftModel.forward(self, *args, adapter_names=adapter_names, **kwargs)
-
-    forward.__doc__ = PeftModel.forward.__doc__
-    forward.__qualname__ = f"{PeftModel.__qualname__}.forward"
-    forward.__signature__ = signature  # type: ignore[attr-defined]
-    namespace = {"forward": forward, "__module__": __name__, "__qualname__": PeftModel.__qualname__}
-    return type(PeftModel.__name__, (PeftModel,), namespace)
-
-
-def _forward_signature(base_class: type[nn.Module]) -> inspect.Signature | None:
-    """``base_class.forward``'s signature (``self`` first) with PeftModel's keyword-only
-    ``adapter_names`` put before any ``**kwargs``; None when it cannot be read or has that name."""
-    try:
-        signature = inspect.signature(base_class.forward)
-    except (TypeError, ValueError):  # a forward inspect cannot read (compiled, built-in)
-        return None
-    if "adapter_names" in signature.parameters:
-        return None
-    parameters = list(signature.parameters.values())
-    at = next((i for i, p in enumerate(parameters) if p.kind is p.VAR_KEYWORD), len(parameters))
-    parameters.insert(at, inspect.signature(PeftModel.forward).parameters["adapter_names"])
-    return signature.replace(parameters=parameters)
+    def _active_model_adapters(self) -> list[ModelAdapter]:
+        return self._adapters.active_model_adapters()
 
 
 def _new_peft_model(base_class: type[nn.Module]) -> PeftModel:
     """An empty PeftModel of the class for ``base_class``, for unpickling (see ``PeftModel.__reduce__``)."""
-    return nn.Module.__new__(_class_for(base_class))
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    return next((param.device for param in model.parameters()), torch.device("cpu"))
-
-
-def _original(wrapper: AdapterLayer | ModulesToSave) -> nn.Module:
-    return wrapper.base if isinstance(wrapper, AdapterLayer) else wrapper.original
+    return nn.Module.__new__(subclass_for(PeftModel, base_class))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -489,18 +353,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     embeddings) counts once, as ``nn.Module.parameters`` yields it once."""
     trainable = total = 0
     for param in model.parameters():
-        count = _logical_numel(param)
+        count = logical_numel(param)
         total += count
         trainable += count if param.requires_grad else 0
     return trainable, total
-
-
-def _logical_numel(param: nn.Parameter) -> int:
-    """Weights a parameter stands for: a bitsandbytes 4-bit weight packs two in each stored byte."""
-    state = getattr(param, "quant_state", None)
-    if type(param).__name__ == "Params4bit" and state is not None:
-        return math.prod(state.shape)
-    return param.numel()
 
 
 def _check_module(model: object) -> None:

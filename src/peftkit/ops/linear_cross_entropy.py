@@ -9,8 +9,8 @@ transpose times h (for W, when W trains). It keeps only ``∂loss/∂h`` (tokens
 backward scales them by the incoming gradient. The arithmetic is that of the plain path (the same
 matrix products), in float32; rows whose label is ``ignore_index`` are skipped.
 
-:func:`linear_cross_entropy_reference` is the plain twin. The training loop uses the fused path through
-:func:`peftkit.training.evaluation.loss_sum` where the model's output head is a plain ``nn.Linear``;
+:func:`linear_cross_entropy_reference` is the plain twin. The training losses use the fused path through
+:mod:`peftkit.objectives` where the model's output head is a plain ``nn.Linear``;
 turn it off with ``with peftkit.ops.fused_cross_entropy(False):`` or ``PEFTKIT_FUSED_CE=0``.
 """
 

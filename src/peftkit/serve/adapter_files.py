@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from peftkit.foundation.io import CONFIG_NAME, PICKLED_WEIGHTS_NAMES, WEIGHTS_NAME
@@ -68,11 +69,9 @@ def read_adapter_files(directory: Path, root: Path | None) -> AdapterFiles:
 
     Raises:
         AdapterError: 403 a file or the directory outside ``root``; 400 a missing file, pickled weights
-            only, a config that is not a JSON object, or weights that are not a readable safetensors
-            file (truncated, corrupted).
+            only, a config that is not a JSON object, weights that are not a complete safetensors file
+            (truncated, corrupted), or a tensor holding NaN or inf.
     """
-    from safetensors.torch import load as load_safetensors
-
     if root is not None:
         directory = resolve_inside(root, directory)
     config_bytes = _read(
@@ -87,15 +86,29 @@ def read_adapter_files(directory: Path, root: Path | None) -> AdapterFiles:
         raise AdapterError(400, f"{directory / CONFIG_NAME} is not valid JSON: {error}") from error
     if not isinstance(config, dict):
         raise AdapterError(400, f"{directory / CONFIG_NAME} is not a JSON object")
+    return AdapterFiles(directory, config, _tensors(directory / WEIGHTS_NAME, weights_bytes))
+
+
+def _tensors(path: Path, data: bytes) -> dict[str, Tensor]:
+    """The tensors in ``data`` (the bytes of ``path``), each floating one checked to be finite; the
+    messages are those of :func:`peftkit.foundation.io.read_tensors`, which reads from a path."""
+    from safetensors.torch import load as load_safetensors
+
     try:
-        tensors = load_safetensors(weights_bytes)
+        tensors = load_safetensors(data)
     except Exception as error:  # safetensors raises its own SafetensorError, and others on odd headers
+        reason = str(error).removeprefix("Error while deserializing header: ")
         raise AdapterError(
-            400,
-            f"{directory / WEIGHTS_NAME} is not a readable safetensors file (truncated or corrupted?): "
-            f"{error}",
+            400, f"{path} is damaged ({reason}): not a complete safetensors file; save or copy it again"
         ) from error
-    return AdapterFiles(directory, config, tensors)
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(
+                400,
+                f"{path}: tensor {key} holds NaN or inf values; the adapter is corrupted (a diverged run?): "
+                "retrain it or restore a good copy",
+            )
+    return tensors
 
 
 def _read(directory: Path, name: str, root: Path | None, missing: str) -> bytes:

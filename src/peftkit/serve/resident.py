@@ -1,7 +1,7 @@
 """An adapter as the server keeps it in memory (the CPU tier), built from the files it read.
 
 :func:`build_resident` checks an adapter's config and tensors against the served model — field types,
-method, rank, which layers it targets, every tensor's key and shape, finite values — and turns it into
+method, rank, which layers it targets, every tensor's key, shape and dtype — and turns it into
 per-layer updates: plain LoRA as its factors (A, B, scaling), which the bank's slots stack; any other
 layer method (DoRA, IA³, bottleneck adapters…) as the method's own adapter module, applied to its rows.
 Nothing here changes the served model.
@@ -152,7 +152,7 @@ def _built(config: Any, path: str, model: nn.Module) -> nn.Module:
 
 
 def _load_tensors(name: str, modules: dict[str, nn.Module], tensors: dict[str, Tensor]) -> None:
-    """Copy the file's tensors into ``modules``: every key there, none left over, shapes equal, finite."""
+    """Copy the file's tensors into ``modules``: every key there, none left over, shapes equal, floats."""
     expected = {
         f"{KEY_PREFIX}{path}.{param_name}": param
         for path, module in modules.items()
@@ -174,7 +174,7 @@ def _load_tensors(name: str, modules: dict[str, nn.Module], tensors: dict[str, T
                 f"the file, {tuple(param.shape)} here (another rank than its config says, or another base "
                 "model?)",
             )
-        if not value.is_floating_point() or not torch.isfinite(value).all():
-            raise AdapterError(400, f"adapter {name!r}: {key} holds non-finite or non-float values")
+        if not value.is_floating_point():  # finite values: checked as the file was read (adapter_files)
+            raise AdapterError(400, f"adapter {name!r}: {key} holds {value.dtype} values, not floats")
         with torch.no_grad():
             param.copy_(value.to(param.dtype))

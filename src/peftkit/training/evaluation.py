@@ -8,134 +8,35 @@ references, as in DialogSum's evaluation).
 
 from __future__ import annotations
 
-import inspect
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from peftkit.foundation.tasks import IGNORE_INDEX
-from peftkit.ops.linear_cross_entropy import (
-    fused_cross_entropy_enabled,
-    linear_cross_entropy,
-    plain_output_head,
-)
-from peftkit.training.data import collate, median_words
+from peftkit.objectives.tokens import forward_logits, loss_sum, token_loss_sum
+from peftkit.training.data import collate
 
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "classify",
     "evaluate",
     "exact_match",
-    "forward_logits",
     "generate_answers",
     "headline_metric",
-    "loss_sum",
+    "median_words",
     "rouge",
     "text_loss",
-    "token_loss_sum",
 ]
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 ANSWER_MARGIN = 8  # generated tokens beyond the longest reference: room to overshoot, and be scored wrong
 SHORT_ANSWER_WORDS = 16  # "auto" scores answers of up to this many words (median) by exact match
-# Config attributes by which some models transform the head's logits (Gemma 2, Cohere, Granite…)
-
-
-def token_loss_sum(logits: Tensor, labels: Tensor, task: str) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy and the number of scored targets.
-
-    Args:
-        logits: (batch, seq, vocab) for language models, (batch, classes) for ``seq-cls``. A causal
-            model may return more positions than ``labels`` has (virtual tokens prepended by prompt
-            tuning: the last ``seq`` are used) or fewer (``logits_to_keep``: they are the last ones,
-            and must cover every scored position).
-        labels: (batch, seq) with -100 where nothing is scored, or (batch,) class indices.
-        task: ``causal-lm`` (position t predicts token t+1), ``seq2seq-lm`` or ``seq-cls``.
-
-    Returns:
-        ``(loss_sum, count)``: 0-dim tensors; ``loss_sum / count`` is the mean.
-    """
-    logits = logits.float()
-    if task == "causal-lm":
-        seq = labels.shape[1]
-        kept = min(logits.shape[1], seq)  # logits of the last `kept` positions (all, or logits_to_keep)
-        logits = logits[:, -kept:][:, :-1]  # (batch, kept-1, vocab): position t predicts token t+1
-        labels = labels[:, seq - kept + 1 :]  # (batch, kept-1)
-    flat_logits = logits.reshape(-1, logits.shape[-1])  # (rows, vocab)
-    flat_labels = labels.reshape(-1)  # (rows,)
-    loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (flat_labels != IGNORE_INDEX).sum()
-
-
-def forward_logits(model: nn.Module, batch: dict[str, Tensor], task: str) -> Tensor:
-    """The model's logits for a collated batch (teacher forcing; no KV cache).
-
-    A causal model whose forward takes ``logits_to_keep`` computes the output head only from the
-    position before the batch's first answer token on: prompts are often most of a row (a dialogue
-    and its summary), and the vocabulary-sized logits are the largest tensors of a step.
-    """
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if task == "seq2seq-lm":
-        inputs["labels"] = batch["labels"]  # the model shifts them into its decoder inputs
-    if task != "seq-cls":
-        inputs["use_cache"] = False
-    if task == "causal-lm" and takes_logits_to_keep(model):
-        scored = (batch["labels"] != IGNORE_INDEX).any(dim=0).nonzero()  # positions with a target
-        if len(scored) > 0:
-            inputs["logits_to_keep"] = batch["labels"].shape[1] - int(scored[0]) + 1
-    return model(**inputs).logits
-
-
-def takes_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the (wrapped) model's forward accepts transformers' ``logits_to_keep``."""
-    while hasattr(model, "module"):  # DistributedDataParallel and similar wrappers
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-def loss_sum(model: nn.Module, batch: dict[str, Tensor], task: str) -> tuple[Tensor, Tensor]:
-    """Run ``model`` on a collated batch and return its summed loss and scored-target count.
-
-    For a causal model whose output head is a plain ``nn.Linear`` (not adapted, no bias, no logit
-    scaling or soft-capping in its config) the head and the loss are computed together by
-    :func:`peftkit.ops.linear_cross_entropy`, chunk by chunk, so the vocabulary-sized logits of the
-    whole batch never exist; otherwise (or with ``peftkit.ops.fused_cross_entropy(False)``) this is
-    :func:`token_loss_sum` of :func:`forward_logits`. Both give the same loss and gradients.
-    """
-    if task == "causal-lm" and fused_cross_entropy_enabled():
-        head = plain_output_head(model)
-        if head is not None:
-            return _fused_loss_sum(model, head, batch)
-    return token_loss_sum(forward_logits(model, batch, task), batch["labels"], task)
-
-
-def _fused_loss_sum(model: nn.Module, head: nn.Linear, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """The model runs with its head replaced by a stub that keeps the head's input; the loss follows."""
-    captured: list[Tensor] = []
-
-    def keep_input(hidden: Tensor) -> Tensor:  # (batch, kept, hidden) -> (batch, kept, 0): no logits
-        captured.append(hidden)
-        return hidden.new_empty((*hidden.shape[:-1], 0))
-
-    head.forward = keep_input
-    try:
-        forward_logits(model, batch, "causal-lm")
-    finally:
-        del head.forward
-    hidden, labels = captured[-1], batch["labels"]
-    seq = labels.shape[1]
-    kept = min(hidden.shape[1], seq)  # as in token_loss_sum: soft prompts add positions in front
-    hidden = hidden[:, -kept:][:, :-1]  # position t predicts token t+1
-    labels = labels[:, seq - kept + 1 :]
-    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1))
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
@@ -206,6 +107,28 @@ def generate_answers(
     return answers
 
 
+def median_words(references: Sequence[Sequence[str]]) -> float:
+    """The median word count of the first reference of each row."""
+    return statistics.median(len(refs[0].split()) for refs in references) if references else 0.0
+
+
+@torch.no_grad()
+def classify(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[int]:
+    """The class a sequence classifier gives each text, tokenized as ``seq-cls`` training does (the
+    text alone), one text at a time (no padding to get wrong).
+
+    Returns:
+        one class index per text.
+    """
+    device = next(model.parameters()).device
+    classes = []
+    for text in texts:
+        input_ids = torch.tensor([tokenizer(text)["input_ids"]], device=device)  # (1, seq)
+        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits  # (1, classes)
+        classes.append(int(logits[0].argmax()))
+    return classes
+
+
 def headline_metric(metric: str, task: str, references: Sequence[Sequence[str]]) -> str:
     """Resolve ``metric="auto"``: accuracy for ``seq-cls``, exact match for short answers, else rougeL."""
     if metric != "auto":
@@ -244,47 +167,74 @@ def evaluate(
 
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    pad_id = pad_token_id(tokenizer)
     generated = min(examples, len(rows)) if generate and task != "seq-cls" else 0
     bar = tqdm(total=len(rows) + generated, desc="eval: loss", unit="row", disable=not progress)
-    total = count = 0.0
-    correct = 0
     try:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows.select(range(start, min(start + batch_size, len(rows))))
-            batch = {k: v.to(device) for k, v in collate(list(chunk), pad_id).items()}
-            logits = forward_logits(model, batch, task)
-            batch_loss, batch_count = token_loss_sum(logits, batch["labels"], task)
-            total += batch_loss.item()
-            count += batch_count.item()
-            if task == "seq-cls":
-                correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-            bar.update(len(chunk))
-        mean = total / max(count, 1)
-        result: dict[str, Any] = {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
-        if task == "seq-cls":
-            result["accuracy"] = correct / max(len(rows), 1)
-        elif generated > 0:
-            scored = rows.select(range(generated))
-            references = scored["references"]
-            if max_new_tokens <= 0:
-                longest = max(len(tokenizer(r[0], add_special_tokens=False)["input_ids"]) for r in references)
-                max_new_tokens = longest + ANSWER_MARGIN
+        result = _loss_scores(model, tokenizer, rows, task, batch_size, bar)
+        if generated > 0:
             bar.set_description("eval: generating")
-            answers = generate_answers(
-                model, tokenizer, scored["prompt_ids"], task, max_new_tokens, progress=bar.update
-            )
-            result["exact_match"] = exact_match(answers, references)
-            result.update(rouge(answers, references))
-            result["scored"] = len(answers)
-            result["samples"] = [
-                {"answer": a, "reference": r[0]} for a, r in zip(answers[:3], references[:3], strict=True)
-            ]
+            scored = rows.select(range(generated))
+            result.update(_generation_scores(model, tokenizer, scored, task, max_new_tokens, bar))
     finally:
         bar.close()
         model.train(was_training)
     return result
+
+
+def _loss_scores(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: datasets.Dataset,
+    task: str,
+    batch_size: int,
+    bar: Any,
+) -> dict[str, Any]:
+    """Loss and perplexity over all ``rows`` (and accuracy for ``seq-cls``), ``batch_size`` at a time."""
+    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer)
+    total = count = 0.0
+    correct = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows.select(range(start, min(start + batch_size, len(rows))))
+        batch = {k: v.to(device) for k, v in collate(list(chunk), pad_id).items()}
+        logits = forward_logits(model, batch, task)
+        batch_loss, batch_count = token_loss_sum(logits, batch["labels"], task)
+        total += batch_loss.item()
+        count += batch_count.item()
+        if task == "seq-cls":
+            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+        bar.update(len(chunk))
+    mean = total / max(count, 1)
+    result: dict[str, Any] = {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+    if task == "seq-cls":
+        result["accuracy"] = correct / max(len(rows), 1)
+    return result
+
+
+def _generation_scores(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    scored: datasets.Dataset,
+    task: str,
+    max_new_tokens: int,
+    bar: Any,
+) -> dict[str, Any]:
+    """Exact match and ROUGE of greedy answers to ``scored``'s prompts, and three samples."""
+    references = scored["references"]
+    if max_new_tokens <= 0:
+        longest = max(len(tokenizer(r[0], add_special_tokens=False)["input_ids"]) for r in references)
+        max_new_tokens = longest + ANSWER_MARGIN
+    answers = generate_answers(
+        model, tokenizer, scored["prompt_ids"], task, max_new_tokens, progress=bar.update
+    )
+    return {
+        "exact_match": exact_match(answers, references),
+        **rouge(answers, references),
+        "scored": len(answers),
+        "samples": [
+            {"answer": a, "reference": r[0]} for a, r in zip(answers[:3], references[:3], strict=True)
+        ],
+    }
 
 
 @torch.no_grad()

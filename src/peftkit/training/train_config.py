@@ -23,7 +23,9 @@ from peftkit.foundation.tasks import TASKS
 from peftkit.training.method_choice import METHOD_NAMES, method_fields, unknown_name
 
 __all__ = [
+    "LR_SCHEDULERS",
     "METRICS",
+    "OPTIMIZERS",
     "TrainConfig",
     "apply_overrides",
     "closest",
@@ -37,6 +39,9 @@ METRICS = ("auto", "exact_match", "rouge1", "rouge2", "rougeL", "accuracy", "los
 DTYPES = ("float32", "bfloat16")
 QUANTIZE = ("none", "nf4", "fp4", "int8")  # bitsandbytes schemes (peftkit.foundation.quantization.SCHEMES)
 DATA_FORMATS = ("auto", "prompt_completion", "instruction", "messages")
+OPTIMIZERS = ("adamw", "lora-plus")  # built by peftkit.training.optimization
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+LORAPLUS_LR_RATIO = 16.0  # the LoRA+ paper's usual ratio, and Hugging Face PEFT's example
 
 
 def _key(default: Any, help: str, **extra: Any) -> Any:
@@ -76,6 +81,13 @@ class TrainConfig:
     data_format: str = _key("auto", "row layout", choices=DATA_FORMATS)
     prompt_column: str = _key("prompt", "prompt_completion: the prompt column")
     completion_column: str = _key("completion", "prompt_completion: the answer column")
+    labels: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "seq-cls: the class names in id order (the model's id2label); default: the training "
+            "rows' labels, numbers in numeric order, then names A-Z. Recorded in train_config.yaml"
+        },
+    )
     instruction_column: str = _key("instruction", "instruction format: the instruction column")
     input_column: str = _key("input", "instruction format: the (optional) input column")
     output_column: str = _key("output", "instruction format: the answer column")
@@ -94,9 +106,22 @@ class TrainConfig:
     epochs: float = _key(1.0, "epochs when max_steps is 0")
     batch_size: int = _key(8, "examples per device per micro-batch")
     grad_accum: int = _key(1, "micro-batches per optimizer step")
-    lr: float = _key(2e-3, "peak learning rate (AdamW)")
-    weight_decay: float = _key(0.0, "AdamW weight decay")
-    warmup_steps: int = _key(6, "linear warm-up steps before the cosine decay")
+    lr: float = _key(2e-3, "peak learning rate (with lora-plus: of every parameter but LoRA's B factors)")
+    optimizer: str = _key(
+        "adamw",
+        "adamw; lora-plus: AdamW with LoRA's B factors at lr x loraplus_lr_ratio (LoRA+, LoRA methods)",
+        choices=OPTIMIZERS,
+    )
+    loraplus_lr_ratio: float = _key(
+        LORAPLUS_LR_RATIO, "with optimizer lora-plus: the B factors' learning rate over lr (at least 1)"
+    )
+    weight_decay: float = _key(0.0, "AdamW weight decay (matrices only)")
+    lr_scheduler: str = _key(
+        "cosine",
+        "after the warm-up: cosine or linear decay to 0 at the last step, or constant",
+        choices=LR_SCHEDULERS,
+    )
+    warmup_steps: int = _key(6, "linear warm-up steps, then lr_scheduler")
     max_grad_norm: float = _key(1.0, "gradient clipping norm; 0: off")
     seed: int = _key(0, "seed for initialisation, data order and dropout")
     threads: int = _key(0, "CPU threads per process; 0: the cores other processes leave free (rechecked)")
@@ -114,7 +139,11 @@ class TrainConfig:
     max_new_tokens: int = _key(0, "generation length for scoring; 0: longest reference + 8")
     # --- output
     output_dir: str = _key("out/train", "where the adapter, metrics, plots and checkpoints go")
-    save_every: int = _key(0, "checkpoint every N steps; 0: only at the end")
+    save_every: int = _key(
+        0,
+        "checkpoint every N steps and at the last (for --resume); 0: none, but Ctrl-C still writes one "
+        "(the adapter itself is saved at the end either way)",
+    )
     keep_checkpoints: int = _key(2, "how many recent checkpoints to keep")
     log_every: int = _key(1, "log the training loss every N steps")
     overwrite: bool = _key(False, "replace an existing output_dir")
@@ -254,12 +283,16 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return str(value)
     elif kind.startswith("list"):
         value = [value] if isinstance(value, str) else value
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, (list, tuple)) or not all(_is_name(v) for v in value):
             raise bad
-        return list(value)
+        return [str(v) for v in value]  # YAML reads `labels: [0, 1]` as numbers
     elif kind.startswith("dict") and not isinstance(value, Mapping):
         raise UsageError(f"{name} in {source} must be a mapping such as {{r: 8}}, not {value!r}")
     return value
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
 
 
 # (field, test, what it must be): checked after every change
@@ -271,6 +304,7 @@ _RULES = (
     ("epochs", lambda v: v > 0, "positive"),
     ("warmup_steps", lambda v: v >= 0, "0 or more"),
     ("weight_decay", lambda v: v >= 0, "0 or more"),
+    ("loraplus_lr_ratio", lambda v: v >= 1, "at least 1 (B learns faster than A), e.g. 16"),
     ("max_grad_norm", lambda v: v >= 0, "0 (no clipping) or more"),
     ("validation_split", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("max_length", lambda v: v >= 8, "at least 8"),
@@ -283,6 +317,15 @@ _RULES = (
     ("log_every", lambda v: v >= 1, "at least 1"),
     ("threads", lambda v: v >= 0, "0 (automatic) or more"),
 )
+
+
+def _check_labels(labels: list[str], task: str, source: str) -> None:
+    if task != "seq-cls":
+        raise UsageError(f"labels (from {source}) name a classifier's classes: add --task seq-cls")
+    repeated = sorted({name for name in labels if labels.count(name) > 1})
+    if len(labels) < 2 or repeated:
+        what = f"names {repeated[0]!r} twice" if repeated else f"has {len(labels)}"
+        raise UsageError(f"labels (from {source}) {what}; give two or more distinct class names")
 
 
 def _validate(config: TrainConfig, source: str) -> None:
@@ -313,6 +356,13 @@ def _validate(config: TrainConfig, source: str) -> None:
             check_quantization_options(config.quantize_options)
         except UsageError as e:
             raise UsageError(f"{e} (from {source})") from None
+    if config.loraplus_lr_ratio != LORAPLUS_LR_RATIO and config.optimizer != "lora-plus":
+        raise UsageError(
+            f"loraplus_lr_ratio (from {source}) applies to optimizer lora-plus, not {config.optimizer!r}; "
+            "add --optimizer lora-plus"
+        )
+    if config.labels is not None:
+        _check_labels(config.labels, config.task, source)
     if config.resume and config.overwrite:
         raise UsageError(
             "resume and overwrite exclude each other: resume keeps output_dir, overwrite replaces it"

@@ -68,6 +68,23 @@ def conv_delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     return conv(lora_A.transpose(0, 1), lora_B).transpose(0, 1) * scaling  # (out, in, *kernel)
 
 
+def _init_factors(lora_A: Tensor, lora_B: Tensor, init: bool | str) -> None:
+    """LoRA's initialisation in place: A Kaiming-uniform (True) or normal(0, 1/r) ("gaussian"), B zero;
+    False leaves both as they are (random).
+
+    Args:
+        lora_A: (r, in_features) or (r, in_channels, *kernel).
+        lora_B: (out_features, r) or (out_channels, r, 1, …).
+    """
+    if init is False:
+        return
+    if init == "gaussian":
+        nn.init.normal_(lora_A, std=1 / lora_A.shape[0])
+    else:
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    nn.init.zeros_(lora_B)
+
+
 class _AdditiveLora(nn.Module):
     """Merging shared by the LoRA adapters: the base weight plus or minus ``delta_weight()``."""
 
@@ -105,13 +122,7 @@ class LoraLinear(_AdditiveLora):
 
     def reset_parameters(self, init: bool | str, base: nn.Module | None = None) -> None:
         """Kaiming-uniform (True) or normal(0, 1/r) ("gaussian") A and zero B; False keeps both random."""
-        if init is False:
-            return
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.out_features)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        _init_factors(self.lora_A.weight, self.lora_B.weight, init)
 
     def forward(self, base: nn.Module, x: Tensor, base_output: Tensor) -> Tensor:
         """x: (..., in_features); base_output: (..., out_features) → same shape as base_output.
@@ -268,13 +279,7 @@ class LoraConv(_AdditiveLora):
 
     def reset_parameters(self, init: bool | str, base: nn.Module | None = None) -> None:
         """As :meth:`LoraLinear.reset_parameters`."""
-        if init is False:
-            return
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.out_channels)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        _init_factors(self.lora_A.weight, self.lora_B.weight, init)
 
     def forward(self, base: nn.Module, x: Tensor, base_output: Tensor) -> Tensor:
         """x: (batch, in_channels, *spatial); base_output: (batch, out_channels, *spatial_out)."""

@@ -1,0 +1,159 @@
+"""A run's data, ready to train on: its files read, checked, split, tokenized (and packed)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from peftkit.foundation.errors import UsageError
+from peftkit.training.data.chats import DataFormat, to_chats
+from peftkit.training.data.packing import pack
+from peftkit.training.data.tables import load_table, missing_column
+from peftkit.training.data.tokenization import ordered_labels, tokenize, tokenize_classification
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+    from peftkit.training.train_config import TrainConfig
+
+__all__ = ["PreparedData", "check_data", "data_files", "prepare_data", "with_labels"]
+
+
+@dataclass
+class PreparedData:
+    """Tokenized training and validation rows plus what happened on the way.
+
+    ``train`` has ``input_ids`` and ``labels``; ``validation`` also ``prompt_ids`` (the prompt a model
+    answers when scored by generation) and ``references`` (the accepted answers).
+    """
+
+    train: datasets.Dataset
+    validation: datasets.Dataset | None
+    stats: dict[str, int] = field(default_factory=dict)
+    label_names: list[str] | None = None
+
+
+def check_data(config: TrainConfig) -> None:
+    """Read the data files and check their columns on their first rows, without a tokenizer.
+
+    Run before a model loads, so that bad data is reported at once.
+
+    Raises:
+        UsageError: as :func:`prepare_data`.
+    """
+    fmt = DataFormat.from_config(config)
+    train_path, validation = data_files(config)
+    files = [(train_path, dataclasses.replace(fmt, reference_columns=()))]
+    if validation:
+        files.append((validation, fmt))
+    for path, file_fmt in files:
+        head = load_table(path)
+        head = head.select(range(min(8, len(head))))
+        if config.task == "seq-cls":
+            for column in (fmt.prompt_column, fmt.completion_column):
+                if column not in head.column_names:
+                    raise missing_column(column, list(head.column_names), str(path))
+        else:
+            to_chats(head, file_fmt, str(path))
+
+
+def prepare_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """Load, convert, split, tokenize (and pack) the training and validation data of ``config``.
+
+    ``config.data`` is a file or a bundled task name (``peftkit.training.tasks``), whose files and
+    settings are used.
+
+    Raises:
+        UsageError: a missing, empty or unreadable file, a missing column, or too little data.
+    """
+    fmt = DataFormat.from_config(config)
+    train_path, validation_path = data_files(config)
+    table, validation = _tables(config, train_path, validation_path)
+
+    if config.task == "seq-cls":
+        train, stats, names = tokenize_classification(
+            table, tokenizer, fmt, config.max_length, config.labels, str(train_path)
+        )
+        val = None
+        if validation is not None:
+            val, _, _ = tokenize_classification(
+                validation, tokenizer, fmt, config.max_length, names, str(validation_path or train_path)
+            )
+        return PreparedData(train, val, stats, names)
+
+    train_fmt = dataclasses.replace(fmt, reference_columns=())  # references matter for scoring only
+    train_chats = to_chats(table, train_fmt, str(train_path))
+    train, stats = tokenize(train_chats, tokenizer, config.task, config.max_length)
+    val = None
+    if validation is not None:
+        val_chats = to_chats(validation, fmt, str(validation_path or train_path))
+        val, _ = tokenize(val_chats, tokenizer, config.task, config.max_length)
+    if len(train) == 0:
+        raise UsageError(
+            f"no example of {train_path} has an answer token left within max_length={config.max_length}"
+        )
+    train = train.remove_columns([c for c in ("prompt_ids", "references") if c in train.column_names])
+    if config.packing:
+        if config.task != "causal-lm":
+            raise UsageError(f"packing works for task causal-lm only, not {config.task!r}; drop --packing")
+        train = pack(train, config.max_length)
+        stats["packed_rows"] = len(train)
+    return PreparedData(train, val, stats)
+
+
+def with_labels(config: TrainConfig) -> TrainConfig:
+    """``config`` with ``labels`` set for ``seq-cls``: the training rows' labels when unset (numbers in
+    numeric order, then names A-Z); other tasks' configs unchanged. The classification head gets one
+    output per label, and ``id2label`` names them.
+
+    Raises:
+        UsageError: as :func:`prepare_data` (a missing file or column).
+    """
+    if config.task != "seq-cls" or config.labels:
+        return config
+    train_path, validation_path = data_files(config)
+    table, _ = _tables(config, train_path, validation_path)
+    column = config.completion_column
+    if column not in table.column_names:
+        raise missing_column(column, list(table.column_names), str(train_path))
+    labels = ordered_labels(table[column])
+    if len(labels) < 2:
+        raise UsageError(
+            f"the training rows of {train_path} have {len(labels)} label ({labels}) in column {column!r}; "
+            "a classifier needs two or more"
+        )
+    return config.replace(labels=labels)
+
+
+def _tables(
+    config: TrainConfig, train_path: Path, validation_path: Path | None
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The training rows and the held-out rows (a seeded split of the training file unless given)."""
+    table = load_table(train_path)
+    validation = load_table(validation_path) if validation_path else None
+    if validation is None and config.validation_split > 0:
+        if len(table) < 2:
+            raise UsageError(f"{train_path} has {len(table)} example; validation_split needs at least 2")
+        split = table.train_test_split(test_size=config.validation_split, seed=config.seed)
+        table, validation = split["train"], split["test"]
+    if validation is not None and config.validation_rows:
+        validation = validation.select(range(min(config.validation_rows, len(validation))))
+    return table, validation
+
+
+def data_files(config: TrainConfig) -> tuple[Path, Path | None]:
+    """The training file and the held-out file (None: split off the training rows) of ``config``.
+
+    Raises:
+        UsageError: ``data`` is empty (a directory without ``train_config.yaml`` records none).
+    """
+    from peftkit.training.tasks import builtin_task
+
+    if not config.data:
+        raise UsageError("no data given: set data to a file or a bundled task name (e.g. person-json)")
+    task = builtin_task(config.data)
+    validation = config.validation_data or (task.validation if task else None)
+    return (task.train if task else Path(config.data)), (Path(validation) if validation else None)

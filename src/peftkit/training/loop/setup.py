@@ -1,0 +1,191 @@
+"""Setting a run up: check everything, load and wrap the model, tokenize the data, build the optimizer.
+
+Nothing is written until every check has passed (settings, output directory, method and optimizer,
+data files, model, batch size); then the output directory is created with ``train_config.yaml``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.core.whole_model import is_model_level
+from peftkit.foundation.errors import UsageError
+from peftkit.foundation.quantization import describe_precision
+from peftkit.model import PeftModel, wrap
+from peftkit.objectives import Objective
+from peftkit.objectives.tokens import token_objective
+from peftkit.training.data import PreparedData, check_data, prepare_data
+from peftkit.training.evaluation import headline_metric, pad_token_id
+from peftkit.training.loop.context import RunContext, set_threads
+from peftkit.training.loop.order import BatchOrder
+from peftkit.training.method_choice import build_method_config
+from peftkit.training.optimization import build_optimizer, build_scheduler, check_optimizer
+from peftkit.training.reports import trainable_table
+from peftkit.training.run_directory import (
+    base_model_config,
+    check_output_dir,
+    load_base_model,
+    prepare_output_dir,
+)
+from peftkit.training.sharding import check_shardable, shard
+from peftkit.training.train_config import TrainConfig
+
+__all__ = ["RunSetup", "apply_method", "set_up"]
+
+
+@dataclass
+class RunSetup:
+    """What the steps work on, fixed once the run is set up."""
+
+    model: nn.Module  # unwrapped: saved, evaluated, passed to on_step
+    wrapped: nn.Module  # accelerate's (DDP) wrapper: the forward and backward go through it
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[nn.Parameter]  # the trainable ones, for gradient clipping
+    tokenizer: Any
+    data: PreparedData
+    train_rows: list[dict[str, Any]]  # input_ids and labels of every training row
+    targets: list[int]  # what each training row's loss is divided by: its answer tokens
+    objective: Objective  # (model, batch) -> (loss_sum, count)
+    order: BatchOrder
+    pad_id: int
+    total_steps: int
+    metric: str  # the headline metric
+
+
+def set_up(context: RunContext) -> RunSetup:
+    """Check, load, wrap, shard, build the optimizer and schedule, create the output directory, report.
+
+    Raises:
+        UsageError: bad input, found before anything is written.
+    """
+    config = context.config
+    set_threads(context)
+    check_output_dir(config)
+    context.wait_for_everyone()  # every process checks before any writes
+    method_config = build_method_config(config.method, config.method_options, config.task)
+    check_optimizer(config, method_config)
+    if context.sharded:
+        check_shardable(config.quantize, is_model_level(method_config), config.save_every, config.resume)
+    precision = describe_precision(config.quantize, config.dtype, config.quantize_options)
+    context.say(f"peftkit train: {config.method} on {config.model} ({config.task}, {precision})")
+    check_data(config)  # bad data is reported before the model loads
+    model, tokenizer, data = _load(config, method_config)
+    if config.labels:
+        context.say(head_note(config, full_model=method_config is None))
+    if context.sharded:
+        shard(model)
+    order = BatchOrder(
+        len(data.train), config.batch_size, config.grad_accum, context.world, context.rank, config.seed
+    )
+    total_steps = config.max_steps or math.ceil(config.epochs * order.steps_per_epoch)
+    references = data.validation["references"] if data.validation is not None else []
+    metric = headline_metric(config.metric, config.task, references)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, total_steps)
+    if context.main:
+        prepare_output_dir(config)
+    context.wait_for_everyone()
+    if context.sharded:  # the model is sharded in place; accelerate would wrap it in DDP
+        wrapped, optimizer = model, context.accelerator.prepare(optimizer)
+    else:
+        wrapped, optimizer = context.accelerator.prepare(model, optimizer)
+    context.say(setup_report(context, model, data, total_steps, order, metric))
+    return RunSetup(
+        model=model,
+        wrapped=wrapped,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        params=params,
+        tokenizer=tokenizer,
+        data=data,
+        train_rows=data.train.select_columns(["input_ids", "labels"]).to_list(),
+        targets=data.train["targets"],
+        objective=token_objective(config.task),
+        order=order,
+        pad_id=pad_token_id(tokenizer),
+        total_steps=total_steps,
+        metric=metric,
+    )
+
+
+def _load(config: TrainConfig, method_config: Any) -> tuple[nn.Module, Any, PreparedData]:
+    """The base model with the method applied (seeded), its tokenizer, and the tokenized data."""
+    from accelerate.utils import set_seed
+
+    model, tokenizer = load_base_model(config)  # seq-cls: a head of len(config.labels) outputs
+    data = prepare_data(config, tokenizer)
+    set_seed(config.seed)  # adapter initialisation
+    return apply_method(model, method_config, config), tokenizer, data
+
+
+def head_note(config: TrainConfig, full_model: bool) -> str:
+    """A classifier's labels, and whether its head is new: the run's label count is not its checkpoint's
+    (the head is then initialised afresh, as transformers' ``ignore_mismatched_sizes`` does)."""
+    labels = config.labels or []
+    named = f"labels: {', '.join(f'{i}={name}' for i, name in enumerate(labels))}"
+    found = base_model_config(config).num_labels
+    if found == len(labels):
+        return named
+    kept = "the model" if full_model else "the adapter (modules_to_save)"
+    return (
+        f"{named}; {config.model} has {found} (config.json num_labels), so a new {len(labels)}-label "
+        f"head is initialised, trained and saved with {kept}"
+    )
+
+
+def apply_method(model: nn.Module, method_config: Any, config: TrainConfig) -> nn.Module:
+    """``model`` made trainable by the method: wrapped with ``method_config``, or every parameter
+    trainable for full fine-tuning (``method_config`` None); gradient checkpointing on if asked.
+
+    Raises:
+        UsageError: the method cannot be applied to this model (no target found…).
+    """
+    if method_config is None:  # full fine-tuning
+        model.requires_grad_(True)
+    else:
+        try:
+            model = wrap(model, method_config)
+        except ValueError as e:
+            raise UsageError(f"method {config.method!r}: {e}") from e
+    if config.gradient_checkpointing:
+        if isinstance(model, PeftModel):
+            model.gradient_checkpointing_enable()
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def setup_report(
+    context: RunContext, model: nn.Module, data: PreparedData, total: int, order: BatchOrder, metric: str
+) -> str:
+    """What the run will do: the data (truncated, packed, held out), the steps, the trainable table."""
+    config, stats = context.config, data.stats
+    lines = [f"data: {stats['examples']} training examples"]
+    if stats.get("truncated"):
+        dropped = stats.get("dropped")
+        lines.append(
+            f"  {stats['truncated']} truncated to max_length={config.max_length}"
+            + (f", {dropped} of them dropped (no answer token left)" if dropped else "")
+        )
+    if "packed_rows" in stats:
+        lines.append(f"  packed into {stats['packed_rows']} rows of up to {config.max_length} tokens")
+    validation = len(data.validation) if data.validation is not None else 0
+    generated = min(config.eval_examples, validation) if config.task != "seq-cls" else 0
+    scored = f" (loss on all, the first {generated} also by generation)" if generated else ""
+    lines.append(f"  {validation} held-out rows{scored}; headline metric: {metric}")
+    lines.append(
+        f"steps: {total} of {order.global_batch_size} rows ({total / order.steps_per_epoch:.2f} epochs), "
+        f"{context.world} process(es)"
+        + (f", {torch.get_num_threads()} CPU thread(s) each" if context.device.type == "cpu" else "")
+        + (", parameters sharded (FSDP2)" if context.sharded else "")
+    )
+    if config.fsdp and not context.sharded:
+        lines.append("fsdp: one process, nothing to shard (start with torchrun --nproc_per_node N)")
+    return "\n".join(lines) + "\n" + trainable_table(model)
