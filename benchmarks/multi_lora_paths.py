@@ -20,7 +20,7 @@ import torch
 from common import machine, table
 
 from peftkit.ops import multi_lora as multi_lora_module
-from peftkit.ops.multi_lora import multi_lora, stack_lora
+from peftkit.ops.multi_lora import LoraStacks, RowSlots, multi_lora
 
 SHAPES = {"gate/up (576->1536)": (576, 1536), "q/o (576->576)": (576, 576)}
 BATCHES = [(16, 1), (8, 1), (4, 2), (2, 4), (2, 8), (2, 16), (2, 45), (4, 45)]  # (rows, tokens per row)
@@ -37,14 +37,14 @@ def median_us(run, repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def time_paths(x: torch.Tensor, y: torch.Tensor, stacked, repeats: int) -> dict[str, float]:
+def time_paths(x: torch.Tensor, y: torch.Tensor, stacks, slots, repeats: int) -> dict[str, float]:
     """Median microseconds of ``multi_lora`` forced onto each path."""
     times = {}
     default = multi_lora_module.masked_path_applies
     try:
         for path, masked in (("masked", True), ("per-row", False)):
             multi_lora_module.masked_path_applies = lambda tokens, adapters, masked=masked: masked
-            times[path] = median_us(lambda: multi_lora(x, y.clone(), stacked, in_place=True), repeats)
+            times[path] = median_us(lambda: multi_lora(x, y.clone(), stacks, slots, in_place=True), repeats)
     finally:
         multi_lora_module.masked_path_applies = default
     return times
@@ -65,14 +65,11 @@ def main() -> None:
                 for _ in range(n)
             ]
             for batch, tokens in BATCHES:
-                groups = [
-                    torch.tensor([b for b in range(batch) if b % n == k], dtype=torch.long) for k in range(n)
-                ]
-                stacked = stack_lora(factors, groups, batch)
+                stacks, slots = LoraStacks.from_factors(factors), RowSlots([b % n + 1 for b in range(batch)])
                 x = torch.randn(batch, tokens, d_in, generator=generator)
                 y = torch.randn(batch, tokens, d_out, generator=generator)
                 used = min(batch, n)  # adapters the rows use
-                times = time_paths(x, y, stacked, args.repeats)
+                times = time_paths(x, y, stacks, slots, args.repeats)
                 rows.append(
                     [
                         label,

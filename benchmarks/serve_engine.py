@@ -25,7 +25,7 @@ from common import machine, table
 from serve_load import QUESTIONS, make_adapters
 
 from peftkit.models import DEFAULT_MODEL
-from peftkit.serve.engine import GenerationRequest
+from peftkit.serve.rows import GenerationRequest
 from peftkit.serve.sampling import SamplingParams
 from peftkit.serve.server import ServeSettings, build_app
 
@@ -106,7 +106,7 @@ def main() -> None:
         _, engine = build_app(settings)
         prefill, step = Timed(engine, "_prefill"), Timed(engine, "_step")
         engine.start()
-        tokenizer = engine.tokenizer
+        tokenizer = engine.host.tokenizer
         texts = [
             tokenizer.apply_chat_template(
                 [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False

@@ -45,14 +45,15 @@ def _save_adapter(base_dir: Path, out: Path, seed: int, r: int = 8) -> Path:
 
 @pytest.fixture(scope="session")
 def serve_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """``base``: a tiny model dir; ``root/<name>``: adapters (alpha, beta, gamma r=8, ``wide`` r=16);
-    ``wrong``: an adapter for a wider model (under the root too)."""
+    """``base``: a tiny model dir; ``root/<name>``: adapters (alpha, beta, gamma, delta r=8, ``wide``
+    r=16); ``wrong``: an adapter for a wider model (under the root too)."""
     top = tmp_path_factory.mktemp("serve")
     base = _save_sensitive_tiny_lm(top / "base")
     root = top / "root"
     files = {"base": base, "root": root}
     for seed, name in enumerate(ADAPTERS, start=1):
         files[name] = _save_adapter(base, root / name, seed)
+    files["delta"] = _save_adapter(base, root / "delta", 4)
     files["wide"] = _save_adapter(base, root / "wide", 7, r=16)
     other = save_tiny_lm(top / "other", hidden=64)
     files["wrong"] = _save_adapter(other, root / "wrong", 9)
@@ -67,7 +68,7 @@ def reference(serve_files: dict[str, Path]):
 
     base, tokenizer = load_model(str(serve_files["base"]))
     model = PeftModel(base)
-    for name in ADAPTERS:
+    for name in (*ADAPTERS, "delta"):
         model.load_adapter(serve_files[name], adapter_name=name)
     eos = tokenizer.eos_token_id
 
@@ -95,7 +96,7 @@ API_KEY = "test-key"
 def server(serve_files: dict[str, Path]):
     """A server on a free loopback port: the tiny base as ``tiny``, alpha/beta/gamma with room for two
     (LRU), runtime loading from the root, ranks up to 8, an API key; stopped after the session."""
-    from peftkit.serve.api import ServeLimits
+    from peftkit.serve.limits import ServeLimits
     from peftkit.serve.server import ServeSettings, ThreadedServer, build_app
 
     settings = ServeSettings(
@@ -125,3 +126,61 @@ def tokenizer(serve_files: dict[str, Path]):
     from peftkit.foundation.loading import load_model
 
     return load_model(str(serve_files["base"]))[1]
+
+
+def engine_for(serve_files: dict[str, Path], adapters: tuple[str, ...] = ADAPTERS, **settings):
+    """An unstarted engine over the tiny base (``tiny``) with ``adapters`` registered from the root."""
+    from peftkit.serve.server import ServeSettings, build_app
+
+    settings.setdefault("adapter_root", str(serve_files["root"]))
+    chosen = {name: str(serve_files[name]) for name in adapters}
+    _, engine = build_app(
+        ServeSettings(model=str(serve_files["base"]), adapters=chosen, **settings), base_name="tiny"
+    )
+    return engine
+
+
+class Collected:
+    """What one request submitted straight to an engine was told: ``text`` and its final event."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.pieces: list[str] = []
+        self.final = None
+        self.done = threading.Event()
+
+    def __call__(self, event) -> None:
+        self.pieces.append(event.text)
+        if event.final:
+            self.final = event
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def ask(engine, prompt_ids: list[int], adapter: str | None, max_tokens: int = 8, **params):
+    """Submit a greedy (unless ``params`` say otherwise) request to ``engine``; (request, Collected)."""
+    from peftkit.serve.rows import GenerationRequest
+    from peftkit.serve.sampling import SamplingParams
+
+    collected = Collected()
+    params.setdefault("temperature", 0.0)
+    request = GenerationRequest(
+        prompt_ids, adapter, SamplingParams(max_tokens=max_tokens, **params), collected
+    )
+    engine.submit(request)
+    return request, collected
+
+
+def small_server(serve_files: dict[str, Path], adapters: tuple[str, ...] = (), **settings):
+    """An unstarted server of its own (``with small_server(...) as server``) over the tiny base (``tiny``),
+    ``adapters`` registered at start-up; no API key unless ``limits`` says so."""
+    from peftkit.serve.server import ServeSettings, ThreadedServer, build_app
+
+    chosen = {name: str(serve_files[name]) for name in adapters}
+    settings = ServeSettings(model=str(serve_files["base"]), adapters=chosen, **settings)
+    app, _ = build_app(settings, base_name="tiny")
+    return ThreadedServer(app)

@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 
 import peftkit
-from peftkit.core import layer as layers_module
+from peftkit.model import routing as routing_module
 from peftkit.ops import fast_lora
 from peftkit.ops import multi_lora as multi_lora_module
-from peftkit.ops.multi_lora import multi_lora, multi_lora_reference, stack_lora
+from peftkit.ops.multi_lora import LoraStacks, RowSlots, multi_lora, multi_lora_reference
 
 ATOL = 1e-5
 IN, OUT = 12, 10
@@ -48,46 +48,73 @@ def test_multi_lora_equals_each_row_alone(tokens: int, dtype: torch.dtype) -> No
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(len(slot_of_row), tokens, IN, generator=generator).to(dtype)
     y = torch.randn(len(slot_of_row), tokens, OUT, generator=generator).to(dtype)
-    stacked = stack_lora(factors, rows, len(slot_of_row))
+    stacks, slots = LoraStacks.from_factors(factors), RowSlots(slot_of_row)
     assert multi_lora_module.masked_path_applies(tokens, len(factors)) == (
         tokens == 1
     )  # each case takes the path it is named after
     expected = per_row(x, y, factors, slot_of_row)
     atol = ATOL if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(multi_lora(x, y, stacked), expected, atol=atol, rtol=0)
+    torch.testing.assert_close(multi_lora(x, y, stacks, slots), expected, atol=atol, rtol=0)
     y_copy = y.clone()
-    out = multi_lora(x, y_copy, stacked, in_place=True)
+    out = multi_lora(x, y_copy, stacks, slots, in_place=True)
     torch.testing.assert_close(out, expected, atol=atol, rtol=0)
     assert (out.data_ptr() == y_copy.data_ptr()) == (dtype == torch.float32)  # in place where dtypes match
     torch.testing.assert_close(multi_lora_reference(x, y, factors, rows), expected, atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("slot_of_row, used", [([2, 0, 2], (1, 2)), ([3, 1, 0], (0, 3)), ([0, 3, 3], (2, 3))])
-def test_the_few_token_path_reads_only_the_adapters_in_use(
-    slot_of_row: list[int], used: tuple[int, int]
+@pytest.mark.parametrize("slot_of_row, used", [([2, 0, 2], (2, 3)), ([3, 1, 0], (1, 4)), ([0, 3, 3], (3, 4))])
+def test_the_few_token_path_reads_only_the_slots_in_use(
+    slot_of_row: list[int], used: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Three adapters stacked, some of them used: only the span of used adapters is read (a request
+    """Three adapters stacked, some of them used: only the span of used slots is read (a request
     alone reads its own adapter), and every row still gets its own."""
     factors = adapters((2, 4, 3))
-    rows = [
-        torch.tensor([i for i, s in enumerate(slot_of_row) if s == k], dtype=torch.long) for k in (1, 2, 3)
-    ]
-    stacked = stack_lora(factors, rows, len(slot_of_row))
-    assert stacked.used_adapters() == used
-    all_A, all_B, columns = stacked.side_by_side()
-    width = (used[1] - used[0]) * stacked.rank
-    assert all_A.shape[1] == all_B.shape[0] == columns.shape[-1] == width
+    stacks, slots = LoraStacks.from_factors(factors), RowSlots(slot_of_row)
+    assert (slots.first, slots.stop) == used
+    widths = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: widths.append(b.shape[1]) or real_mm(a, b))
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(len(slot_of_row), 1, IN, generator=generator)
     y = torch.randn(len(slot_of_row), 1, OUT, generator=generator)
-    torch.testing.assert_close(
-        multi_lora(x, y, stacked), per_row(x, y, factors, slot_of_row), atol=ATOL, rtol=0
+    out = multi_lora(x, y, stacks, slots)
+    monkeypatch.undo()
+    assert widths == [(used[1] - used[0]) * stacks.rank]  # the A columns read: the used slots' only
+    torch.testing.assert_close(out, per_row(x, y, factors, slot_of_row), atol=ATOL, rtol=0)
+
+
+def test_stacks_write_clear_and_resize_keep_each_slot_its_own() -> None:
+    """A slot written over holds only the new adapter (a smaller rank leaves no trace of the old one), a
+    cleared slot adds nothing, and growing the stacks keeps every slot's contents."""
+    factors = adapters((4, 2, 3), seed=5)
+    stacks = LoraStacks(3, 4, IN, OUT, torch.float32)
+    stacks.write(1, *factors[0])
+    stacks.write(2, *factors[2])
+    stacks.write(1, *factors[1])  # rank 2 over rank 4
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, IN, generator=generator)
+    y = torch.randn(3, 5, OUT, generator=generator)
+    expected = per_row(x, y, [factors[1], factors[2]], [1, 2, 0])
+    torch.testing.assert_close(multi_lora(x, y, stacks, RowSlots([1, 2, 0])), expected, atol=ATOL, rtol=0)
+    grown = stacks.resized(5, 8)
+    assert (grown.slots, grown.rank) == (5, 8)
+    torch.testing.assert_close(multi_lora(x, y, grown, RowSlots([1, 2, 0])), expected, atol=ATOL, rtol=0)
+    grown.clear(2)
+    torch.testing.assert_close(multi_lora(x, y, grown, RowSlots([0, 2, 0])), y, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="rank 8 of at most 4"):
+        stacks.write(1, torch.zeros(8, IN), torch.zeros(OUT, 8), 1.0)
+
+
+def test_row_slots_from_groups_and_no_adapter_at_all() -> None:
+    slots = RowSlots.from_groups([torch.tensor([2]), torch.tensor([0, 3])], 5)
+    assert slots.slot.tolist() == [2, 0, 1, 2, 0] and (slots.first, slots.stop) == (1, 3)
+    assert slots.rows_of(2).tolist() == [0, 3]
+    none = RowSlots([0, 0])
+    y = torch.randn(2, 1, OUT)
+    assert (
+        not none.adapted
+        and multi_lora(torch.randn(2, 1, IN), y, LoraStacks.from_factors(adapters((2,))), none) is y
     )
-
-
-def test_stack_lora_refuses_mismatched_groups() -> None:
-    with pytest.raises(ValueError, match="one row group per adapter"):
-        stack_lora(adapters((2,)), [], 3)
 
 
 def tiny_llama() -> torch.nn.Module:
@@ -140,8 +167,8 @@ def test_mixed_batch_forward_equals_rows_alone(seq: int, monkeypatch: pytest.Mon
     ids = torch.randint(0, 64, (len(NAMES), seq), generator=torch.Generator().manual_seed(4))
     expected = rows_alone(model, ids)
     calls: list[int] = []
-    real = layers_module.multi_lora
-    monkeypatch.setattr(layers_module, "multi_lora", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = routing_module.multi_lora
+    monkeypatch.setattr(routing_module, "multi_lora", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         mixed = model(input_ids=ids, adapter_names=NAMES).logits
     torch.testing.assert_close(mixed, expected, atol=ATOL, rtol=0)
@@ -161,8 +188,8 @@ def test_mixed_generate_reuses_the_stacks_and_equals_rows_alone(monkeypatch: pyt
     ids = torch.randint(1, 64, (len(NAMES), 5), generator=torch.Generator().manual_seed(5))
     kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
     built: list[int] = []
-    real = layers_module.StackedLora
-    monkeypatch.setattr(layers_module, "StackedLora", lambda *a: built.append(1) or real(*a))
+    real = routing_module.LoraStacks.from_factors
+    monkeypatch.setattr(routing_module.LoraStacks, "from_factors", lambda f: built.append(1) or real(f))
     mixed = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=NAMES, **kwargs)
     assert len(built) == 2 * 7  # once per layer for the whole generate call, not once per step
     for row, name in enumerate(NAMES):
@@ -176,83 +203,53 @@ def test_mixed_generate_reuses_the_stacks_and_equals_rows_alone(monkeypatch: pyt
         assert torch.equal(mixed[row : row + 1], alone), f"row {row} ({name})"
 
 
-def test_stacks_serve_every_batch_of_the_same_adapters_until_an_adapter_changes(
+def test_a_layer_with_lora_and_other_adapters_stacks_the_lora_ones_and_gathers_the_rest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A server's batch changes rows every few steps: the layers stack each set of adapters once, and
-    a changed, replaced or retrained adapter is stacked anew (a stale stack would fail the comparison)."""
-    import pickle
+    """DoRA and IA³ next to LoRA in one mixed batch: the LoRA rows take the stacked path, the others
+    their own adapter on their own rows; every row equals itself alone."""
+    model = three_adapters()
+    model.add_adapter("dora", peftkit.LoraConfig(r=2, use_dora=True, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter(
+        "ia3", peftkit.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    )
+    generator = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".adapters.dora." in name or ".adapters.ia3." in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+    names = ["dora", "b", "__base__", "ia3", "c", "dora"]
+    ids = torch.randint(0, 64, (len(names), 3), generator=torch.Generator().manual_seed(9))
+    stacked: list[int] = []
+    real = routing_module.LoraStacks.from_factors
+    monkeypatch.setattr(
+        routing_module.LoraStacks, "from_factors", lambda f: stacked.append(len(f)) or real(f)
+    )
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapters():
+                    alone = model(input_ids=ids[row : row + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=ids[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row : row + 1], alone, atol=ATOL, rtol=0)
+    assert stacked and max(stacked) == 2  # b and c stack; DoRA and IA³ do not
 
+
+def test_a_routing_reused_over_calls_stacks_once_and_equals_rows_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``model.routing(names)`` passed to several calls: the layers stack on the first call only."""
     model = three_adapters()
     built: list[int] = []
-    real = layers_module.AdapterStacks
-    monkeypatch.setattr(layers_module, "AdapterStacks", lambda *a: built.append(1) or real(*a))
-    ids = torch.randint(0, 64, (len(NAMES), 3), generator=torch.Generator().manual_seed(6))
-
-    def check(names: list[str]) -> None:
-        order = [NAMES.index(name) for name in names]  # rows of ids in the order of names
+    real = routing_module.LoraStacks.from_factors
+    monkeypatch.setattr(routing_module.LoraStacks, "from_factors", lambda f: built.append(1) or real(f))
+    routing = model.routing(NAMES)
+    for seed in range(3):
+        ids = torch.randint(0, 64, (len(NAMES), 3), generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
-            mixed = model(input_ids=ids[order], adapter_names=names).logits
-        torch.testing.assert_close(mixed, rows_alone(model, ids)[order], atol=ATOL, rtol=0)
-
-    check(NAMES)
-    assert len(built) == 2 * 7  # one stack per adapted layer
-    check(list(reversed(NAMES)))  # other rows, the same adapters
-    check(["c", "b", "default", "__base__", "b", "default"])
-    check(["b", "__base__", "b", "b", "b", "b"])  # some of the adapters: the layer's one stack serves
-    assert len(built) == 2 * 7  # reused
-    with torch.no_grad():  # an adapter changed in place: its layer stacks again
-        model.model.model.layers[0].self_attn.q_proj.adapters["b"].lora_B.weight.add_(0.5)
-    check(NAMES)
-    assert len(built) == 2 * 7 + 1
-    model.delete_adapter("c")  # replaced by another adapter of the same name and shapes
-    model.add_adapter("c", peftkit.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".adapters.c." in name:
-                param.normal_(0, 0.3)
-    check(NAMES)
-    assert pickle.loads(pickle.dumps(model)) is not None  # the stacks' weak references are not pickled
-
-
-def test_a_routing_made_like_another_takes_over_its_plans_and_equals_rows_alone(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A server's next batch: other rows, the same adapters. ``routing(names, like=...)`` reuses what
-    the layers found for the last routing (no layer plans again) and gives each row its own adapter."""
-    model = three_adapters()
-    ids = torch.randint(0, 64, (len(NAMES), 3), generator=torch.Generator().manual_seed(7))
-    expected = rows_alone(model, ids)
-    planned: list[int] = []
-    real = layers_module.AdapterLayer._stack_plan
-    monkeypatch.setattr(
-        layers_module.AdapterLayer, "_stack_plan", lambda self: planned.append(1) or real(self)
-    )
-    first = model.routing(NAMES)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            model(input_ids=ids, adapter_names=first).logits, expected, atol=ATOL, rtol=0
-        )
-    assert len(planned) == 2 * 7
-    order = [3, 5, 1, 2]  # other rows, fewer of them, one adapter ("b") not used at all
-    names = [NAMES[row] for row in order]
-    assert "b" in NAMES and "b" not in names
-    second = model.routing(names, like=first)
-    with torch.no_grad():
-        mixed = model(input_ids=ids[order], adapter_names=second).logits
-    torch.testing.assert_close(mixed, expected[order], atol=ATOL, rtol=0)
-    assert len(planned) == 2 * 7  # taken over
-
-    model.add_adapter("d", peftkit.LoraConfig(r=2, target_modules="all-linear"))  # the plans are stale now
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".adapters.d.lora_B" in name:
-                param.normal_(0, 0.3)
-    third = model.routing(["d", "b"], like=second)
-    with torch.no_grad():
-        mixed = model(input_ids=ids[[0, 0]], adapter_names=third).logits  # row 0 under "d", then "b"
-        model.set_adapter("d")
-        alone = model(input_ids=ids[:1]).logits
-    torch.testing.assert_close(mixed[:1], alone, atol=ATOL, rtol=0)  # "d" is not left out
-    torch.testing.assert_close(mixed[1:], expected[:1], atol=ATOL, rtol=0)  # NAMES[0] is "b"
-    assert len(planned) == 2 * (2 * 7)  # planned again, once per adapted layer
+            mixed = model(input_ids=ids, adapter_names=routing).logits
+        torch.testing.assert_close(mixed, rows_alone(model, ids), atol=ATOL, rtol=0)
+    assert len(built) == 2 * 7

@@ -127,7 +127,7 @@ def test_concurrent_mixed_requests_each_equal_their_own_reference(server, tokeni
         for model, prompt in jobs
     ]
     assert got == want
-    assert len(server.engine.registry.loaded_names()) <= 2
+    assert len(server.engine.bank.loaded_names()) <= 2
 
 
 def test_same_seed_same_sample_and_stop_strings_cut_the_answer(client) -> None:
@@ -177,7 +177,9 @@ def test_a_body_above_the_limit_is_413_even_without_content_length(server) -> No
 
 
 def test_a_prompt_above_the_limit_is_400(client) -> None:
-    with pytest.raises(openai.BadRequestError, match="tokens, above the limit"):
+    with pytest.raises(openai.BadRequestError, match="tokens, above the limit of 64"):
+        client.completions.create(model="tiny", prompt="Alice " * 100, max_tokens=2)  # 600 bytes, > 64 tokens
+    with pytest.raises(openai.BadRequestError, match="bytes, above the limit of 1024"):  # 16 bytes per token
         client.completions.create(model="tiny", prompt="Alice " * 200, max_tokens=2)
 
 

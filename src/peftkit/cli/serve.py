@@ -11,12 +11,33 @@ from collections.abc import Sequence
 from typing import Any
 
 from peftkit.foundation.errors import UsageError
+from peftkit.serve.limits import REQUEST_LIMITS
 
 __all__ = ["register_serve", "run_serve"]
 
 _EXTRA = ("fastapi", "uvicorn", "prometheus_client")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+# (flag, type, default, help): the bounds on the work, each at least 1 when given.
+_BOUNDS: tuple[tuple[str, type, Any, str], ...] = (
+    ("--max-concurrent", int, 8, "requests decoded together (default: 8)"),
+    ("--max-queue", int, 64, "requests waiting; beyond: 429 (default: 64)"),
+    ("--max-prompt-tokens", int, 4096, "longest prompt in tokens; its bytes are bounded at 16 per token "
+     "before tokenizing (default: 4096)"),
+    ("--max-new-tokens", int, 512, "largest max_tokens (default: 512)"),
+    ("--max-adapters", int, None, "adapter slots: adapters running at once, the least recently used idle one "
+     "reused (default: as many as are used)"),
+    ("--max-cpu-adapters", int, None, "adapters kept in memory, those in slots included; beyond, the least "
+     "recently used is read from disk again when asked for (default: all registered)"),
+    ("--max-rank", int, None, "refuse adapters of a higher rank"),
+    ("--max-connections", int, 256, "open connections; more are closed at once (default: 256)"),
+    ("--read-timeout", float, 10.0, "seconds for a request's headers, then its body, to arrive "
+     "(default: 10)"),
+    ("--keep-alive", float, 5.0, "seconds an idle kept-alive connection stays open (default: 5)"),
+    ("--shutdown-grace", float, 5.0, "on SIGINT/SIGTERM, seconds running requests get to finish before a "
+     "503 (default: 5)"),
+)  # fmt: skip
 
 
 def register_serve(subparsers: Any) -> None:
@@ -29,6 +50,7 @@ def register_serve(subparsers: Any) -> None:
         "/v1/unload_lora_adapter; /health, /metrics). A request's `model` is an adapter name or the base "
         "model's name. Requests are batched together, each row with its own adapter. Needs the serve extra: "
         "pip install 'peftkit[serve]'.",
+        epilog=f"Requests must keep: {REQUEST_LIMITS}; otherwise 400.",
     )
     parser.add_argument(
         "--model",
@@ -57,27 +79,16 @@ def register_serve(subparsers: Any) -> None:
         metavar="DIR",
         help="allow /v1/load_lora_adapter, for directories inside DIR only (default: off)",
     )
+    for flag, kind, default, text in _BOUNDS:
+        parser.add_argument(
+            flag, type=kind, default=default, metavar="N" if kind is int else "SECONDS", help=text
+        )
     parser.add_argument(
-        "--max-concurrent", metavar="N", type=int, default=8, help="requests decoded together (default: 8)"
-    )
-    parser.add_argument(
-        "--max-queue", metavar="N", type=int, default=64, help="requests waiting; beyond: 429 (default: 64)"
-    )
-    parser.add_argument(
-        "--max-prompt-tokens", type=int, metavar="N", default=4096, help="longest prompt (default: 4096)"
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, metavar="N", default=512, help="largest max_tokens (default: 512)"
-    )
-    parser.add_argument(
-        "--max-adapters",
-        metavar="N",
+        "--threads",
         type=int,
-        default=None,
-        help="adapters in memory at once, LRU eviction (default: all)",
-    )
-    parser.add_argument(
-        "--max-rank", type=int, default=None, metavar="R", help="refuse adapters of a higher rank"
+        default=0,
+        metavar="N",
+        help="CPU threads; 0: the cores other programs leave free (default: 0)",
     )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--quantize", default="none", choices=("none", "nf4", "fp4", "int8"))
@@ -88,28 +99,13 @@ def run_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     missing = [name for name in _EXTRA if importlib.util.find_spec(name) is None]
     if missing:
         raise UsageError(f"peftkit serve needs {', '.join(missing)}: pip install 'peftkit[serve]'")
-    adapters = _adapter_flags(args.adapter)
-    for flag in (
-        "max_concurrent",
-        "max_queue",
-        "max_prompt_tokens",
-        "max_new_tokens",
-        "max_adapters",
-        "max_rank",
-    ):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if args.adapter_root is not None and not os.path.isdir(args.adapter_root):
-        raise UsageError(f"--adapter-root {args.adapter_root}: no such directory")
-    api_key = args.api_key or os.environ.get("PEFTKIT_API_KEY") or None
-    if args.host not in _LOOPBACK and api_key is None:
+    settings = _settings(args)
+    if args.host not in _LOOPBACK and settings.limits.api_key is None:
         print(f"peftkit serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    _set_threads(args.threads)
 
-    from peftkit.foundation.loading import DEFAULT_MODEL
-    from peftkit.serve.adapters import AdapterError
-    from peftkit.serve.api import ServeLimits
-    from peftkit.serve.server import ServeSettings, bind, build_app, uvicorn_server
+    from peftkit.serve.adapter_files import AdapterError
+    from peftkit.serve.server import bind, build_app, uvicorn_server
 
     try:
         sock = bind(args.host, args.port)
@@ -117,40 +113,32 @@ def run_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise UsageError(
             f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port"
         ) from e
-    model = args.model or DEFAULT_MODEL
-    settings = ServeSettings(
-        model=model,
-        adapters=adapters,
-        adapter_root=args.adapter_root,
-        max_concurrent=args.max_concurrent,
-        max_queue=args.max_queue,
-        max_adapters=args.max_adapters,
-        max_rank=args.max_rank,
-        dtype=args.dtype,
-        quantize=None if args.quantize == "none" else args.quantize,
-        limits=ServeLimits(
-            api_key=api_key, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens
-        ),
+    print(
+        f"peftkit serve: loading {settings.model} and {len(settings.adapters)} adapter(s)...",
+        file=sys.stderr,
+        flush=True,
     )
-    print(f"peftkit serve: loading {model} and {len(adapters)} adapter(s)...", file=sys.stderr, flush=True)
     try:
         app, _ = build_app(settings)
     except AdapterError as e:
         sock.close()
         raise UsageError(str(e)) from e
     server = uvicorn_server(app)
-    # On SIGINT/SIGTERM uvicorn stops taking requests, gives running ones 5 s, stops the engine (the rest
-    # get an error), puts the handlers it found back and raises the signal again. Ours only asks the
-    # server to stop (a signal before uvicorn's own handlers are in place does too), so the command ends
-    # here rather than in a KeyboardInterrupt inside the event loop.
+    # On SIGINT/SIGTERM uvicorn stops taking requests; the engine ends waiting ones with a 503, gives
+    # running ones the grace period, then ends them with a 503; uvicorn puts the handlers it found back and
+    # raises the signal again. Ours only asks the server to stop (a signal before uvicorn's own handlers
+    # are in place does too), so the command ends here rather than in a KeyboardInterrupt.
     previous = {
         sig: signal.signal(sig, lambda *_: setattr(server, "should_exit", True)) for sig in _STOP_SIGNALS
     }
     try:
-        names = ", ".join(adapters) or "none (runtime loading " + ("on" if args.adapter_root else "off") + ")"
+        names = (
+            ", ".join(settings.adapters)
+            or "none (runtime loading " + ("on" if args.adapter_root else "off") + ")"
+        )
+        where = f"http://{args.host}:{sock.getsockname()[1]}/v1"
         print(
-            f"peftkit serve: http://{args.host}:{sock.getsockname()[1]}/v1  model {model!r}, adapters: "
-            f"{names}; Ctrl-C stops",
+            f"peftkit serve: {where}  model {settings.model!r}, adapters: {names}; Ctrl-C stops",
             file=sys.stderr,
             flush=True,
         )
@@ -161,6 +149,58 @@ def run_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         sock.close()
     print("peftkit serve: stopped", file=sys.stderr)
     return 0
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    """The server's settings from the flags (``UsageError`` for a bad one)."""
+    for flag, kind, *_ in _BOUNDS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value <= 0:
+            least = "at least 1" if kind is int else "above 0"
+            raise UsageError(f"{flag} must be {least}, got {value}")
+    if args.threads < 0:
+        raise UsageError(f"--threads must be 0 (automatic) or more, got {args.threads}")
+    if args.adapter_root is not None and not os.path.isdir(args.adapter_root):
+        raise UsageError(f"--adapter-root {args.adapter_root}: no such directory")
+
+    from peftkit.foundation.loading import DEFAULT_MODEL
+    from peftkit.serve.limits import ServeLimits
+    from peftkit.serve.server import ServeSettings
+
+    limits = ServeLimits(
+        api_key=args.api_key or os.environ.get("PEFTKIT_API_KEY") or None,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        read_timeout_seconds=args.read_timeout,
+        keep_alive_seconds=args.keep_alive,
+        max_connections=args.max_connections,
+        shutdown_grace_seconds=args.shutdown_grace,
+    )
+    return ServeSettings(
+        model=args.model or DEFAULT_MODEL,
+        adapters=_adapter_flags(args.adapter),
+        adapter_root=args.adapter_root,
+        max_concurrent=args.max_concurrent,
+        max_queue=args.max_queue,
+        max_adapters=args.max_adapters,
+        max_cpu_adapters=args.max_cpu_adapters,
+        max_rank=args.max_rank,
+        dtype=args.dtype,
+        quantize=None if args.quantize == "none" else args.quantize,
+        limits=limits,
+    )
+
+
+def _set_threads(threads: int) -> None:
+    """``--threads``, else ``OMP_NUM_THREADS``, else the cores other programs leave free (as train)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        from peftkit.training.loop.context import auto_threads
+
+        torch.set_num_threads(auto_threads(0))
 
 
 def _adapter_flags(values: list[str]) -> dict[str, str]:

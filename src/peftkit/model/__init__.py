@@ -6,7 +6,8 @@
 - :mod:`.files`: reading and writing adapter files (Hugging Face PEFT's layout);
 - :mod:`.merging`: ``merge_and_unload`` (dequantized, or re-quantized with :mod:`.requantization`);
 - :mod:`.combining`: ``add_weighted_adapter``;
-- :mod:`.running`: ``forward``, ``generate``, per-row routings, activation checkpointing;
+- :mod:`.running`: ``forward``, ``generate``, activation checkpointing;
+- :mod:`.routing`: mixed batches (one adapter per row), the function the wrappers call for them;
 - :mod:`.signature`: the subclass per base-model class whose ``forward`` shows the base's parameters;
 - :mod:`.entry`: ``wrap`` and ``load``.
 """

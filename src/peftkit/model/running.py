@@ -1,5 +1,5 @@
-"""Running the adapted model: ``forward`` and ``generate`` (with per-row ``adapter_names``), routings,
-activation checkpointing; a mixin of :class:`~peftkit.model.PeftModel`."""
+"""Running the adapted model: ``forward`` and ``generate`` (with per-row ``adapter_names``: see
+:mod:`.routing`), activation checkpointing; a mixin of :class:`~peftkit.model.PeftModel`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from peftkit.core.layer import BASE_ADAPTER_NAME, Routing
+from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer
+from peftkit.model.routing import Routing
 
 
 class Running:
@@ -37,28 +38,23 @@ class Running:
         with self._routed(routing):
             return self.model(*args, **kwargs)
 
-    def routing(self, adapter_names: Sequence[str], like: Routing | None = None) -> Routing:
+    def routing(self, adapter_names: Sequence[str]) -> Routing:
         """A per-row routing to pass as ``adapter_names`` to several calls over batches of the same rows.
 
         Each layer stacks its adapters for a routing on the first call that uses it (the batched LoRA
-        path) and the next calls reuse the stacks: a decoding loop outside ``generate`` (a server's
-        steps) then pays for stacking once, not once per step. Valid while the adapters do not change:
-        make a new one after loading, deleting or training adapters.
+        path) and the next calls reuse the stacks: a decoding loop outside ``generate`` then pays for
+        stacking once, not once per step. Valid while the adapters do not change: make a new one after
+        loading, deleting or training adapters.
 
         Args:
             adapter_names: one adapter name per row (``"__base__"``: no adapter).
-            like: a routing made earlier for other rows while the adapters were the same: what its
-                layers found out (which adapters stack, the stacks) is taken over, not found again. A
-                layer whose adapters came or went since plans again; an adapter changed in place (trained,
-                edited) is not seen: make a new routing then.
 
         Raises:
             ValueError: an unknown adapter name.
         """
         names = list(adapter_names)
         self._check_known([name for name in names if name != BASE_ADAPTER_NAME])
-        device = next(self.model.parameters()).device
-        return like.reroute(names, device) if like is not None else Routing.from_names(names, device)
+        return Routing(names, next(self.model.parameters()).device)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate``; ``adapter_names`` routes each prompt row as in :meth:`forward`.
@@ -120,13 +116,11 @@ class Running:
 
     @contextmanager
     def _routed(self, adapter_names: list[str] | Routing) -> Iterator[None]:
-        given = adapter_names if isinstance(adapter_names, Routing) else None
-        if given is not None:
-            adapter_names = [name for name, _ in given.groups]
-        self._check_known([name for name in adapter_names if name != BASE_ADAPTER_NAME])
-        model_level = sorted(
-            {name for name in [*adapter_names, *self._active] if name in self.model_adapters}
-        )
+        """Hand every wrapper the routing's function for the block; take it back afterwards."""
+        routing = adapter_names if isinstance(adapter_names, Routing) else None
+        names = list(routing.groups) if routing is not None else adapter_names
+        self._check_known([name for name in names if name != BASE_ADAPTER_NAME])
+        model_level = sorted({name for name in [*names, *self._active] if name in self.model_adapters})
         if model_level:
             raise ValueError(
                 f"adapter_names (one adapter per row) works with layer adapters only; {model_level} act on "
@@ -134,14 +128,13 @@ class Running:
             )
         if self.merged_adapters:
             raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter()")
-        routing = given or Routing.from_names(adapter_names, next(self.model.parameters()).device)
-        wrappers = routing.layers.get(id(self))
-        if wrappers is None:  # a routing is valid while the adapters stay: their layers are found once
-            wrappers = routing.layers[id(self)] = [wrapper for _, wrapper in self._wrappers()]
+        routing = routing or Routing(names, next(self.model.parameters()).device)
+        wrappers = [wrapper for _, wrapper in self._wrappers()]
         for wrapper in wrappers:
-            wrapper.routing = routing
+            layer = isinstance(wrapper, AdapterLayer)
+            wrapper.route = routing.adapter_layer if layer else routing.modules_to_save
         try:
             yield
         finally:
             for wrapper in wrappers:
-                wrapper.routing = None
+                wrapper.route = None

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from peftkit.core.layer import Routing
+from peftkit.model.routing import Routing
 
 ModelClass = TypeVar("ModelClass", bound=nn.Module)
 

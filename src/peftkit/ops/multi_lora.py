@@ -1,15 +1,15 @@
 """Many LoRA adapters in one batch: every row gets its own adapter in two batched matmuls per layer.
 
-A layer's adapters are stacked (:class:`AdapterStacks`, each layout on first use; the same stacks
-serve every batch that uses the same adapters): slot 0 is "no adapter" (zeros), ranks are
-zero-padded to the largest, and each adapter's scaling is folded into its B. :func:`stack_lora` adds
-which rows use which slot.
-:func:`multi_lora` then computes ``y + s_k·B_k·A_k·x`` for every row with its own ``k``:
+A layer's adapters sit side by side in :class:`LoraStacks` (slot k's Aᵀ in columns ``k·rank …
+(k+1)·rank`` of one matrix, its s·Bᵀ in the same rows of another; slot 0 is zeros: "no adapter";
+ranks are zero-padded to the stacks' rank). Which slot each row of a batch uses is plain metadata,
+:class:`RowSlots`, made once per batch and shared by every layer. :func:`multi_lora` then computes
+``y + s_k·B_k·A_k·x`` for every row with its own ``k``:
 
-- few tokens per row (``generate``'s decoding steps; see :func:`masked_path_applies`): one matmul
-  against all adapters' A rows side by side, the other adapters' columns zeroed per row, then one
-  matmul against all B columns. Each adapter's weights are read once, nothing is copied, and the
-  number of kernels does not grow with the number of adapters.
+- few tokens per row (decoding steps; see :func:`masked_path_applies`): one matmul against the used
+  slots' A columns side by side, the other slots' columns zeroed per row, then one matmul against
+  their B rows. Each adapter's weights are read once, nothing is copied, and the number of kernels
+  does not grow with the number of adapters.
 - many tokens per row (prompts, scoring): each row's A and B are gathered (a copy of r·(in + out)
   values per row) and applied with ``bmm``; the arithmetic is that of a single adapter.
 
@@ -19,17 +19,17 @@ which rows use which slot.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+__all__ = ["LoraStacks", "RowSlots", "masked_path_applies", "multi_lora", "multi_lora_reference"]
+
 #: The masked path applies every adapter in the rows' span to every token: per row, tokens × (adapters
-#: − 1) rank-r products wasted. With several tokens per row it is faster than gathering each row's A
-#: and B up to this many (``python benchmarks/multi_lora_paths.py --threads 1``: at SmolLM2's shapes,
-#: r16, the two paths cross between 4 and 8 for 2, 4, 8 and 16 adapters); with one token per row (a
-#: decoding step) it was faster at every size measured, up to 16 adapters over 16 rows.
+#: − 1) rank-r products wasted. It stays the faster path up to about this much waste, and for one token
+#: per row at any size (``python benchmarks/multi_lora_paths.py --threads 1``; the crossover is in
+#: docs/benchmarks.md, "Mixed batches: the two paths of ops/multi_lora").
 MASKED_PATH_MAX_WASTE = 6
 
 
@@ -39,172 +39,172 @@ def masked_path_applies(tokens: int, adapters: int) -> bool:
     return tokens == 1 or tokens * (adapters - 1) <= MASKED_PATH_MAX_WASTE
 
 
-class AdapterStacks:
-    """One layer's adapters stacked, whichever rows use them; each layout is built on first use.
-
-    Slot 0 is "no adapter"; adapter k (in the order given) is slot k + 1.
+class LoraStacks:
+    """One layer's adapters side by side, in fixed slots; slot 0 is zeros ("no adapter").
 
     Attributes:
-        slots: adapters + 1.
-        rank, in_features, out_features, dtype: of the stacks (ranks zero-padded to the largest).
-    """
-
-    def __init__(self, factors: Sequence[tuple[Tensor, Tensor, float]]) -> None:
-        if not factors:
-            raise ValueError("need at least one adapter to stack")
-        self._factors = list(factors)
-        first_A, first_B, _ = factors[0]
-        self.dtype = first_A.dtype
-        self.device = first_A.device
-        self._like = {"dtype": first_A.dtype, "device": first_A.device}
-        self.rank = max(A.shape[0] for A, _, _ in factors)
-        self.in_features, self.out_features = first_A.shape[1], first_B.shape[0]
-        self.slots = len(factors) + 1
-        self._per_row: tuple[Tensor, Tensor] | None = None
-        self._side_by_side: tuple[Tensor, Tensor] | None = None
-
-    def per_row(self) -> tuple[Tensor, Tensor]:
-        """(slots, in, r) of Aᵀ and (slots, r, out) of s·Bᵀ, slot 0 zeros, for the many-token path.
-
-        Transposed so that the per-row matmuls read contiguous (K, N) matrices: ``bmm`` copies
-        transposed operands one batch entry at a time.
-        """
-        if self._per_row is None:
-            stacked_A = torch.zeros(self.slots, self.in_features, self.rank, **self._like)
-            stacked_B = torch.zeros(self.slots, self.rank, self.out_features, **self._like)
-            for slot, (lora_A, lora_B, scaling) in enumerate(self._factors, start=1):
-                stacked_A[slot, :, : lora_A.shape[0]] = lora_A.T
-                stacked_B[slot, : lora_B.shape[1]] = lora_B.T * scaling
-            self._per_row = stacked_A, stacked_B
-        return self._per_row
-
-    def side_by_side(self) -> tuple[Tensor, Tensor]:
-        """For the few-token path: all adapters' Aᵀ side by side (in, n·r) and their s·Bᵀ stacked
-        (n·r, out), row-major K x N as small matmuls like them."""
-        if self._side_by_side is None:
-            width = (self.slots - 1) * self.rank
-            all_A = torch.zeros(self.in_features, width, **self._like)
-            all_B = torch.zeros(width, self.out_features, **self._like)
-            for index, (lora_A, lora_B, scaling) in enumerate(self._factors):
-                start = index * self.rank
-                all_A[:, start : start + lora_A.shape[0]] = lora_A.T
-                all_B[start : start + lora_B.shape[1]] = lora_B.T * scaling
-            self._side_by_side = all_A, all_B
-        return self._side_by_side
-
-
-class StackedLora:
-    """One layer's adapters for one batch: the :class:`AdapterStacks` (shareable between batches that
-    use the same adapters) and which slot each row uses.
-
-    The column masks of the few-token path depend only on the row slots and the rank, so a batch's
-    layers share them through ``shared`` (a dict the batch owns): built once per batch, not per layer.
-
-    Attributes:
-        stacks: the adapters' stacks.
-        row_slot: (batch,) the slot of each row (0: no adapter).
+        A: (in_features, slots · rank): slot k's Aᵀ in columns ``k·rank … k·rank + r_k``, zeros after.
+        B: (slots · rank, out_features): slot k's s_k·Bᵀ in the same rows.
+        slots, rank, in_features, out_features, dtype, device: of the two matrices.
     """
 
     def __init__(
-        self, stacks: AdapterStacks, row_slot: Tensor, shared: dict[Any, Tensor] | None = None
+        self,
+        slots: int,
+        rank: int,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
     ) -> None:
-        self.stacks = stacks
-        self.dtype, self.rank, self.slots = stacks.dtype, stacks.rank, stacks.slots
-        self.in_features, self.out_features = stacks.in_features, stacks.out_features
-        self.row_slot = row_slot
-        self._shared = shared if shared is not None else {}
-        self._used: tuple[int, int] | None = None
-        self._side_by_side: tuple[Tensor, Tensor, Tensor] | None = None
+        if slots < 1 or rank < 1:
+            raise ValueError(f"need at least one slot and rank 1, got slots={slots}, rank={rank}")
+        self.slots, self.rank = slots, rank
+        self.in_features, self.out_features = in_features, out_features
+        self.A = torch.zeros(in_features, slots * rank, dtype=dtype, device=device)
+        self.B = torch.zeros(slots * rank, out_features, dtype=dtype, device=device)
+        self.dtype, self.device = self.A.dtype, self.A.device
 
-    def per_row(self) -> tuple[Tensor, Tensor]:
-        """See :meth:`AdapterStacks.per_row`."""
-        return self.stacks.per_row()
+    @classmethod
+    def from_factors(cls, factors: Sequence[tuple[Tensor, Tensor, float]]) -> LoraStacks:
+        """``factors[k]`` (A (r_k, in), B (out, r_k), scaling s_k; one dtype and device) in slot k + 1.
 
-    def used_adapters(self) -> tuple[int, int]:
-        """``(first, stop)``: the adapters (0-based, slot − 1) the rows use lie in ``range(first, stop)``;
-        the few-token path reads only those (one request alone reads its own adapter only)."""
-        if self._used is None:
-            key = ("used", id(self.row_slot))
-            if key not in self._shared:
-                used = self.row_slot[self.row_slot > 0]
-                first, last = (int(used.min()), int(used.max())) if used.numel() else (1, 0)
-                self._shared[key] = (first - 1, last)
-                self._shared[("row_slot", *key)] = self.row_slot  # kept: ids keyed here stay its
-            self._used = self._shared[key]
-        return self._used
+        Raises:
+            ValueError: no factors.
+        """
+        if not factors:
+            raise ValueError("need at least one adapter to stack")
+        first_A, first_B, _ = factors[0]
+        rank = max(A.shape[0] for A, _, _ in factors)
+        in_features, out_features = first_A.shape[1], first_B.shape[0]
+        stacks = cls(len(factors) + 1, rank, in_features, out_features, first_A.dtype, first_A.device)
+        for slot, (lora_A, lora_B, scaling) in enumerate(factors, start=1):
+            stacks.write(slot, lora_A, lora_B, scaling)
+        return stacks
 
-    def side_by_side(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The used adapters' (see :meth:`used_adapters`) part of :meth:`AdapterStacks.side_by_side`
-        (views, no copies), and per row a (batch, 1, columns) mask of 1 on its adapter's columns (all
-        0 for a row without one); made on the first call, which every decoding step then reuses."""
-        if self._side_by_side is None:
-            all_A, all_B = self.stacks.side_by_side()
-            first, stop = self.used_adapters()
-            columns = slice(first * self.rank, stop * self.rank)
-            key = (id(self.row_slot), self.slots, self.rank, all_A.dtype)
-            if key not in self._shared:
-                onehot = F.one_hot(self.row_slot, self.slots)[:, 1:].to(all_A.dtype)  # (batch, n)
-                mask = onehot.repeat_interleave(self.rank, dim=1).unsqueeze(1)  # (batch, 1, n·r)
-                self._shared[key] = mask[:, :, columns]
-            self._side_by_side = all_A[:, columns], all_B[columns], self._shared[key]
-        return self._side_by_side
+    def write(self, slot: int, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
+        """Put one adapter into ``slot`` (1 … slots − 1), replacing what was there.
+
+        Args:
+            lora_A: (r, in_features) with r ≤ rank.
+            lora_B: (out_features, r).
+            scaling: s, folded into B.
+        """
+        r = lora_A.shape[0]
+        if not 0 < slot < self.slots or r > self.rank:
+            raise ValueError(f"slot {slot} of 1..{self.slots - 1}, rank {r} of at most {self.rank}")
+        self.clear(slot)
+        start = slot * self.rank
+        with torch.no_grad():
+            self.A[:, start : start + r] = lora_A.detach().T
+            self.B[start : start + r] = lora_B.detach().T * scaling
+
+    def clear(self, slot: int) -> None:
+        """Zero ``slot``: rows routed to it get no update from this layer."""
+        columns = slice(slot * self.rank, (slot + 1) * self.rank)
+        with torch.no_grad():
+            self.A[:, columns] = 0
+            self.B[columns] = 0
+
+    def resized(self, slots: int, rank: int) -> LoraStacks:
+        """A copy with room for ``slots`` slots of ``rank`` (each at least the current), contents kept."""
+        grown = LoraStacks(slots, rank, self.in_features, self.out_features, self.dtype, self.device)
+        with torch.no_grad():
+            grown.A.view(self.in_features, slots, rank)[:, : self.slots, : self.rank] = self.A.view(
+                self.in_features, self.slots, self.rank
+            )
+            grown.B.view(slots, rank, self.out_features)[: self.slots, : self.rank] = self.B.view(
+                self.slots, self.rank, self.out_features
+            )
+        return grown
+
+    def per_row(self, row_slot: Tensor) -> tuple[Tensor, Tensor]:
+        """Each row's own Aᵀ (batch, in, rank) and s·Bᵀ (batch, rank, out), gathered (copies)."""
+        by_slot_A = self.A.view(self.in_features, self.slots, self.rank).permute(1, 0, 2)  # (slots, in, r)
+        by_slot_B = self.B.view(self.slots, self.rank, self.out_features)  # (slots, r, out)
+        return by_slot_A.index_select(0, row_slot), by_slot_B.index_select(0, row_slot)
 
 
-def row_slots(rows: Sequence[Tensor], batch_size: int, device: torch.device | str | None = None) -> Tensor:
-    """(batch_size,) long: k + 1 for the rows in ``rows[k]``, 0 for rows in none."""
-    slots = torch.zeros(batch_size, dtype=torch.long, device=device)
-    for slot, indices in enumerate(rows, start=1):
-        slots[indices.to(slots.device)] = slot
-    return slots
+class RowSlots:
+    """Which slot each row of a batch uses (0: no adapter), made once per batch for all its layers.
 
+    The few-token path's column masks depend only on the rows' slots and the stacks' rank, so the
+    layers of a batch share them (built by the first layer that needs one).
 
-def stack_lora(
-    factors: Sequence[tuple[Tensor, Tensor, float]],
-    rows: Sequence[Tensor],
-    batch_size: int,
-    stacks: AdapterStacks | None = None,
-) -> StackedLora:
-    """Stack ``(A, B, scaling)`` per adapter, the k-th used by the rows in ``rows[k]``.
-
-    Args:
-        factors: per adapter, A (r_k, in) and B (out, r_k) of one dtype and device, and its scaling.
-        rows: per adapter, a long tensor of the row indices it serves (disjoint; may be empty).
-        batch_size: rows in the batch; rows in no group get slot 0 (no adapter).
-        stacks: ``AdapterStacks(factors)`` made before (for another batch of the same adapters), reused.
-
-    Raises:
-        ValueError: no adapters, or ``factors`` and ``rows`` of different lengths.
+    Attributes:
+        slot: (batch,) long.
+        first, stop: the slots the rows use lie in ``range(first, stop)`` (empty when none is used);
+            the few-token path reads only those (one request alone reads its own adapter).
     """
-    if not factors or len(factors) != len(rows):
-        raise ValueError(f"need one row group per adapter, got {len(factors)} adapters, {len(rows)} groups")
-    stacks = stacks if stacks is not None else AdapterStacks(factors)
-    return StackedLora(stacks, row_slots(rows, batch_size, stacks.device))
+
+    def __init__(self, slots: Sequence[int], device: torch.device | str | None = None) -> None:
+        self.slot = torch.tensor(list(slots), dtype=torch.long, device=device)
+        used = [slot for slot in slots if slot > 0]
+        self.first, self.stop = (min(used), max(used) + 1) if used else (0, 0)
+        self._masks: dict[tuple[int, torch.dtype], Tensor] = {}
+        self._rows: dict[int, Tensor] = {}
+
+    @classmethod
+    def from_groups(
+        cls, groups: Sequence[Tensor], batch_size: int, device: torch.device | str | None = None
+    ) -> RowSlots:
+        """k + 1 for the rows in ``groups[k]`` (long index tensors, disjoint), 0 for rows in none."""
+        slots = [0] * batch_size
+        for slot, rows in enumerate(groups, start=1):
+            for row in rows.tolist():
+                slots[row] = slot
+        return cls(slots, device)
+
+    @property
+    def adapted(self) -> bool:
+        """Whether any row uses a slot."""
+        return self.stop > self.first
+
+    def column_mask(self, rank: int, dtype: torch.dtype) -> Tensor:
+        """(batch, 1, (stop − first)·rank): 1 on each row's own slot's columns, 0 elsewhere."""
+        key = (rank, dtype)
+        if key not in self._masks:
+            onehot = F.one_hot(self.slot, max(self.stop, 1))[:, self.first : self.stop]  # (batch, n)
+            onehot = onehot.to(dtype)
+            self._masks[key] = onehot.repeat_interleave(rank, dim=1).unsqueeze(1)  # (batch, 1, n·rank)
+        return self._masks[key]
+
+    def rows_of(self, slot: int) -> Tensor:
+        """The indices of the rows that use ``slot`` (long, possibly empty)."""
+        if slot not in self._rows:
+            self._rows[slot] = (self.slot == slot).nonzero().flatten()
+        return self._rows[slot]
 
 
-def multi_lora(x: Tensor, base_output: Tensor, stacked: StackedLora, in_place: bool = False) -> Tensor:
+def multi_lora(
+    x: Tensor, base_output: Tensor, stacks: LoraStacks, rows: RowSlots, in_place: bool = False
+) -> Tensor:
     """``base_output`` plus each row's own LoRA update.
 
     Args:
         x: (batch, ..., in_features), the base layer's input.
         base_output: (batch, ..., out_features).
-        stacked: from :func:`stack_lora` for this batch.
+        stacks: the layer's adapters.
+        rows: each row's slot in ``stacks``.
         in_place: add the updates into ``base_output`` itself (when it is contiguous and of the
             adapters' dtype) instead of a copy: for a fresh base output that nothing else holds.
 
     Returns:
         (batch, ..., out_features) in ``base_output``'s dtype.
     """
-    in_features, out_features = stacked.in_features, stacked.out_features
+    if not rows.adapted:
+        return base_output
+    in_features, out_features, rank = stacks.in_features, stacks.out_features, stacks.rank
     batch = x.shape[0]
-    x3 = x.reshape(batch, -1, in_features).to(stacked.dtype)  # (batch, tokens, in)
+    x3 = x.reshape(batch, -1, in_features).to(stacks.dtype)  # (batch, tokens, in)
     tokens = x3.shape[1]
-    fused = base_output.dtype == stacked.dtype
+    fused = base_output.dtype == stacks.dtype
     in_place = in_place and fused and base_output.is_contiguous()
-    first, stop = stacked.used_adapters()
-    if masked_path_applies(tokens, stop - first):  # few ops: decoding runs this per layer and token
-        all_A, all_B, row_columns = stacked.side_by_side()
+    if masked_path_applies(tokens, rows.stop - rows.first):  # few ops: decoding runs this per layer
+        columns = slice(rows.first * rank, rows.stop * rank)
+        all_A, all_B = stacks.A[:, columns], stacks.B[columns]  # views: (in, n·r), (n·r, out)
         h2 = torch.mm(x3.reshape(batch * tokens, in_features), all_A)  # (batch·tokens, n·r)
-        h2.view(batch, tokens, -1).mul_(row_columns)  # other adapters' columns to zero
+        h2.view(batch, tokens, -1).mul_(rows.column_mask(rank, stacks.dtype))  # other slots' columns to 0
         base2 = base_output.reshape(batch * tokens, out_features)
         if in_place:
             base2.addmm_(h2, all_B)
@@ -213,9 +213,7 @@ def multi_lora(x: Tensor, base_output: Tensor, stacked: StackedLora, in_place: b
             return torch.addmm(base2, h2, all_B).view(base_output.shape)
         delta = h2 @ all_B  # (batch·tokens, out)
     else:
-        stacked_A, stacked_B = stacked.per_row()
-        row_A = stacked_A.index_select(0, stacked.row_slot)  # (batch, in, r)
-        row_B = stacked_B.index_select(0, stacked.row_slot)  # (batch, r, out)
+        row_A, row_B = stacks.per_row(rows.slot)  # (batch, in, r), (batch, r, out)
         base3 = base_output.reshape(batch, tokens, out_features)
         h = torch.bmm(x3, row_A)  # (batch, tokens, r)
         if in_place:

@@ -1,85 +1,59 @@
 """The scheduler: iteration-level (continuous) batching over one base model and its adapters.
 
-One thread owns the model. Each turn of its loop admits waiting requests (prefilled together in one
-left-padded batch, each row with its own adapter, each yielding its first token), then runs one
-decoding step: a single batched
-forward over every running request, each row routed to its request's adapter (or none) through
-``PeftModel``'s per-row ``adapter_names``. Finished and cancelled requests leave the batch after the
-step; a request submitted meanwhile joins at the next one. Requests talk back through ``on_event``,
-called on the engine thread.
+One thread owns the model (through the host's lock). Each turn of its loop admits waiting requests
+whose adapters are ready — prefilled together in one left-padded batch, each row with its own adapter
+slot, each yielding its first token — then runs one decoding step: a single batched forward over every
+running row. Finished and cancelled rows leave after the step; a request submitted meanwhile joins at
+the next one. A request whose adapter is being read from disk, or waits for a busy slot, stays queued
+without holding up those behind it.
+
+Failures stay with their row: a sampling error ends that row alone; a prefill that fails is retried
+row by row, so only the row that fails alone ends; a decoding step that fails ends the rows of that
+step (its cache is then unusable) and the engine goes on. A request is never retried: its adapter
+failing to load ends it with that error.
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from peftkit.core.layer import BASE_ADAPTER_NAME
-from peftkit.serve.adapters import AdapterError, AdapterRegistry
-from peftkit.serve.batch_cache import attention_mask, check_supported, drop_rows, join_row
+from peftkit.ops.multi_lora import RowSlots
+from peftkit.serve.adapter_files import AdapterError
+from peftkit.serve.bank import AdapterBank
+from peftkit.serve.batch_cache import attention_mask, drop_rows, join_row
+from peftkit.serve.host import ModelHost
 from peftkit.serve.metrics import Metrics
-from peftkit.serve.sampling import SamplingParams, emittable_length, find_stop, next_token
+from peftkit.serve.rows import Event, GenerationRequest, Row
 
-__all__ = ["Engine", "Event", "GenerationRequest", "QueueFull"]
+__all__ = ["Engine", "QueueFull", "ServerDraining"]
+
+STALLED_AFTER_SECONDS = 60.0
 
 
 class QueueFull(Exception):
     """Every slot runs and the waiting queue is full: the client should retry later."""
 
 
-@dataclass(frozen=True)
-class Event:
-    """What the engine tells a request: new ``text``; at the end also ``finish_reason`` (``"stop"``,
-    ``"length"``) and the token counts, or an ``error`` message (and its HTTP ``status``) instead."""
-
-    text: str = ""
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-    status: int = 500
-
-    @property
-    def final(self) -> bool:
-        """Whether this is the request's last event."""
-        return self.finish_reason is not None or self.error is not None
+class ServerDraining(Exception):
+    """The server is shutting down: no new requests."""
 
 
-@dataclass(eq=False)
-class GenerationRequest:
-    """One request: its prompt tokens, adapter (None: the base model), sampling and where events go.
-
-    The fields after ``on_event`` are the engine's own bookkeeping.
-    """
-
-    prompt_ids: list[int]
-    adapter: str | None
-    params: SamplingParams
-    on_event: Callable[[Event], None]
-    cancelled: bool = False
-    submitted_at: float = field(default_factory=time.perf_counter)
-    generated: list[int] = field(default_factory=list)
-    length: int = 0  # tokens in this request's cache row
-    sent: int = 0  # characters of the answer already sent
-    generator: torch.Generator | None = None
-    first_token_at: float | None = None
+SHUTDOWN = Event(error="the server is shutting down; retry on another server or later", status=503)
 
 
 class Engine:
-    """Runs requests on ``model`` in one scheduler thread; see the module docstring.
+    """Runs requests on the host's model in one scheduler thread; see the module docstring.
 
     Args:
-        model: a ``PeftModel`` over a causal LM (adapters come and go through ``registry``).
-        tokenizer: the base model's tokenizer (decodes answers).
-        registry: the adapters; loading them at admission, LRU eviction.
+        host: the model, its tokenizer and lock.
+        bank: the adapters and their slots.
         metrics: where counts and timings go.
+        base_name: the base model's name (the metrics' label for rows without an adapter).
         max_concurrent: the most requests in the running batch.
         max_queue: the most requests waiting to join it; beyond that :meth:`submit` raises
             :class:`QueueFull`.
@@ -87,37 +61,29 @@ class Engine:
 
     def __init__(
         self,
-        model: Any,
-        tokenizer: Any,
-        registry: AdapterRegistry,
+        host: ModelHost,
+        bank: AdapterBank,
         metrics: Metrics,
+        base_name: str = "base",
         max_concurrent: int = 8,
         max_queue: int = 64,
     ) -> None:
-        from transformers import DynamicCache
-
-        self.model = model
-        self.tokenizer = tokenizer
-        self.registry = registry
-        self.metrics = metrics
-        self.max_concurrent = max_concurrent
-        self.max_queue = max_queue
-        self.lock = registry.lock  # held while the model runs or its adapters change
+        self.host, self.bank, self.metrics, self.base_name = host, bank, metrics, base_name
+        self.max_concurrent, self.max_queue = max_concurrent, max_queue
+        self.stalled_after = STALLED_AFTER_SECONDS
         self._wake = threading.Condition()
         self._waiting: deque[GenerationRequest] = deque()
-        self._active: list[GenerationRequest] = []
+        self._rows: list[Row] = []
         self._cache: Any = None
-        self._routing: tuple[tuple[str, ...], int, Any] | None = None  # names, registry version, Routing
+        self._slots: tuple[tuple[int, ...], int, RowSlots] | None = None  # the running rows' mapping
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._new_cache = lambda: DynamicCache(config=model.config)
-        check_supported(self._new_cache())
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self.max_length = getattr(model.config, "max_position_embeddings", None)
-        forward = getattr(model.get_base_model(), "forward", None)
-        self._logits_to_keep = (
-            forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
-        )
+        self._drain_deadline: float | None = None
+        self._progress_at = time.monotonic()
+        self._changes = 0  # submissions, cancellations and finished reads: what a waiting turn waits for
+        self._seen_changes = 0  # the count when the last admission looked at the queue
+        bank.on_ready = self._notify
+        metrics.running.set_function(lambda: len(self._rows))
 
     # ----------------------------------------------------------------------------- clients' side
     def submit(self, request: GenerationRequest) -> None:
@@ -125,26 +91,29 @@ class Engine:
 
         Raises:
             QueueFull: ``max_queue`` requests are waiting already.
-            RuntimeError: the engine is stopping.
+            ServerDraining: the server is shutting down.
         """
         with self._wake:
-            if self._stopping:
-                raise RuntimeError("the server is shutting down")
+            if self._stopping or self._drain_deadline is not None:
+                raise ServerDraining("the server is shutting down")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already")
             self._waiting.append(request)
             self.metrics.queue_depth.set(len(self._waiting))
+            self._changes += 1
             self._wake.notify()
 
     def cancel(self, request: GenerationRequest) -> None:
         """Stop working on ``request`` (its client went away): it leaves at the next step, no more events."""
-        if not request.cancelled:
-            self.metrics.cancelled.inc()
+        if request.cancelled:
+            return
         request.cancelled = True
         with self._wake:
             if request in self._waiting:
                 self._waiting.remove(request)
                 self.metrics.queue_depth.set(len(self._waiting))
+                self.metrics.finished.labels(self._label(request), "cancelled").inc()
+            self._changes += 1
             self._wake.notify()
 
     def start(self) -> None:
@@ -152,23 +121,61 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="peftkit-serve-engine", daemon=True)
         self._thread.start()
 
+    def drain(self, grace_seconds: float) -> None:
+        """Begin shutting down: refuse new requests, end the waiting ones with a 503 now, and the running
+        ones that have not finished ``grace_seconds`` from now."""
+        with self._wake:
+            self._drain_deadline = time.monotonic() + grace_seconds
+            waiting, self._waiting = list(self._waiting), deque()
+            self.metrics.queue_depth.set(0)
+            self._wake.notify()
+        for request in waiting:
+            self.metrics.finished.labels(self._label(request), "shutdown").inc()
+            request.send(SHUTDOWN)
+
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the thread after its current step; requests still waiting or running get an error."""
+        """Stop the thread after its current step; requests still waiting or running get a 503."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        for request in [*self._waiting, *self._active]:
-            _send(request, Event(error="the server is shutting down", status=503))
-        self._waiting.clear()
-        self._active.clear()
-        self._cache = None
+        if self.host.lock.acquire(timeout=timeout):  # not if a forward hangs: its rows stay as they are
+            try:
+                self._end_all(SHUTDOWN, "shutdown")
+            finally:
+                self.host.lock.release()
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), deque()
+        for request in waiting:
+            request.send(SHUTDOWN)
+        self.bank.close()
+
+    def health(self) -> dict[str, Any]:
+        """``status``: ``ok``; ``draining`` (shutting down); ``stalled`` (work waits and the loop made no
+        progress for :attr:`stalled_after` seconds); ``stopped`` (the thread is not running). Also the
+        running and waiting counts and the seconds since the loop last made progress."""
+        quiet = time.monotonic() - self._progress_at
+        busy = bool(self._rows or self._waiting)
+        if self._thread is None or not self._thread.is_alive():
+            status = "stopped"
+        elif self._drain_deadline is not None or self._stopping:
+            status = "draining"
+        elif busy and quiet > self.stalled_after:
+            status = "stalled"
+        else:
+            status = "ok"
+        return {
+            "status": status,
+            "running": len(self._rows),
+            "waiting": len(self._waiting),
+            "seconds_since_progress": round(quiet if busy else 0.0, 3),
+        }
 
     @property
-    def running(self) -> tuple[GenerationRequest, ...]:
-        """The requests in the batch now."""
-        return tuple(self._active)
+    def running(self) -> tuple[Row, ...]:
+        """The rows in the batch now."""
+        return tuple(self._rows)
 
     @property
     def waiting(self) -> int:
@@ -180,211 +187,156 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not (self._stopping or self._waiting or self._active):
+                    while not (self._stopping or self._waiting or self._rows):
+                        self._progress_at = time.monotonic()
                         self._wake.wait()
                     if self._stopping:
                         return
-                with self.lock:
+                with self.host.lock:
                     try:
-                        self._admit()
-                        if self._active:
-                            self._step()
-                    except Exception as error:  # a failed step fails the batch, not the server
-                        for request in self._active:
-                            self.registry.release(request.adapter)
-                            self._finish(request, Event(error=f"generation failed: {error}"))
-                        self._active, self._cache = [], None
+                        busy = self._turn()
+                    except Exception as error:  # a fault of the engine itself: these rows end, it goes on
+                        self._end_all(
+                            Event(error=f"generation failed: {type(error).__name__}: {error}"), "failed"
+                        )
+                        busy = True
+                self._progress_at = time.monotonic()
+                if not busy:  # what waits, waits on a read or a slot: sleep until something changes
+                    with self._wake:
+                        if self._changes == self._seen_changes:
+                            self._wake.wait(0.5)
 
-    def _admit(self) -> None:
-        """Take waiting requests (first come, first served) while the batch has room; prefill them."""
-        joining: list[GenerationRequest] = []
-        while len(self._active) + len(joining) < self.max_concurrent:
-            with self._wake:
-                if not self._waiting:
-                    break
-                request = self._waiting[0]
-                if request.cancelled:
-                    self._waiting.popleft()
-                    continue
-                try:
-                    if not self.registry.acquire(request.adapter):
-                        break  # its adapter needs a slot that running requests hold: wait for one
-                except AdapterError as error:  # unloaded since it was queued, or its files went bad
-                    self._waiting.popleft()
-                    _send(request, Event(error=str(error), status=error.status))
-                    continue
-                self._waiting.popleft()
-                self.metrics.queue_depth.set(len(self._waiting))
-            joining.append(request)
-        if not joining:
-            return
-        try:
+    def _turn(self) -> bool:
+        """One turn: end the rows past the shutdown grace, admit, run one decoding step. False when
+        nothing could run."""
+        if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+            self._end_all(SHUTDOWN, "shutdown")
+        joining = self._admit()
+        if joining:
             self._prefill(joining)
-        except Exception as error:
-            for request in joining:
-                self.registry.release(request.adapter)
-                _send(request, Event(error=f"generation failed: {error}"))
+        if self._rows:
+            self._step()
+        return bool(joining or self._rows)
 
-    def _prefill(self, joining: list[GenerationRequest]) -> None:
-        """Run the joining requests' prompts through the model in one left-padded batch (each row with its
-        own adapter), take each one's first token, and add the rows that go on to the batch."""
-        device = _device(self.model)
-        for request in joining:
-            if request.params.seed is not None:
-                request.generator = torch.Generator(device=device).manual_seed(request.params.seed)
-            elif request.params.temperature != 0:
-                request.generator = torch.Generator(device=device)
-                request.generator.seed()
-        lengths = [len(request.prompt_ids) for request in joining]
-        longest = max(lengths)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        rows = [[pad] * (longest - len(r.prompt_ids)) + r.prompt_ids for r in joining]
-        ids = torch.tensor(rows, device=device)  # (joining, longest)
-        mask = attention_mask(lengths, longest, device)  # (joining, longest)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (joining, longest): 0 from each row's first token
-        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self._new_cache(),
-            use_cache=True,
-            adapter_names=self._routing_for([request.adapter for request in joining]),
-            **extra,
-        )
-        self.metrics.prompt_tokens.inc(sum(lengths))
-        going_on = []
-        for row, request in enumerate(joining):
-            request.length = lengths[row]
-            if self._advance(request, out.logits[row, -1]):
-                self.registry.release(request.adapter)
+    def _admit(self) -> list[Row]:
+        """Take waiting requests, first come first served, while the batch has room; a request whose
+        adapter is not ready stays, without holding up those behind it."""
+        joining: list[Row] = []
+        with self._wake:
+            queue = list(self._waiting)
+            self._seen_changes = self._changes
+        self.bank.keep_reservation_for({request.adapter for request in queue if request.adapter is not None})
+        for request in queue:
+            if len(self._rows) + len(joining) >= self.max_concurrent:
+                break
+            try:
+                lease = self.bank.lease(request.adapter)
+            except AdapterError as error:  # unloaded since it was queued, or its files no longer load
+                self._dequeue(request)
+                self.metrics.finished.labels(self._label(request), "failed").inc()
+                request.send(Event(error=str(error), status=error.status))
+                continue
+            if lease is None:
+                continue
+            if not self._dequeue(request):  # cancelled meanwhile
+                lease.release()
+                continue
+            joining.append(Row(request, lease, self.host, self.metrics, self._label(request)))
+        return joining
+
+    def _dequeue(self, request: GenerationRequest) -> bool:
+        """Take ``request`` out of the queue; False if it left already (cancelled)."""
+        with self._wake:
+            if request not in self._waiting:
+                return False
+            self._waiting.remove(request)
+            self.metrics.queue_depth.set(len(self._waiting))
+            return True
+
+    def _prefill(self, joining: list[Row]) -> None:
+        """Run the joining rows' prompts in one left-padded batch, take each one's first token, and add
+        the rows that go on to the running batch. If the batch fails, each row is prefilled alone: only
+        a row that fails alone ends (with the error)."""
+        try:
+            logits, cache = self._prefill_forward(joining)
+        except Exception as error:
+            if len(joining) == 1:
+                joining[0].end(Event(error=f"generation failed for this request: {error}"), "failed")
             else:
-                going_on.append(row)
+                for row in joining:
+                    self._prefill([row])
+            return
+        lengths = [len(row.request.prompt_ids) for row in joining]
+        self.metrics.prompt_tokens.inc(sum(lengths))
+        going_on = [index for index, row in enumerate(joining) if not row.take(logits[index])]
         if going_on:
-            rows_cache = drop_rows(out.past_key_values, going_on, max(lengths[row] for row in going_on))
-            self._cache = join_row(self._cache, rows_cache)
-            self._active += [joining[row] for row in going_on]
+            kept = drop_rows(cache, going_on, max(lengths[index] for index in going_on))
+            self._cache = join_row(self._cache, kept)
+            self._rows += [joining[index] for index in going_on]
+
+    def _prefill_forward(self, joining: list[Row]) -> tuple[torch.Tensor, Any]:
+        """(joining, vocab) logits of each prompt's last position, and the rows' new KV cache."""
+        device = self.host.device
+        prompts = [row.request.prompt_ids for row in joining]
+        longest = max(len(prompt) for prompt in prompts)
+        pad = self.host.tokenizer.pad_token_id if self.host.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (longest - len(prompt)) + prompt for prompt in prompts], device=device)
+        mask = attention_mask([len(prompt) for prompt in prompts], longest, device)  # (joining, longest)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (joining, longest): 0 from each row's first token
+        cache = self.host.new_cache()
+        rows = RowSlots([row.slot for row in joining], device)
+        return self.host.forward(ids, mask, positions, cache, rows, last_only=True), cache
 
     def _step(self) -> None:
-        """One decoding step for every running request: one batched forward, one token per row."""
-        self._leave([r for r in self._active if r.cancelled])
-        if not self._active:
+        """One decoding step for every running row: one batched forward, one token per row."""
+        for row in self._rows:
+            if row.request.cancelled:
+                row.end(Event(error="cancelled"), "cancelled")
+        self._leave()
+        if not self._rows:
             return
-        device = _device(self.model)
-        lengths = [request.length for request in self._active]
+        device = self.host.device
+        lengths = [row.length for row in self._rows]
         columns = self._cache.layers[0].keys.shape[2]
-        last = [[request.generated[-1]] for request in self._active]
-        ids = torch.tensor(last, device=device)  # (batch, 1)
+        ids = torch.tensor([[row.generated[-1]] for row in self._rows], device=device)  # (batch, 1)
         mask = attention_mask([n + 1 for n in lengths], columns + 1, device)  # (batch, columns + 1)
         positions = torch.tensor(lengths, device=device)[:, None]  # (batch, 1): each row's next position
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self._cache,
-            use_cache=True,
-            adapter_names=self._step_routing(),
-        )
-        self.metrics.batch_occupancy.observe(len(self._active))
-        logits = out.logits[:, -1]  # (batch, vocab)
-        done = []
-        for row, request in enumerate(self._active):
-            request.length += 1
-            if self._advance(request, logits[row]):
-                done.append(request)
-        self._leave(done)
-
-    def _step_routing(self) -> Any:
-        """The rows' routing, kept while the rows' adapters and the loaded adapters stay the same: the
-        layers' adapter stacks are then built once, not at every step (2.1x the base model's step time
-        against 1.04x, SmolLM2, 8 rows over 4 adapters, measured)."""
-        return self._routing_for([request.adapter for request in self._active])
-
-    def _routing_for(self, adapters: list[str | None]) -> Any:
-        """The routing of rows using ``adapters`` (None: the base model): the last one while nothing
-        changed, else one made like it (the layers' stacking plans kept) while the loaded adapters are
-        the same, else a new one."""
-        names = tuple(adapter or BASE_ADAPTER_NAME for adapter in adapters)
-        key = (names, self.registry.version)
-        if self._routing is None or self._routing[:2] != key:
-            like = self._routing[2] if self._routing is not None and self._routing[1] == key[1] else None
-            self._routing = (*key, self.model.routing(names, like=like))
-        return self._routing[2]
-
-    def _leave(self, leaving: list[GenerationRequest]) -> None:
-        """Take ``leaving`` out of the batch and their rows out of the cache."""
-        if not leaving:
+        try:
+            logits = self.host.forward(ids, mask, positions, self._cache, self._row_slots())
+        except Exception as error:  # the cache may be half-written: these rows cannot go on
+            self._end_all(Event(error=f"generation failed: {error}"), "failed")
             return
-        for request in leaving:
-            self.registry.release(request.adapter)
-        keep = [row for row, request in enumerate(self._active) if request not in leaving]
-        self._active = [self._active[row] for row in keep]
-        longest = max((request.length for request in self._active), default=0)
+        self.metrics.batch_occupancy.observe(len(self._rows))
+        for index, row in enumerate(self._rows):
+            row.length += 1
+            row.take(logits[index])
+        self._leave()
+
+    def _row_slots(self) -> RowSlots:
+        """The running rows' slots, made again only when the rows or the bank's slots changed."""
+        key = (tuple(row.slot for row in self._rows), self.bank.slots.version)
+        if self._slots is None or self._slots[:2] != key:
+            self._slots = (*key, RowSlots(key[0], self.host.device))
+        return self._slots[2]
+
+    def _leave(self) -> None:
+        """Take ended rows out of the batch and their rows out of the cache."""
+        keep = [index for index, row in enumerate(self._rows) if not row.ended]
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[index] for index in keep]
+        longest = max((row.length for row in self._rows), default=0)
         self._cache = drop_rows(self._cache, keep, longest)
 
-    def _advance(self, request: GenerationRequest, logits: torch.Tensor) -> bool:
-        """Pick the request's next token from ``logits`` (vocab,), send the new text; True when it ends."""
-        token = next_token(logits, request.params, request.generator)
-        request.generated.append(token)
-        now = time.perf_counter()
-        if request.first_token_at is None:
-            request.first_token_at = now
-            self.metrics.time_to_first_token.observe(now - request.submitted_at)
-        answer_ids = request.generated[:-1] if token in self.eos_ids else request.generated
-        text = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
-        stop_at = find_stop(text, request.params.stop)
-        finish = None
-        if token in self.eos_ids or stop_at is not None:
-            finish = "stop"
-        elif len(request.generated) >= request.params.max_tokens or (
-            self.max_length is not None and request.length + 1 >= self.max_length
-        ):
-            finish = "length"
-        if request.cancelled:
-            return True
-        end = (
-            stop_at
-            if stop_at is not None
-            else len(text)
-            if finish
-            else emittable_length(text, request.params.stop)
-        )
-        new_text = text[request.sent : max(end, request.sent)]
-        request.sent = max(end, request.sent)
-        if finish is None:
-            if new_text:
-                _send(request, Event(text=new_text))
-            return False
-        self._finish(
-            request,
-            Event(
-                text=new_text,
-                finish_reason=finish,
-                prompt_tokens=len(request.prompt_ids),
-                completion_tokens=len(request.generated),
-            ),
-        )
-        return True
+    def _end_all(self, event: Event, outcome: str) -> None:
+        for row in self._rows:
+            row.end(event, outcome)
+        self._rows, self._cache = [], None
 
-    def _finish(self, request: GenerationRequest, event: Event) -> None:
-        self.metrics.completion_tokens.inc(len(request.generated))
-        self.metrics.latency.observe(time.perf_counter() - request.submitted_at)
-        _send(request, event)
+    def _label(self, request: GenerationRequest) -> str:
+        return request.adapter or self.base_name
 
-
-def _send(request: GenerationRequest, event: Event) -> None:
-    if not request.cancelled:
-        request.on_event(event)
-
-
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """The token ids that end an answer: the generation config's, else the tokenizer's."""
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is None:
-        configured = tokenizer.eos_token_id
-    ids = configured if isinstance(configured, (list, tuple)) else [configured]
-    return {int(i) for i in ids if i is not None}
+    def _notify(self) -> None:
+        with self._wake:
+            self._changes += 1
+            self._wake.notify()

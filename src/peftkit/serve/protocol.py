@@ -1,17 +1,22 @@
-"""OpenAI's request and response shapes: parsing a body into a request, building the JSON answers.
+"""OpenAI's request and response shapes: checking a body into a request, building the JSON answers.
 
-Pure functions over dicts; :mod:`peftkit.serve.api` does the HTTP. A field the server does not
-implement is refused (400) rather than ignored, except where it is given at its no-op value
-(``n: 1``, ``presence_penalty: 0``…), which some clients always send.
+Pure functions; :mod:`peftkit.serve.api` does the HTTP. Every limit a request must keep is checked
+here, up front, in one place (:data:`~peftkit.serve.limits.REQUEST_LIMITS` says them in words), so
+what reaches the engine cannot fail it. A field the server does not implement is refused (400) rather
+than ignored, except at its no-op value (``n: 1``, ``logprobs: false``, ``tools: []``…), which some
+clients always send.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from peftkit.serve.limits import MAX_JSON_DEPTH, MAX_STOP_CHARS, MAX_STOPS, SEED_RANGE, TOP_P_MIN
 from peftkit.serve.sampling import SamplingParams
 
 __all__ = [
@@ -22,26 +27,29 @@ __all__ = [
     "completion_chunk",
     "completion_response",
     "error_body",
+    "parse_json",
     "parse_request",
+    "prompt_bytes",
+    "usage",
 ]
 
 _COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop", "seed", "user"}
 _FIELDS = {"chat": _COMMON | {"messages", "max_completion_tokens"}, "completion": _COMMON | {"prompt"}}
-# Fields accepted only at the value that changes nothing.
-_NO_OP = {
-    "n": 1,
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "logprobs": None,
-    "top_logprobs": None,
-    "echo": False,
-    "best_of": 1,
-    "logit_bias": None,
-    "suffix": None,
-    "tools": None,
-    "tool_choice": None,
-    "response_format": None,
-    "parallel_tool_calls": None,
+# Fields accepted only at a value that changes nothing (compared with their type: 0 is not False).
+_NO_OP: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (False,),
+    "best_of": (1,),
+    "logit_bias": (None, {}),
+    "suffix": (None,),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "parallel_tool_calls": (None,),
 }
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -80,66 +88,128 @@ class ParsedRequest:
     include_usage: bool
 
 
-def parse_request(body: Any, kind: str, default_max_tokens: int, max_new_tokens: int) -> ParsedRequest:
-    """Check a ``/v1/chat/completions`` (``kind="chat"``) or ``/v1/completions`` body.
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """A request body: UTF-8 JSON, an object, nested at most :data:`MAX_JSON_DEPTH` deep, every string
+    encodable (no lone surrogates such as ``"\\ud800"``).
+
+    Raises:
+        ApiError: 400 saying which.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ApiError(400, f"the request body is not valid UTF-8: {error}") from error
+    try:
+        body = json.loads(text)
+    except RecursionError as error:
+        raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from error
+    except json.JSONDecodeError as error:
+        raise ApiError(400, f"the request body is not valid JSON: {error}") from error
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    pending: list[tuple[Any, int]] = [(body, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            pending += [(key, depth) for key in value] + [(item, depth + 1) for item in value.values()]
+        elif isinstance(value, list):
+            pending += [(item, depth + 1) for item in value]
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ApiError(
+                    400, f"the request body holds a string that is not valid Unicode ({error.reason})"
+                ) from error
+    return body
+
+
+def parse_request(
+    body: dict[str, Any], kind: str, default_max_tokens: int, max_new_tokens: int
+) -> ParsedRequest:
+    """Check a ``/v1/chat/completions`` (``kind="chat"``) or ``/v1/completions`` body (see
+    :data:`~peftkit.serve.limits.REQUEST_LIMITS`).
 
     Args:
-        body: the decoded JSON.
+        body: the decoded JSON object (:func:`parse_json`).
         default_max_tokens: ``max_tokens`` when the body has none.
         max_new_tokens: the server's limit on ``max_tokens``.
 
     Raises:
         ApiError: 400 naming the field: unknown or unsupported, of the wrong type, or out of range.
     """
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    for key, value in body.items():
-        if key in _FIELDS[kind]:
-            continue
-        if key in _NO_OP and value == _NO_OP[key]:
-            continue
-        if key in _NO_OP:
-            raise ApiError(
-                400, f"{key}={value!r} is not supported by this server (only {_NO_OP[key]!r})", key
-            )
-        raise ApiError(400, f"unsupported field {key!r}", key)
+    _check_fields(body, kind)
     model = _typed(body, "model", str, required=True)
-    if kind == "chat":
-        prompt: Any = _messages(body.get("messages"))
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "prompt must be a string (one prompt per request)", "prompt")
+    prompt = _messages(body.get("messages")) if kind == "chat" else _prompt(body.get("prompt"))
     limit_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _typed(body, limit_key, int) or default_max_tokens
+    max_tokens = _typed(body, limit_key, int)
+    max_tokens = default_max_tokens if max_tokens is None else max_tokens
     if not 1 <= max_tokens <= max_new_tokens:
         raise ApiError(400, f"{limit_key}={max_tokens} must be between 1 and {max_new_tokens}", limit_key)
-    temperature = _number(body, "temperature", 1.0)
-    if not 0 <= temperature <= 2:
-        raise ApiError(400, f"temperature={temperature} must be between 0 and 2", "temperature")
-    top_p = _number(body, "top_p", 1.0)
-    if not 0 < top_p <= 1:
-        raise ApiError(400, f"top_p={top_p} must be in (0, 1]", "top_p")
-    stop = body.get("stop")
-    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else stop
-    if stops is not None and (len(stops) > 4 or not all(isinstance(s, str) and s for s in stops)):
-        raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", "stop")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, TOP_P_MIN, 1.0)
+    seed = _typed(body, "seed", int)
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ApiError(400, f"seed={seed} must be an integer in [-2^63, 2^63-1]", "seed")
     stream = bool(_typed(body, "stream", bool))
     options = _typed(body, "stream_options", dict) or {}
     if set(options) - {"include_usage"}:
         raise ApiError(
             400, f"stream_options supports include_usage only, got {sorted(options)}", "stream_options"
         )
+    _typed(body, "user", str)
     params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=_typed(body, "seed", int),
-        stop=stops or (),
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=_stops(body.get("stop"))
     )
     return ParsedRequest(model, prompt, params, stream, bool(options.get("include_usage")))
+
+
+def prompt_bytes(parsed: ParsedRequest) -> int:
+    """The UTF-8 size of what will be tokenized (the prompt, or the messages' contents)."""
+    if isinstance(parsed.prompt, str):
+        return len(parsed.prompt.encode("utf-8"))
+    return sum(len(message["content"].encode("utf-8")) for message in parsed.prompt)
+
+
+def _check_fields(body: dict[str, Any], kind: str) -> None:
+    for key, value in body.items():
+        if key in _FIELDS[kind]:
+            continue
+        allowed = _NO_OP.get(key)
+        if allowed is None:
+            raise ApiError(400, f"unsupported field {key!r}", key)
+        if not any(type(value) is type(no_op) and value == no_op for no_op in allowed):
+            shown = " or ".join(json.dumps(no_op) for no_op in allowed)
+            raise ApiError(400, f"{key}={value!r} is not supported by this server (only {shown})", key)
+
+
+def _prompt(prompt: Any) -> str:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "prompt must be a string (one prompt per request)", "prompt")
+    if not prompt:
+        raise ApiError(400, "prompt must not be empty", "prompt")
+    return prompt
+
+
+def _stops(stop: Any) -> tuple[str, ...]:
+    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else stop
+    if stops is None:
+        return ()
+    if (
+        not isinstance(stops, tuple)
+        or len(stops) > MAX_STOPS
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)
+    ):
+        raise ApiError(
+            400,
+            f"stop must be a string or a list of up to {MAX_STOPS} strings of 1-{MAX_STOP_CHARS} characters",
+            "stop",
+        )
+    return stops
 
 
 def _typed(body: dict[str, Any], key: str, kind: type, required: bool = False) -> Any:
@@ -153,12 +223,14 @@ def _typed(body: dict[str, Any], key: str, kind: type, required: bool = False) -
     return value
 
 
-def _number(body: dict[str, Any], key: str, default: float) -> float:
+def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
     value = body.get(key)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(400, f"{key} must be a number, got {value!r}", key)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ApiError(400, f"{key}={value} must be between {low:g} and {high:g}", key)
     return float(value)
 
 

@@ -1,4 +1,4 @@
-"""Choosing the next token and finding stop strings: pure functions, one request's row at a time."""
+"""Choosing the next token: a pure function, one request's row at a time."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SamplingParams", "emittable_length", "find_stop", "next_token"]
+from peftkit.serve.limits import GREEDY_BELOW
+
+__all__ = ["SamplingParams", "next_token"]
 
 
 @dataclass(frozen=True)
@@ -16,7 +18,8 @@ class SamplingParams:
 
     Attributes:
         max_tokens: the most new tokens.
-        temperature: 0 for greedy (argmax); else logits are divided by it before sampling.
+        temperature: 0 (or below :data:`GREEDY_BELOW`) for greedy (argmax); else logits are divided by
+            it before sampling.
         top_p: nucleus sampling: sample among the most likely tokens whose probabilities add up to
             at least ``top_p`` (1: all tokens).
         seed: seeds the request's own generator (same seed, same request: same text); None: random.
@@ -39,37 +42,23 @@ def next_token(logits: Tensor, params: SamplingParams, generator: torch.Generato
         generator: the request's random generator (unused when greedy).
 
     Returns:
-        The token id: the argmax when ``temperature == 0``, else a sample.
+        The argmax when ``temperature`` is below :data:`GREEDY_BELOW`, else a sample. The most likely
+        token is always among those top_p keeps, however small top_p is.
+
+    Raises:
+        ValueError: the logits hold NaN (a broken adapter or model), when sampling.
     """
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # (vocab,)
+    scaled = (logits.float() - logits.max().float()) / params.temperature  # (vocab,), at most 0: no overflow
+    probs = torch.softmax(scaled, dim=-1)  # (vocab,)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)  # (vocab,), (vocab,)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above
-        sorted_probs = torch.where(before < params.top_p, sorted_probs, torch.zeros_like(sorted_probs))
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)  # the first token always stays
+        keep = before < params.top_p
+        keep[0] = True  # a top_p that rounds to 0 in float32 still keeps the most likely token
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    if torch.isnan(probs).any():
+        raise ValueError("the model's scores for this request hold NaN")
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Where the first stop string in ``text`` begins, or None when there is none."""
-    found = [i for i in (text.find(stop) for stop in stops if stop) if i >= 0]
-    return min(found) if found else None
-
-
-def emittable_length(text: str, stops: tuple[str, ...]) -> int:
-    """How much of ``text`` (an unfinished answer with no stop string in it) can be sent now.
-
-    Held back: a trailing part that may be the start of a stop string, and a trailing U+FFFD (the
-    decoder's stand-in for the first bytes of a character whose last bytes are still to come).
-    """
-    end = len(text)
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:size]):
-                end = min(end, len(text) - size)
-                break
-    while end > 0 and text[end - 1] == "\ufffd":
-        end -= 1
-    return end
