@@ -84,7 +84,8 @@ def test_evaluate_loss_is_the_mean_over_every_answer_token(model, tokenizer) -> 
     result = evaluate(model, tokenizer, rows, "causal-lm", batch_size=2, generate=False)
     sums = [row_loss(model, ids, labels) for ids, labels, _ in encoded]
     expected = sum(s for s, _ in sums) / sum(n for _, n in sums)
-    assert set(result) == {"loss", "perplexity"}
+    assert set(result) == {"loss", "perplexity", "padding_tokens"}
+    assert result["padding_tokens"] == 0  # a causal LM scores packed rows: no padding
     assert result["loss"] == pytest.approx(expected, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
     scored = evaluate(model, tokenizer, rows, "causal-lm", examples=2, max_new_tokens=3, batch_size=2)

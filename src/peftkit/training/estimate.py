@@ -1,9 +1,11 @@
 """The memory of a ``peftkit train`` run, predicted from its settings and its data (``--estimate-only``).
 
-The run's batch is ``batch_size`` rows as long as the longest tokenized training row (rows are padded
-to the longest in their batch, so that is the worst step), its loss is the one ``peftkit train``
-computes (the fused head + cross-entropy unless switched off), and its targets, rank, dropout, dtype
-and checkpointing are the run's. Only the tokenizer and the data are read; the weights are not.
+The run's batch is its worst micro-batch: ``batch_size`` packed rows as long as the longest packed row,
+laid end to end with no padding and no mask, where the run packs; else ``batch_size`` rows as long as
+the longest tokenized training row, padded (with an attention mask). Its loss is the one ``peftkit
+train`` computes (the fused head + cross-entropy unless switched off), and its targets, rank, dropout,
+dtype and checkpointing are the run's. Only the tokenizer, the data and the model's config are read;
+the weights are not.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from peftkit.training.train_config import TrainConfig
 if TYPE_CHECKING:
     from peftkit.memory import MemoryEstimate
 
-__all__ = ["estimate_run", "longest_row"]
+__all__ = ["estimate_run", "run_rows"]
 
 
 def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
@@ -51,11 +53,20 @@ def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
         )
     tokenizer = load_tokenizer(config.model)
     if tokenizer is None:
-        seq = config.max_length
-        notes.append(f"no tokenizer for {config.model}: rows assumed max_length={seq} tokens long")
+        seq, packed = config.max_length, config.packing is not False
+        notes.append(
+            f"no tokenizer for {config.model}: rows assumed max_length={seq} tokens long"
+            + (", packed (no padding, no mask)" if packed else ", padded")
+        )
     else:
-        seq = longest_row(config, tokenizer)
-        notes.append(f"batch: {config.batch_size} rows of {seq} tokens (the longest training row)")
+        lengths, packed = run_rows(config, tokenizer, lora)
+        seq = max(lengths)
+        notes.append(
+            f"batch: {config.batch_size} packed rows of {seq} tokens (the longest packed row), one "
+            "sequence with no padding"
+            if packed
+            else f"batch: {config.batch_size} rows of {seq} tokens (the longest training row), padded"
+        )
     if config.bf16:
         notes.append("bf16 autocast is not modelled: the estimate assumes arithmetic in the weights' dtype")
     try:
@@ -67,7 +78,7 @@ def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
             dtype=config.dtype,
             grad_checkpointing=config.gradient_checkpointing,
             loss="fused" if fused_cross_entropy_enabled() else "model",
-            padded=True,  # batches are padded to their longest row
+            padded=not packed,  # padded batches have an attention mask; packed ones none
             quantize=None if config.quantize == "none" else config.quantize,
             double_quant=config.quantize_options.get(
                 "double_quant", config.quantize_options.get("bnb_4bit_use_double_quant", True)
@@ -78,9 +89,16 @@ def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
     return result, notes
 
 
-def longest_row(config: TrainConfig, tokenizer: object) -> int:
-    """Tokens in the longest training row of ``config``'s data, as ``peftkit train`` prepares it."""
-    from peftkit.training.data import prepare_data
+def run_rows(config: TrainConfig, tokenizer: object, method_config: object) -> tuple[list[int], bool]:
+    """The tokens of each training row of ``config``'s run, as ``peftkit train`` prepares (and packs)
+    them, and whether they are packed; the model is built on the meta device to see if it packs."""
+    from peftkit.memory.architecture import load_model_config, meta_model
+    from peftkit.training.data import pack_training_rows, packing_blocker, prepare_data
 
+    try:
+        model = meta_model(load_model_config(config.model))
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     data = prepare_data(config, tokenizer)
-    return max(len(ids) for ids in data.train["input_ids"])
+    data = pack_training_rows(data, config, packing_blocker(config, model, method_config))
+    return data.lengths, data.packed

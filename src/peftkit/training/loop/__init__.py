@@ -145,6 +145,7 @@ class _Steps:
         state.rng = rng_state()
         state.train_time += seconds
         state.tokens_seen += outcome.tokens
+        state.padding_seen += outcome.padding
         state.losses.append(outcome.loss)
         self.bar.update(1)
         self.bar.set_postfix(
@@ -160,6 +161,7 @@ class _Steps:
                     "lr": setup.scheduler.get_last_lr()[0],  # the base rate (optimization.py)
                     "grad_norm": outcome.grad_norm,
                     "tokens_per_s": outcome.tokens / max(seconds, 1e-9),
+                    "padding_tokens": outcome.padding,
                 }
             )
         if self.on_step is not None and self.context.main:

@@ -18,7 +18,7 @@ from peftkit.foundation.errors import UsageError
 from peftkit.model import PeftModel, wrap
 from peftkit.objectives import Objective
 from peftkit.objectives.tokens import token_objective
-from peftkit.training.data import PreparedData, check_data, prepare_data
+from peftkit.training.data import PreparedData, check_data, pack_training_rows, packing_blocker, prepare_data
 from peftkit.training.evaluation import headline_metric, pad_token_id
 from peftkit.training.loop.context import RunContext, set_threads
 from peftkit.training.loop.order import BatchOrder
@@ -43,7 +43,7 @@ class RunSetup:
     params: list[nn.Parameter]  # the trainable ones, for gradient clipping
     tokenizer: Any
     data: PreparedData
-    train_rows: list[dict[str, Any]]  # input_ids and labels of every training row
+    train_rows: list[dict[str, Any]]  # input_ids and labels (packed: and lengths) of every training row
     targets: list[int]  # what each training row's loss is divided by: its answer tokens
     objective: Objective  # (model, batch) -> (loss_sum, count)
     order: BatchOrder
@@ -69,10 +69,19 @@ def set_up(context: RunContext) -> RunSetup:
     context.say(f"peftkit train: {config.method} on {config.model} ({config.task}, {config.dtype})")
     check_data(config)  # bad data is reported before the model loads
     model, tokenizer, data = _load(config, method_config)
+    blocker = packing_blocker(config, model, method_config)
+    data = pack_training_rows(data, config, blocker)
     if context.sharded:
         shard(model)
     order = BatchOrder(
-        len(data.train), config.batch_size, config.grad_accum, context.world, context.rank, config.seed
+        len(data.train),
+        config.batch_size,
+        config.grad_accum,
+        context.world,
+        context.rank,
+        config.seed,
+        lengths=data.lengths if blocker is not None else None,  # padded where packing cannot apply
+        what="packed rows" if data.packed else "training rows",
     )
     total_steps = config.max_steps or math.ceil(config.epochs * order.steps_per_epoch)
     references = data.validation["references"] if data.validation is not None else []
@@ -96,7 +105,7 @@ def set_up(context: RunContext) -> RunSetup:
         params=params,
         tokenizer=tokenizer,
         data=data,
-        train_rows=data.train.select_columns(["input_ids", "labels"]).to_list(),
+        train_rows=data.train.select_columns(["input_ids", "labels", *(["lengths"] * data.packed)]).to_list(),
         targets=data.train["targets"],
         objective=token_objective(config.task),
         order=order,
@@ -157,8 +166,13 @@ def setup_report(
             f"  {stats['truncated']} truncated to max_length={config.max_length}"
             + (f", {dropped} of them dropped (no answer token left)" if dropped else "")
         )
-    if "packed_rows" in stats:
-        lines.append(f"  packed into {stats['packed_rows']} rows of up to {config.max_length} tokens")
+    if data.packed:
+        lines.append(
+            f"  packed into {stats['packed_rows']} rows of up to {config.max_length} tokens, each example "
+            f"attending only to itself: {data.packing}"
+        )
+    else:
+        lines.append(f"  one example per row, padded to the longest of its batch; packing {data.packing}")
     validation = len(data.validation) if data.validation is not None else 0
     generated = min(config.eval_examples, validation) if config.task != "seq-cls" else 0
     scored = f" (loss on all, the first {generated} also by generation)" if generated else ""

@@ -1,8 +1,9 @@
 """Where a run stands, and what it saves: resuming from a checkpoint, writing one, the final adapter.
 
 A checkpoint (:mod:`peftkit.training.checkpoints`) holds the trainable parameters, optimizer, scheduler,
-each process's random state right after its step, and ``before``, ``train_time`` and ``tokens_seen``
-of :class:`LoopState`; the data order needs only the step number (:mod:`~peftkit.training.loop.order`).
+each process's random state right after its step, and ``before``, ``train_time``, ``tokens_seen`` and
+``padding_seen`` of :class:`LoopState`; the data order needs only the step number
+(:mod:`~peftkit.training.loop.order`).
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ __all__ = ["LoopState", "save_final", "save_step", "start_state"]
 
 @dataclass
 class LoopState:
-    """Where the run stands; ``before``, ``train_time`` and ``tokens_seen`` go into each checkpoint."""
+    """Where the run stands; ``before``, ``train_time``, ``tokens_seen`` and ``padding_seen`` go into each
+    checkpoint."""
 
     step: int = 0
     first_step: int = 0
     before: dict[str, Any] = field(default_factory=dict)
     train_time: float = 0.0  # seconds in optimizer steps (no evaluation, no saving)
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # real tokens trained on
+    padding_seen: int = 0  # padding tokens computed alongside them
     losses: list[float] = field(default_factory=list)
     rng: dict[str, Any] = field(default_factory=dict)  # the random state right after the last step
     checkpoint: Path | None = None
@@ -57,6 +60,7 @@ def start_state(context: RunContext, setup: RunSetup) -> LoopState:
             before=saved["before"],
             train_time=saved["train_time"],
             tokens_seen=saved["tokens_seen"],
+            padding_seen=saved.get("padding_seen", 0),  # absent from checkpoints before packing
             checkpoint=checkpoint,
         )
         if context.main:
@@ -77,7 +81,12 @@ def save_step(context: RunContext, setup: RunSetup, state: LoopState) -> Path:
         optimizer=setup.optimizer,
         scheduler=setup.scheduler,
         rng=state.rng,
-        state={"before": state.before, "train_time": state.train_time, "tokens_seen": state.tokens_seen},
+        state={
+            "before": state.before,
+            "train_time": state.train_time,
+            "tokens_seen": state.tokens_seen,
+            "padding_seen": state.padding_seen,
+        },
         keep=context.config.keep_checkpoints,
         barrier=context.wait_for_everyone,
         rank=context.rank,
