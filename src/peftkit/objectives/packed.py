@@ -135,8 +135,13 @@ def packing_support(model: nn.Module) -> str | None:
 
     It can when it is one of transformers' causal LMs (``AutoModelForCausalLM``'s classes) that uses
     the attention interface, has no sub-models with configs of their own, takes ``position_ids`` and
-    passes other keyword arguments on, and runs ``sdpa`` or ``eager`` attention.
+    passes other keyword arguments on, and runs ``sdpa`` or ``eager`` attention, with no soft prompt
+    (virtual tokens or prefixes go in front of a row, not of each example in it).
     """
+    from peftkit.methods.soft_prompt import SoftPromptAdapter
+
+    if any(isinstance(module, SoftPromptAdapter) for module in model.modules()):
+        return "a soft prompt puts virtual tokens in front of each row, not of each example"
     inner = inner_model(model)
     config = getattr(inner, "config", None)
     name = type(inner).__name__

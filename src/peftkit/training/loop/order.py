@@ -77,6 +77,12 @@ class BatchOrder:
         size = self.global_batch_size
         return self._permutation[epoch][position * size : (position + 1) * size]
 
+    def micro_batches(self, indices: list[int]) -> list[list[int]]:
+        """This process's ``grad_accum`` micro-batches of a global batch: micro-batch j of rank r is
+        slice ``j * world + r``."""
+        b, world, rank = self.batch_size, self.world, self.rank
+        return [indices[(j * world + rank) * b : (j * world + rank + 1) * b] for j in range(self.grad_accum)]
+
     def _bucketed(self, permutation: list[int], generator: torch.Generator) -> list[int]:
         """``permutation`` with each window of :data:`BUCKET_WINDOW` global batches sorted by length,
         cut into global batches and shuffled; the rows short of a whole global batch stay last (unused)."""
