@@ -121,6 +121,8 @@ def test_every_config_key_is_a_flag(name: str) -> None:
         argv += ["--quantize", "nf4"]  # they apply to a quantized base only
     if name == "loraplus_lr_ratio":
         argv += ["--optimizer", "lora-plus"]  # the ratio applies to LoRA+ only
+    if name == "labels":
+        argv += ["--task", "seq-cls"]  # labels name a classifier's classes
     assert getattr(parse(argv), name) == value
 
 
@@ -162,6 +164,8 @@ def test_documented_example_is_the_default_job() -> None:
         ("lr: -1\n", r"lr=-1.0 .* must be a positive number"),
         ("batch_size: 2.5\n", "batch_size=2.5 .* must be int"),
         ("task: causal\n", "task='causal' .* must be one of .*did you mean 'causal-lm'"),
+        ("labels: [neg, pos]\n", r"labels .* name a classifier's classes: add --task seq-cls"),
+        ("task: seq-cls\nlabels: [neg, pos, neg]\n", r"labels .* names 'neg' twice; give two or more"),
         ("- a list\n", "must hold a mapping"),
         ("lr: [1\n", "is not valid YAML"),
     ],
@@ -171,6 +175,12 @@ def test_bad_yaml_files(tmp_path: Path, text: str, message: str) -> None:
     path.write_text(text)
     with pytest.raises(UsageError, match=message):
         load_config(path)
+
+
+def test_labels_written_as_numbers_are_class_names(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("task: seq-cls\nlabels: [0, 1]\n")  # YAML reads numbers; the data's labels are text
+    assert load_config(path).labels == ["0", "1"]
 
 
 def test_misspelt_flags_suggest_the_closest() -> None:

@@ -14,7 +14,6 @@ import peftkit
 from peftkit import memory
 from peftkit.cli import main
 from peftkit.memory import GIB, estimate, format_estimate
-from peftkit.methods import ATTENTION
 from peftkit.training.method_choice import build_method_config
 
 from helpers.tiny_lm import tiny_llama_config
@@ -36,7 +35,13 @@ def one_error_line(err: str, command: str) -> str:
 
 # ------------------------------------------------------------------------------------------ peftkit estimate
 # peftkit estimate's defaults are peftkit train's: its LoRA (r=8, alpha 16, attention) and batch shape
-DEFAULTS = {"r": 8, "lora_alpha": 16, "targets": list(ATTENTION), "batch": 8, "seq": 512}
+DEFAULTS = {
+    "r": 8,
+    "lora_alpha": 16,
+    "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "batch": 8,
+    "seq": 512,
+}
 SETTINGS = [
     # (flags, the same settings as estimate()'s arguments, over DEFAULTS)
     ([], {}),

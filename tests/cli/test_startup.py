@@ -38,7 +38,18 @@ def heavy_modules_loaded(argv: list[str] | None) -> list[str]:
     return json.loads(out)
 
 
-COMMANDS = ["train", "eval", "generate", "merge", "combine", "inspect", "estimate", "compare", "serve"]
+COMMANDS = [
+    "train",
+    "eval",
+    "generate",
+    "merge",
+    "combine",
+    "inspect",
+    "estimate",
+    "compare",
+    "serve",
+    "export",
+]
 
 
 @pytest.mark.parametrize(

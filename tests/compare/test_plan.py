@@ -8,7 +8,6 @@ import pytest
 
 from peftkit.compare.plan import GENERAL_TEXT, PRESETS, fingerprint, load_plan, make_plan
 from peftkit.foundation.errors import UsageError
-from peftkit.methods import ATTENTION
 
 LAYERS = 30  # SmolLM2-135M's decoder layer count, given so that no model config is read
 
@@ -22,7 +21,8 @@ def test_presets_become_train_configs_under_the_report_directory() -> None:
     assert [run.name for run in plan.runs] == ["full", "lora", "prompt"]
     full, lora, prompt = plan.runs
     assert full.config.method == "full" and full.config.lr == PRESETS["full"]["lr"]
-    assert lora.config.method_options == {"r": 8, "lora_alpha": 16, "target_modules": list(ATTENTION)}
+    # target_modules unset: the model's attention projections (methods/default_targets.py)
+    assert lora.config.method_options == {"r": 8, "lora_alpha": 16}
     assert prompt.config.method == "prompt" and prompt.config.lr == PRESETS["prompt"]["lr"]
     assert all(run.config.max_steps == 7 for run in plan.runs)  # shared settings reach every method
     assert lora.config.output_dir == str(Path("out/c/runs/lora"))
@@ -59,7 +59,7 @@ def test_rank_sweep_reuses_an_equal_listed_method_and_keeps_alpha_over_r() -> No
     for name in plan.sweep:
         options = plan.run(name).config.method_options
         assert options["lora_alpha"] == 2 * options["r"]
-        assert options["target_modules"] == list(ATTENTION)
+        assert "target_modules" not in options  # the model's attention projections
     assert [plan.run(name).rank for name in plan.sweep] == [2, 8, 32]
 
 

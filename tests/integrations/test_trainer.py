@@ -8,7 +8,9 @@ Hugging Face PEFT (losses and trained values to 1e-5), HF PEFT loading the saved
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -275,3 +277,30 @@ def test_trainer_steps_use_the_fused_loss_and_train_as_the_models_own(
     assert fused == pytest.approx(plain, rel=1e-5)
     smoothed = losses("smoothed", label_smoothing_factor=0.1)  # reads the logits
     assert len(calls) == 8 and len(smoothed) == 4
+
+
+def test_plain_transformers_trainer_warns_once_that_it_saves_the_whole_model(
+    tokenizer, rows, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers.Trainer cannot be taught to save the adapter (docs/design.md): it says so, once."""
+    import peftkit.model.plain_trainer
+
+    monkeypatch.setattr(peftkit.model.plain_trainer, "_warned", False)
+    model = lora_model(tokenizer)
+    plain = make_trainer(model, tokenizer, rows, tmp_path / "plain", transformers.Trainer, max_steps=1)
+    # contextlib.suppress: the tiny Llama's tied embeddings make Trainer's whole-model fallback fail too
+    warns = pytest.warns(UserWarning, match=r"use peftkit\.integrations\.Trainer")
+    with warns as first, contextlib.suppress(RuntimeError):
+        plain.save_model(str(tmp_path / "plain" / "one"))
+    assert len([w for w in first if "peftkit.integrations.Trainer" in str(w.message)]) == 1
+    with warnings.catch_warnings(record=True) as second:
+        warnings.simplefilter("always")
+        with contextlib.suppress(RuntimeError):
+            plain.save_model(str(tmp_path / "plain" / "two"))
+        model.state_dict()  # any other caller: no warning
+    assert not [w for w in second if "peftkit.integrations.Trainer" in str(w.message)]
+    monkeypatch.setattr(peftkit.model.plain_trainer, "_warned", False)
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        make_trainer(model, tokenizer, rows, tmp_path / "ours", max_steps=1).save_model(str(tmp_path / "o"))
+    assert not [w for w in ours if "peftkit.integrations.Trainer" in str(w.message)]

@@ -226,3 +226,15 @@ def test_measuring_with_peftkit_train_loss_skips_the_whole_logits() -> None:
     assert len(calls) == 2  # the warm-up step and the measured one
     assert fused.gradients == plain.gradients and fused.optimizer_states == plain.optimizer_states
     assert plain.peak - fused.peak > 1.5 * logits_bytes  # here 1.9x: the logits and their gradient
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
+def test_a_quantized_base_leaves_the_full_fine_tuning_column_alone(quantize: str) -> None:
+    """Full fine-tuning trains the float weights themselves: ``quantize`` (the PEFT column's base) must
+    not change its numbers, while it does change the PEFT column's weights."""
+    config = tiny_llama_config()
+    config.vocab_size = 32_000  # the logits dominate the peak, as on real models (SmolLM2: 49,152)
+    plain = estimate(config, batch=8, seq=512)
+    quantized = estimate(config, batch=8, seq=512, quantize=quantize)
+    assert quantized.full == plain.full
+    assert quantized.peft.weights < plain.peft.weights

@@ -263,7 +263,6 @@ def test_mixed_batches_are_refused() -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({}, "selects nothing"),
         ({"target_modules": "all-linear"}, "LoRA shorthand"),
     ],
 )

@@ -1,12 +1,18 @@
 """objectives.packed: a packed batch gives every example the loss, logits and gradients it has alone.
 
 Reference: the same model run on each example alone (one row, no padding, transformers' own SDPA), in
-float32. Families: the Llama family (rotary positions; SmolLM2 too, slow) and GPT-2 (learned absolute
-positions), with LoRA (dropout 0, random B so the adapters change the outputs). Tolerance 1e-5 absolute
-on logits, losses and gradients; bit-identical where a neighbouring example changes.
+float32. Families: Llama (rotary positions; SmolLM2 too, slow), Mistral, Qwen2, Qwen3, Gemma 3 (a
+sliding window shorter than the examples), Phi-3 and GPT-2 (learned absolute positions), with LoRA
+(dropout 0, random B so the adapters change the outputs); Gemma 2 (soft-capped attention) is refused.
+Tolerance 1e-5 absolute on logits, losses and gradients; bit-identical where a neighbouring example
+changes.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -23,7 +29,58 @@ from helpers.tiny_models import TINY_MODELS, VOCAB, randomize_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DECODERS = {case.name: case for case in TINY_MODELS if case.name in ("llama", "gpt2")}
+SIZES = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+# Gemma 3's sliding window (4) is shorter than most examples (LENGTHS), so the window is checked too
+GEMMA = dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4)
+FAMILIES = {
+    "mistral": ("MistralForCausalLM", "MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"head_dim": 8}),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", GEMMA),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", {"sliding_window": None}),
+}
+
+
+@dataclass(frozen=True)
+class Decoder:
+    name: str
+    targets: tuple[str, ...] | str
+    build: Callable[[], nn.Module]
+
+    def make(self) -> nn.Module:
+        torch.manual_seed(0)
+        return self.build().eval()
+
+
+def family_model(name: str) -> nn.Module:
+    return family_model_config(*FAMILIES[name])
+
+
+def family_model_config(model_class: str, config_class: str, extra: dict) -> nn.Module:
+    import transformers
+
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(**SIZES, **extra))
+
+
+DECODERS = {
+    **{
+        case.name: Decoder(case.name, tuple(case.targets), case.make)
+        for case in TINY_MODELS
+        if case.name in ("llama", "gpt2")
+    },
+    **{name: Decoder(name, "all-linear", functools.partial(family_model, name)) for name in FAMILIES},
+}
 LENGTHS = (5, 11, 3, 8)
 TOLERANCE = 1e-5
 
@@ -58,7 +115,8 @@ def alone(row: dict[str, list[int]]) -> dict[str, Tensor]:
 def lora_model(case_name: str) -> nn.Module:
     case = DECODERS[case_name]
     model = case.make()  # eval mode: no dropout in the base
-    wrapped = peftkit.wrap(model, peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=list(case.targets)))
+    targets = case.targets if isinstance(case.targets, str) else list(case.targets)
+    wrapped = peftkit.wrap(model, peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     randomize_adapters(wrapped)
     return wrapped
 
@@ -174,6 +232,8 @@ def test_packing_support_names_what_cannot_pack() -> None:
     assert "not a decoder-only" in packing_support(by_name["mlp-conv"].make())
     prompted = peftkit.wrap(by_name["llama"].make(), peftkit.PromptTuningConfig(num_virtual_tokens=2))
     assert "soft prompt" in packing_support(prompted)
+    gemma2 = family_model_config("Gemma2ForCausalLM", "Gemma2Config", GEMMA)
+    assert "soft-caps its attention scores" in packing_support(gemma2)
     eager = by_name["llama"].make()
     eager.config._attn_implementation = "flex_attention"
     assert "runs 'flex_attention' attention" in packing_support(eager)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
 from torch import nn
 
+from peftkit.foundation.errors import UsageError
 from peftkit.training.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
@@ -99,3 +101,14 @@ def test_rng_state_covers_python_and_torch() -> None:
     restore_rng(state)
     again = (random.random(), torch.rand(2))
     assert again[0] == expected[0] and torch.equal(again[1], expected[1])
+
+
+@pytest.mark.parametrize("damaged", ["trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng-0.pt"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, damaged: str) -> None:
+    model, optimizer, scheduler = small_run(0)
+    path = save(tmp_path, 1, model, optimizer, scheduler)
+    file = path / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])  # cut short, as a full disk leaves it
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(file))} is damaged .*delete {path}") as caught:
+        load_checkpoint(path, model, optimizer, scheduler, rank=0)
+    assert "\n" not in str(caught.value)

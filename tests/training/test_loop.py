@@ -101,8 +101,10 @@ def test_training_learns_and_writes_every_output(tmp_path, model_dir, small_data
     assert [r["loss"] for r in records if r["split"] == "train"] == pytest.approx(result.losses)
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     recorded = yaml.safe_load((run / "train_config.yaml").read_text())
-    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert recorded["method_options"] == {"r": 8, "lora_alpha": 16, "target_modules": attention}  # not {}
+    assert recorded["method_options"] == {"r": 8, "lora_alpha": 16}  # the method's defaults, not {}
+    # target_modules was not given: the model's attention projections, named in the adapter's file
+    adapter = json.loads((run / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["trainable"] == 4 * 2 * 8 * (32 + 32) - 2 * 2 * 8 * (32 - 16)  # q,o: 32->32; k,v: 32->16
     assert summary["before"]["exact_match"] == 0.0 and "rougeL" in summary["after"]
@@ -365,8 +367,9 @@ def test_sequence_classification_task_reports_accuracy(tmp_path) -> None:
     assert result.after["accuracy"] == 1.0  # "good"/"bad" is separable
     three = tmp_path / "three.jsonl"
     three.write_text("".join(json.dumps({"text": f"t{i}", "label": f"l{i % 3}"}) + "\n" for i in range(12)))
-    with pytest.raises(UsageError, match=r"the data has 3 labels .* a 2-label classification head"):
-        train(settings.replace(data=str(three), output_dir=str(tmp_path / "run3")))
+    three_labels = train(settings.replace(data=str(three), output_dir=str(tmp_path / "run3"), max_steps=1))
+    assert three_labels.model.config.id2label == {0: "l0", 1: "l1", 2: "l2"}  # a new head, one row per label
+    assert three_labels.model.score.copies["default"].weight.shape == (3, 32)
 
 
 @pytest.mark.skipif(not DIALOGSUM.is_dir(), reason="shared/data/dialogsum not present")

@@ -6,7 +6,6 @@ import pytest
 
 import peftkit
 from peftkit.foundation.errors import UsageError
-from peftkit.methods import ATTENTION
 from peftkit.training.method_choice import (
     FULL,
     METHOD_NAMES,
@@ -39,7 +38,8 @@ def test_a_variants_fixed_option_is_not_the_users() -> None:
 
 def test_build_uses_the_tables_defaults_under_the_users_options() -> None:
     lora = build_method_config("lora", {"r": 4}, "causal-lm")
-    assert (lora.r, lora.lora_alpha, lora.target_modules, lora.task_type) == (4, 16, ATTENTION, "CAUSAL_LM")
+    # target_modules unset: the model's own default targets are filled in when the adapter is added
+    assert (lora.r, lora.lora_alpha, lora.target_modules, lora.task_type) == (4, 16, None, "CAUSAL_LM")
     dora = build_method_config("dora", {}, "seq-cls")
     assert dora.use_dora and dora.task_type == "SEQ_CLS"
     assert build_method_config(FULL, {}, "causal-lm") is None
@@ -63,18 +63,15 @@ def test_bad_options_are_one_clear_error(method: str, options: dict, message: st
 
 
 def test_resolved_options_are_what_the_run_records() -> None:
-    assert resolved_options("lora", {"r": 4}) == {"r": 4, "lora_alpha": 16, "target_modules": list(ATTENTION)}
+    # the table's defaults, and no targets: the architecture's are chosen when the adapter is added
+    assert resolved_options("lora", {"r": 4}) == {"r": 4, "lora_alpha": 16}
     assert resolved_options(FULL, {}) == {}
-    ia3 = resolved_options("ia3", {})
-    assert ia3["feedforward_modules"] == ["down_proj"]
-    # feed-forward modules named among the default targets go when the user picks other targets
-    assert "feedforward_modules" not in resolved_options("ia3", {"target_modules": ["q_proj"]})
+    assert resolved_options("ia3", {}) == {}
+    assert resolved_options("ia3", {"target_modules": ["q_proj"]}) == {"target_modules": ["q_proj"]}
     options = {"target_modules": ["q_proj"]}
     resolved = resolved_options("lora", options)
-    resolved["target_modules"].append("v_proj")  # a copy: the table and the user's dict stay as they were
-    assert options == {"target_modules": ["q_proj"]} and resolved_options("lora", {})[
-        "target_modules"
-    ] == list(ATTENTION)
+    resolved["target_modules"].append("v_proj")  # a copy: the user's dict stays as it was
+    assert options == {"target_modules": ["q_proj"]}
 
 
 def test_unknown_names_say_whose_option_it_is_or_the_closest_spelling() -> None:

@@ -81,6 +81,21 @@ def test_resume_reads_keys_newer_than_the_settings_file_as_their_defaults(tmp_pa
         check_output_dir(config.replace(lr_scheduler="linear"))
 
 
+def test_resume_of_a_classifier_recorded_without_its_labels_takes_the_datas(tmp_path) -> None:
+    """A seq-cls run recorded before ``labels`` existed: the labels its data gives now are its own."""
+    add_checkpoint(tmp_path)
+    config = config_in(tmp_path, resume=True, task="seq-cls", labels=["neg", "pos"])
+    recorded = config.to_dict()
+    del recorded["labels"]
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(recorded))
+    check_output_dir(config)
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump({**recorded, "labels": ["neg", "pos"]}))
+    with pytest.raises(
+        UsageError, match=r"--resume: labels was \['neg', 'pos'\] in .* but is \['a', 'b'\] now"
+    ):
+        check_output_dir(config.replace(labels=["a", "b"]))
+
+
 def test_prepare_records_the_settings_and_overwrite_empties_the_directory(tmp_path) -> None:
     out = tmp_path / "run"
     out.mkdir()

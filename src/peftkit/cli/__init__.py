@@ -1,4 +1,4 @@
-"""The ``peftkit`` command: train, eval, generate, merge, combine, inspect, estimate, compare, serve.
+"""The ``peftkit`` command: train, eval, generate, merge, combine, inspect, estimate, compare, serve, export.
 
 One module per subcommand (``peftkit.cli.<name>``), each with a ``register_<name>(subparsers)`` function
 that adds its parser and sets ``handler=<function(args, argv) -> exit code>``; :data:`COMMANDS` lists
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging as std_logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import version
@@ -23,6 +24,7 @@ from peftkit.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, Parser, parse_train
 from peftkit.cli.compare import register_compare
 from peftkit.cli.estimate import register_estimate
 from peftkit.cli.evaluate import register_eval
+from peftkit.cli.export import register_export
 from peftkit.cli.generate import register_generate
 from peftkit.cli.inspect import register_inspect
 from peftkit.cli.merge import register_merge
@@ -31,6 +33,8 @@ from peftkit.cli.train import register_train
 from peftkit.foundation.errors import UsageError, closest
 
 __all__ = ["COMMANDS", "EXIT_INTERRUPTED", "EXIT_USAGE", "build_parser", "main", "parse_train_args"]
+
+_BNB_CPU_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
 
 COMMANDS: list[Callable[[Any], None]] = [
     register_train,
@@ -42,6 +46,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     register_estimate,
     register_compare,
     register_serve,
+    register_export,
 ]
 
 
@@ -107,6 +112,12 @@ def _quiet_libraries(active: bool = True) -> Iterator[None]:
 
     verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     data_verbosity, data_bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    # bitsandbytes (CPUs with AVX512-BF16) warns on import that it cannot fetch a hub kernel for its
+    # repacked 4-bit inference layout; peftkit keeps the standard layout (keep_trainable_layout), so
+    # that kernel would not run anyway.
+    kernel_log = std_logging.getLogger(_BNB_CPU_KERNEL_LOGGER)
+    kernel_level = kernel_log.level
+    kernel_log.setLevel(std_logging.ERROR)
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     datasets.logging.set_verbosity_error()
@@ -114,6 +125,7 @@ def _quiet_libraries(active: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
+        kernel_log.setLevel(kernel_level)
         logging.set_verbosity(verbosity)
         datasets.logging.set_verbosity(data_verbosity)
         if bars:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from peftkit.training.train_config import FIELDS, TrainConfig, load_config, parse_value
@@ -41,13 +41,21 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """A flag for every :class:`TrainConfig` key (defaults suppressed, so only given flags override)."""
+def add_config_flags(
+    parser: argparse.ArgumentParser, shown_defaults: Mapping[str, Any] | None = None
+) -> None:
+    """A flag for every :class:`TrainConfig` key (defaults suppressed, so only given flags override).
+
+    Args:
+        shown_defaults: defaults a command uses instead of ``peftkit train``'s, for the help
+            (``compare``'s ``output_dir``).
+    """
     parser.add_argument("config", nargs="?", help="YAML file of settings (flags override it)")
     group = parser.add_argument_group("settings (YAML keys; method options such as --r 16 are accepted too)")
     for name, f in FIELDS.items():
         kind = str(f.type)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = (shown_defaults or {}).get(name, default)
         text = f"{f.metadata['help']} (default: {default})"
         names = [flag(name)] + ([f"--{name}"] if "_" in name else [])
         if kind.startswith("bool"):

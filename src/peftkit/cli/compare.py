@@ -12,7 +12,7 @@ __all__ = ["register_compare", "run_compare_command"]
 def register_compare(subparsers: Any) -> None:
     """Add the ``compare`` subcommand."""
     from peftkit.cli.common import add_config_flags
-    from peftkit.compare.plan import DEFAULT_METHODS, PRESETS
+    from peftkit.compare.plan import DEFAULT_METHODS, DEFAULT_OUTPUT, PRESETS
 
     parser = subparsers.add_parser(
         "compare",
@@ -25,7 +25,7 @@ def register_compare(subparsers: Any) -> None:
         f"general_text. Presets: {', '.join(PRESETS)}, last-N-layers. Default methods: "
         f"{', '.join(DEFAULT_METHODS)}.",
     )
-    add_config_flags(parser)
+    add_config_flags(parser, shown_defaults={"output_dir": DEFAULT_OUTPUT})
     parser.add_argument("--methods", help="comma-separated presets, overriding the file's methods list")
     parser.add_argument("--ranks", help="LoRA rank sweep, e.g. 1,2,4,8,16,32,64")
     parser.add_argument("--general-text", help="text file for the forgetting probe (default: shipped)")

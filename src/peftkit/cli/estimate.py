@@ -72,13 +72,13 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="lora", choices=["lora"])
     parser.add_argument("--r", type=int, default=lora["r"], help=f"LoRA rank (default: {lora['r']})")
     parser.add_argument("--lora-alpha", type=float, default=lora["lora_alpha"])
-    targets = ",".join(lora["target_modules"])
     parser.add_argument(
         "--target-modules",
         "--targets",
         dest="target_modules",
-        default=targets,
-        help=f"'all-linear' or comma-separated names (default: {targets}, as peftkit train)",
+        default=None,
+        help="'all-linear' or comma-separated names (default: the model's attention projections, as "
+        "peftkit train)",
     )
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument(
@@ -131,10 +131,12 @@ def estimate_from_args(args: argparse.Namespace) -> MemoryEstimate:
 def _shared_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The ``estimate()`` settings a single estimate and the ``--budget`` plan both take from the flags."""
     targets = args.target_modules
+    if targets not in (None, "all-linear"):
+        targets = [t for t in targets.split(",") if t]
     return {
         "method": args.method,
         "r": args.r,
-        "targets": targets if targets == "all-linear" else [t for t in targets.split(",") if t],
+        "targets": targets,
         "dtype": args.dtype,
         "optimizer": args.optimizer,
         "lora_alpha": args.lora_alpha,

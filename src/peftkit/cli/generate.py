@@ -17,10 +17,10 @@ def register_generate(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "generate",
         help="answer prompts with a trained run (or adapter, or model directory)",
-        description="Answer each prompt greedily. A run's prompt_template, system_prompt and the chat "
-        "template are applied, so pass just the input (e.g. the sentence for person-json); a directory "
-        "without train_config.yaml gets your text as is, in the model's chat template. '-' reads prompts "
-        "from stdin, one a line.",
+        description="Answer each prompt greedily (a classifier, task seq-cls, prints each text's label). "
+        "A run's prompt_template, system_prompt and the chat template are applied, so pass just the "
+        "input (e.g. the sentence for person-json); a directory without train_config.yaml gets your "
+        "text as is, in the model's chat template. '-' reads prompts from stdin, one a line.",
     )
     add_run_arguments(parser, "output_dir of peftkit train, an adapter or a model dir")
     parser.add_argument("prompts", nargs="+", help="prompts ('-': one a line from stdin)")
@@ -40,6 +40,11 @@ def run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
         line for p in args.prompts for line in (sys.stdin.read().splitlines() if p == "-" else [p]) if line
     ]
     model, tokenizer, config = load_run(args.run_dir, args.model, adapter=not args.base)
+    if config.task == "seq-cls":  # a classifier has no text to generate: it names a label
+        answers = _labels(model, tokenizer, config, prompts)
+        for prompt, answer in zip(prompts, answers, strict=True):
+            print(answer if len(prompts) == 1 else f"{prompt}\n-> {answer}\n")
+        return 0
     if not is_recorded(args.run_dir):
         print(_unrecorded_note(args.run_dir, tokenizer, config.task), file=sys.stderr)
     encoded = [build_prompt(config, prompt, tokenizer, raw=args.raw) for prompt in prompts]
@@ -48,6 +53,22 @@ def run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     ):
         print(answer if len(prompts) == 1 else f"{prompt}\n-> {answer}\n")
     return 0
+
+
+def _labels(model: Any, tokenizer: Any, config: Any, texts: list[str]) -> list[str]:
+    """The label a classifier gives each text: the model's ``id2label`` names (a run's recorded labels
+    since they are recorded), or, where those are transformers' placeholders (``LABEL_0``…: a run of
+    older peftkit) and the run records its data, the data's label names in the order training
+    numbered them."""
+    from peftkit.training.data import prepare_data
+    from peftkit.training.evaluation import classify
+
+    classes = classify(model, tokenizer, texts)
+    id2label = dict(getattr(model.config, "id2label", None) or {})
+    names = [str(id2label.get(i, f"LABEL_{i}")) for i in range(model.config.num_labels)]
+    if config.data and all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+        names = prepare_data(config, tokenizer).label_names or names
+    return [names[i] for i in classes]
 
 
 def _unrecorded_note(run_dir: str, tokenizer: Any, task: str) -> str:

@@ -33,10 +33,12 @@ def register_inspect(subparsers: Any) -> None:
 def run_inspect(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if len(argv) == 1 and (Path(argv[0]) / "adapter_config.json").is_file():
         from peftkit.export.vllm import adapter_report
+        from peftkit.foundation.io import read_adapter
 
         try:
+            read_adapter(Path(argv[0]))  # the reader every command uses: a damaged file is reported here
             print(adapter_report(Path(argv[0])))
-        except ValueError as e:
+        except (ValueError, FileNotFoundError) as e:
             raise UsageError(str(e)) from e
         return 0
     parsed, config = parse_train_args(args.parser, argv)  # --help ends here, before torch loads

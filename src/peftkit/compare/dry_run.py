@@ -24,13 +24,17 @@ import torch
 from peftkit.compare.plan import ComparePlan, PlannedRun, describe
 from peftkit.foundation.errors import UsageError
 from peftkit.foundation.formatting import format_count, format_duration, format_percent
+from peftkit.training.evaluation import ANSWER_MARGIN
 
 __all__ = ["PlannedCost", "check_plan", "dry_run_table", "machine_flops"]
 
-# Shares of the matmul speed reached, calibrated on SmolLM2-135M + DialogSum on a 2-core CPU (see
-# docs/lecture-replication.md): training measured at 0.39-0.41; each run's total within 10% with these.
-TRAINING_EFFICIENCY = 0.4
-GENERATION_EFFICIENCY = 0.1
+# Shares of the matmul speed (measured with the runs' own thread count) reached by SmolLM2-135M on
+# person-json, 2-core CPU under load 6-10, one thread (benchmarks/compare_time.py; docs/benchmarks.md):
+# a training step 0.76 and 1.29 in two runs, the held-out loss pass 0.67 and 1.54, greedy decoding of
+# 32 rows at once 0.44 and 0.69; the low end is kept. (The first calibration, 0.4 and 0.1, measured the
+# matmul with every core's thread fighting other programs, about half the speed the runs got.)
+TRAINING_EFFICIENCY = 0.7
+GENERATION_EFFICIENCY = 0.4
 MATMUL_SIZE = 1024
 
 
@@ -107,10 +111,11 @@ def planned_costs(
     plan: ComparePlan, counts: dict[str, tuple[int, int]], tokenizer: Any = None
 ) -> list[PlannedCost]:
     """Expected memory and time per run (time needs ``tokenizer`` to measure the data's lengths)."""
-    from peftkit.compare.runner import estimated_peak
+    from peftkit.compare.runner import estimated_peak, threads_of_runs
 
     lengths = _lengths(plan, tokenizer) if tokenizer is not None else None
-    flops = machine_flops() if lengths is not None else None
+    with threads_of_runs(plan.shared):  # the speed the runs will see, not that of all cores fighting
+        flops = machine_flops() if lengths is not None else None
     costs = []
     for run in plan.runs:
         trainable, total = counts[run.name]
@@ -134,7 +139,17 @@ def _lengths(plan: ComparePlan, tokenizer: Any) -> dict[str, float]:
     validation = data.validation if data.validation is not None else None
     prompts = [len(ids) for ids in validation["prompt_ids"]] if validation is not None else [0]
     answers = [len(ids) for ids in validation["input_ids"]] if validation is not None else [0]
+    general = (
+        len(tokenizer(plan.general_text.read_text())["input_ids"]) if plan.shared.task == "causal-lm" else 0
+    )
+    scored = validation.select(range(min(plan.shared.eval_examples, len(validation)))) if validation else None
+    references = [
+        len(tokenizer(reference[0], add_special_tokens=False)["input_ids"])
+        for reference in (scored["references"] if scored is not None else [])
+    ]
     return {
+        "general_tokens": general,
+        "reference_max": max(references, default=0),
         "train_rows": len(train),
         "train_mean": sum(train) / len(train),
         "train_max": max(train),
@@ -145,10 +160,10 @@ def _lengths(plan: ComparePlan, tokenizer: Any) -> dict[str, float]:
 
 
 def _seconds(run: PlannedRun, total: int, lengths: dict[str, float], flops: float) -> float:
-    """Training plus scoring after it."""
+    """Training (and the one step more that measures its memory) plus scoring after it."""
     config = run.config
     rows = config.batch_size * config.grad_accum
-    steps = config.max_steps or math.ceil(config.epochs * (lengths["train_rows"] // rows))
+    steps = 1 + (config.max_steps or math.ceil(config.epochs * (lengths["train_rows"] // rows)))
     tokens = rows * lengths["train_mean"]
     per_token = 6 if config.method == "full" else 4
     training = steps * per_token * total * tokens / (flops * TRAINING_EFFICIENCY)
@@ -156,12 +171,16 @@ def _seconds(run: PlannedRun, total: int, lengths: dict[str, float], flops: floa
 
 
 def _scoring_seconds(run: PlannedRun, total: int, lengths: dict[str, float], flops: float) -> float:
-    """The held-out loss pass, reading the prompts, and decoding the answers."""
+    """The held-out loss pass, reading the prompts, decoding the answers, and the general text's loss."""
     config = run.config
-    reading = 2 * total * lengths["validation_rows"] * lengths["validation_mean"]
+    reading = (
+        2 * total * (lengths["validation_rows"] * lengths["validation_mean"] + lengths["general_tokens"])
+    )
     scored = min(config.eval_examples, int(lengths["validation_rows"]))
     reading += 2 * total * scored * lengths["prompt_mean"]
-    decoding = 2 * total * scored * (config.max_new_tokens or 64)
+    # as evaluate() decodes: max_new_tokens, or 0 → the longest reference + its margin
+    new_tokens = config.max_new_tokens or lengths["reference_max"] + ANSWER_MARGIN
+    decoding = 2 * total * scored * new_tokens
     return reading / (flops * TRAINING_EFFICIENCY) + decoding / (flops * GENERATION_EFFICIENCY)
 
 

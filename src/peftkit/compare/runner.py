@@ -22,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +37,18 @@ from peftkit.model import count_parameters
 
 if TYPE_CHECKING:
     from peftkit.training.data import PreparedData
+    from peftkit.training.train_config import TrainConfig
 
-__all__ = ["BASE_FILE", "ROW_FILE", "base_scores", "estimated_peak", "read_rows", "run_compare", "run_method"]
+__all__ = [
+    "BASE_FILE",
+    "ROW_FILE",
+    "base_scores",
+    "estimated_peak",
+    "read_rows",
+    "run_compare",
+    "run_method",
+    "threads_of_runs",
+]
 
 BASE_FILE = "base.json"
 ROW_FILE = "compare.json"
@@ -73,13 +85,34 @@ def run_compare(plan: ComparePlan, say: Callable[[str], None] = print) -> dict[s
     return write_report(plan, base, read_rows(plan))
 
 
+@contextmanager
+def threads_of_runs(config: TrainConfig) -> Iterator[int]:
+    """Use, for the block, the CPU threads ``peftkit train`` would use for ``config`` (``threads``, else
+    ``OMP_NUM_THREADS``'s, else the cores other programs leave free: on a busy machine two threads
+    fighting other processes ran a 1024² matmul at 0.6-0.8x one thread's speed, measured)."""
+    from peftkit.training.loop.context import auto_threads
+
+    before = torch.get_num_threads()
+    if config.threads:
+        wanted = config.threads
+    elif "OMP_NUM_THREADS" in os.environ:
+        wanted = before
+    else:
+        wanted = auto_threads(0)
+    torch.set_num_threads(wanted)
+    try:
+        yield wanted
+    finally:
+        torch.set_num_threads(before)
+
+
 def base_scores(plan: ComparePlan, say: Callable[[str], None] = print) -> dict[str, Any]:
     """The base model's held-out scores, general-text loss and size (computed once, kept in base.json)."""
-    from peftkit.training.data import prepare_data
+    from peftkit.training.data import prepare_data, with_labels
     from peftkit.training.evaluation import evaluate, headline_metric
     from peftkit.training.run_directory import load_base_model
 
-    shared = plan.shared
+    shared = with_labels(plan.shared)  # a classifier: a head for the data's labels, as its runs get
     key = _base_fingerprint(plan)
     path = plan.output_dir / BASE_FILE
     if path.is_file():
@@ -93,15 +126,17 @@ def base_scores(plan: ComparePlan, say: Callable[[str], None] = print) -> dict[s
         from peftkit.foundation.errors import UsageError
 
         raise UsageError("compare needs held-out rows: set validation_data or validation_split > 0")
-    scores = evaluate(
-        model,
-        tokenizer,
-        data.validation,
-        shared.task,
-        examples=shared.eval_examples,
-        max_new_tokens=shared.max_new_tokens,
-        batch_size=2 * shared.batch_size,
-    )
+    with threads_of_runs(shared):
+        scores = evaluate(
+            model,
+            tokenizer,
+            data.validation,
+            shared.task,
+            examples=shared.eval_examples,
+            max_new_tokens=shared.max_new_tokens,
+            batch_size=2 * shared.batch_size,
+            progress=True,  # minutes on a CPU: a bar, not silence
+        )
     base = {
         "fingerprint": key,
         "model": shared.model,

@@ -76,6 +76,12 @@ class AdapterConfig:
         """The adapter for ``base`` found at ``module_name``: an :class:`peftkit.core.layer.Adapter`."""
         raise NotImplementedError
 
+    def with_default_targets(self, model: nn.Module) -> AdapterConfig:
+        """This config with the targets it leaves to the model filled in (``target_modules`` unset:
+        the architecture's default, :mod:`peftkit.methods.default_targets`); ``self`` when there are
+        none. Called when the adapter is added, so the config kept and saved names the modules."""
+        return self
+
     def initialize(self, model: nn.Module, adapter_name: str) -> None:
         """Finish initialising adapter ``adapter_name`` once it is in ``model`` (the base model), for
         initialisations that need more than one layer (LoRA's LoftQ reads the base's float weights).

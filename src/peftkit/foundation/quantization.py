@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 from typing import TYPE_CHECKING, Any
 
 from peftkit.foundation.errors import UsageError, closest
@@ -30,8 +31,10 @@ __all__ = [
     "check_quantization_options",
     "dequantize_weight",
     "dequantized_linear",
+    "describe_precision",
     "is_quantized",
     "keep_trainable_layout",
+    "logical_numel",
     "quantization_config",
     "require_bitsandbytes",
 ]
@@ -52,6 +55,7 @@ BITSANDBYTES_CONFIG_FIELDS = (
     "bnb_4bit_quant_storage",
 )
 _OWN_OPTIONS = ("compute_dtype", "double_quant")  # quantization_config's shorter names
+DEFAULT_COMPUTE_DTYPE = "bfloat16"  # what 4-bit layers compute in unless compute_dtype says otherwise
 
 
 def check_quantization_options(options: dict[str, Any]) -> None:
@@ -72,7 +76,10 @@ def require_bitsandbytes() -> None:
 
 
 def quantization_config(
-    scheme: str, compute_dtype: str | torch.dtype = "bfloat16", double_quant: bool = True, **options: Any
+    scheme: str,
+    compute_dtype: str | torch.dtype = DEFAULT_COMPUTE_DTYPE,
+    double_quant: bool = True,
+    **options: Any,
 ) -> Any:
     """A transformers ``BitsAndBytesConfig`` for ``scheme``.
 
@@ -106,6 +113,27 @@ def quantization_config(
         bnb_4bit_compute_dtype=compute_dtype,
         **options,
     )
+
+
+def describe_precision(scheme: str | None, dtype: str, options: dict[str, Any] | None = None) -> str:
+    """What a base loaded with ``scheme`` (None: unquantized) and ``dtype`` holds, for people:
+    ``"nf4 linear layers computing in bfloat16, the rest float32"``; ``dtype`` alone unquantized."""
+    if scheme in (None, "none"):
+        return dtype
+    if scheme == "int8":
+        return f"int8 linear layers, the rest {dtype}"
+    options = options or {}
+    compute = options.get("bnb_4bit_compute_dtype", options.get("compute_dtype", DEFAULT_COMPUTE_DTYPE))
+    return f"{scheme} linear layers computing in {str(compute).removeprefix('torch.')}, the rest {dtype}"
+
+
+def logical_numel(param: nn.Parameter) -> int:
+    """The weights a parameter stands for: its ``numel()``, except that a bitsandbytes 4-bit weight
+    stores two in each byte of its packed storage (its ``quant_state`` keeps the logical shape)."""
+    state = getattr(param, "quant_state", None)
+    if type(param).__name__ == "Params4bit" and state is not None:
+        return math.prod(state.shape)
+    return param.numel()
 
 
 def is_quantized(module: nn.Module) -> bool:

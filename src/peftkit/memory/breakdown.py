@@ -70,6 +70,7 @@ def lora_breakdown(
     model: nn.Module, arch: Architecture, setting: Setting, total: int, config: LoraConfig
 ) -> MemoryBreakdown:
     """LoRA as ``config`` describes it on the meta-device ``model`` (QLoRA with ``setting.quantize``)."""
+    config = config.with_default_targets(model)
     targets = find_targets(model, config)
     uses = {name: Use("lora", config.rank_for(name), config.lora_dropout) for name in targets}
     adapters = [config.build_adapter(name, model.get_submodule(name)) for name in targets]

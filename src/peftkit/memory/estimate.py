@@ -55,7 +55,7 @@ kernel scratch; on the CPU, the process's code and libraries).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -108,7 +108,7 @@ def estimate(
     model_or_config: Any,
     method: str | LoraConfig = "lora",
     r: int = 8,
-    targets: str | Sequence[str] = "all-linear",
+    targets: str | Sequence[str] | None = "all-linear",
     batch: int = 1,
     seq: int = 512,
     dtype: str | torch.dtype = "float32",
@@ -131,7 +131,8 @@ def estimate(
         method: ``"lora"``, or a :class:`~peftkit.LoraConfig` (then ``r``, ``targets``, ``lora_alpha``
             and ``lora_dropout`` are taken from it).
         r: LoRA rank.
-        targets: LoRA ``target_modules`` (``"all-linear"``, or names such as ``["q_proj", "v_proj"]``).
+        targets: LoRA ``target_modules`` (``"all-linear"``, names such as ``["q_proj", "v_proj"]``, or
+            None: the model's attention projections, ``peftkit train``'s default).
         batch, seq: rows per step and tokens per row.
         dtype: the weights' dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         optimizer: ``"adamw"``, ``"sgd"`` (no momentum) or ``"adamw8bit"``.
@@ -213,13 +214,14 @@ def _estimate(
         optimizer=setting.optimizer,
         grad_checkpointing=setting.grad_checkpointing,
         device_memory=None if device_memory is None else int(device_memory * GIB),
-        full=full_breakdown(model, arch, setting, total),
+        # full fine-tuning trains the weights themselves: never on a quantized base
+        full=full_breakdown(model, arch, replace(setting, quantize=None), total),
         peft=lora_breakdown(model, arch, setting, total, lora_config),
     )
 
 
 def _lora_config(
-    method: str | LoraConfig, r: int, targets: str | Sequence[str], alpha: float | None, dropout: float
+    method: str | LoraConfig, r: int, targets: str | Sequence[str] | None, alpha: float | None, dropout: float
 ) -> LoraConfig:
     if isinstance(method, LoraConfig):
         if method.use_dora:
@@ -232,7 +234,7 @@ def _lora_config(
         return method
     if method != "lora":
         raise ValueError(f"method={method!r}: estimate models 'lora' (or pass a LoraConfig)")
-    target_modules = targets if isinstance(targets, str) else list(targets)
+    target_modules = targets if targets is None or isinstance(targets, str) else list(targets)
     return LoraConfig(
         r=r, lora_alpha=alpha if alpha is not None else r, lora_dropout=dropout, target_modules=target_modules
     )

@@ -23,9 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from peftkit.core.adapter_config import AdapterConfig
 
-__all__ = ["ATTENTION", "METHOD_TABLE", "Method", "config_classes", "method_by_name"]
-
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # Llama-style attention projections
+__all__ = ["METHOD_TABLE", "Method", "config_classes", "method_by_name"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +40,10 @@ class Method:
         fixed: options that make this entry a variant of its class (DoRA: ``use_dora=True``); not
             settable by the user under this name.
         lr: a learning rate that works for short runs of this method (compare's preset uses it).
-        within_targets: default options that name modules among the default targets (IA³'s
-            ``feedforward_modules``): dropped when the user chooses other ``target_modules``.
+
+    No entry sets ``target_modules``: unset, each method's config takes the model's own default
+    (:mod:`peftkit.methods.default_targets`: the attention projections for LoRA, DoRA and selective
+    fine-tuning; keys, values and the feed-forward output for IA³; bottleneck adapters' own placement).
     """
 
     name: str
@@ -52,7 +52,6 @@ class Method:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     fixed: Mapping[str, Any] = field(default_factory=dict)
     lr: float = 1e-3
-    within_targets: tuple[str, ...] = ()
 
     @property
     def config_class(self) -> type[AdapterConfig]:
@@ -62,15 +61,10 @@ class Method:
 
     def options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """The user's ``given`` options over this method's defaults (``fixed`` not included)."""
-        values = dict(self.defaults)
-        if "target_modules" in given:
-            for key in self.within_targets:
-                values.pop(key, None)
-        values.update(given)
-        return values
+        return {**self.defaults, **given}
 
 
-_LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "target_modules": list(ATTENTION)}
+_LORA_DEFAULTS = {"r": 8, "lora_alpha": 16}
 _VIRTUAL_TOKENS = {"num_virtual_tokens": 20}
 
 # Learning rates are the usual starting points for short runs of each family (soft prompts need ~30x
@@ -85,14 +79,7 @@ METHOD_TABLE: tuple[Method, ...] = (
         fixed={"use_dora": True},
         lr=1e-3,
     ),
-    Method(
-        "ia3",
-        "peftkit.methods.ia3:IA3Config",
-        "reparameterization",
-        {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
-        lr=1e-2,
-        within_targets=("feedforward_modules",),
-    ),
+    Method("ia3", "peftkit.methods.ia3:IA3Config", "reparameterization", lr=1e-2),
     Method("adapter", "peftkit.methods.bottleneck:BottleneckConfig", "additive", lr=1e-3),
     Method(
         "prompt", "peftkit.methods.prompt_tuning:PromptTuningConfig", "additive", _VIRTUAL_TOKENS, lr=3e-2
@@ -101,13 +88,7 @@ METHOD_TABLE: tuple[Method, ...] = (
     Method(
         "prefix", "peftkit.methods.prefix_tuning:PrefixTuningConfig", "additive", _VIRTUAL_TOKENS, lr=1e-2
     ),
-    Method(
-        "selective",
-        "peftkit.methods.selective:SelectiveConfig",
-        "selective",
-        {"target_modules": list(ATTENTION)},
-        lr=1e-3,
-    ),
+    Method("selective", "peftkit.methods.selective:SelectiveConfig", "selective", lr=1e-3),
     Method("ln-tuning", "peftkit.methods.selective:LNTuningConfig", "selective", lr=1e-3),
 )
 

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftkit.core.adapter_config import AdapterConfig
-from peftkit.core.targeting import name_matches
+from peftkit.core.targeting import adaptable_modules, name_matches
 from peftkit.foundation.errors import closest
 from peftkit.foundation.modules import is_conv1d
 from peftkit.foundation.quantization import is_quantized
+from peftkit.methods.default_targets import ia3_targets
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,18 @@ class IA3Config(AdapterConfig):
 
     def is_supported(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear) or is_conv1d(module)
+
+    def with_default_targets(self, model: nn.Module) -> IA3Config:
+        """Unset ``target_modules``: the model's keys, values and feed-forward output, the last also in
+        ``feedforward_modules`` unless that is set."""
+        if self.target_modules is not None:
+            return self
+        candidates = [name for name, module in adaptable_modules(model) if self.is_supported(module)]
+        default = ia3_targets(model, candidates)
+        feedforward = (
+            default.feedforward_modules if self.feedforward_modules is None else self.feedforward_modules
+        )
+        return self.replace(target_modules=default.target_modules, feedforward_modules=feedforward)
 
     def to_dict(self) -> dict[str, Any]:
         """As :meth:`AdapterConfig.to_dict`, without the layer-selection fields when unset: Hugging

@@ -24,8 +24,9 @@ from torch import Tensor, nn
 
 from peftkit.core.adapter_config import AdapterConfig
 from peftkit.core.layer import AdapterLayer, ModulesToSave
-from peftkit.core.targeting import layer_index, name_matches
+from peftkit.core.targeting import adaptable_modules, layer_index, name_matches
 from peftkit.foundation.io import KEY_PREFIX
+from peftkit.methods.default_targets import attention_targets
 
 LN_TUNING_INFIX = "ln_tuning_layers"
 MAX_NAMES_SHOWN = 12
@@ -44,6 +45,8 @@ class SelectiveConfig(AdapterConfig):
         norms_only: only parameters of normalization layers (a class name containing ``Norm``:
             ``nn.LayerNorm``, ``nn.RMSNorm``, ``LlamaRMSNorm``, ``T5LayerNorm``…).
         modules_to_save: modules trained as separate copies (not selected in place).
+
+    With no filter set, the model's attention projections train (as LoRA's default targets).
     """
 
     peft_type: ClassVar[str] = "SELECTIVE"
@@ -58,16 +61,14 @@ class SelectiveConfig(AdapterConfig):
             raise ValueError(
                 f"{name}.target_modules='all-linear' is a LoRA shorthand; name the modules or parameters"
             )
-        filters = (self.target_modules, self.layers_to_transform)
-        if all(f is None for f in filters) and not (self.bias_only or self.norms_only):
-            raise ValueError(
-                f"{name} selects nothing: set target_modules, layers_to_transform, bias_only=True or "
-                "norms_only=True"
-            )
 
     def resolve(self, model: nn.Module) -> SelectiveConfig:
-        """Nothing to fill in."""
-        return self
+        """No filter set: the model's attention projections (:mod:`peftkit.methods.default_targets`)."""
+        filters = (self.target_modules, self.layers_to_transform)
+        if any(f is not None for f in filters) or self.bias_only or self.norms_only:
+            return self
+        candidates = [name for name, _ in adaptable_modules(model)]
+        return self.replace(target_modules=attention_targets(model, candidates).target_modules)
 
     def build_model_adapter(self, model: nn.Module) -> SelectedParameters:
         """The selection in ``model``, with a frozen copy of the selected values.

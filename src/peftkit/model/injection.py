@@ -18,8 +18,8 @@ class Injection:
     """One adapter, built and not yet placed.
 
     Attributes:
-        config: the config as it will be kept: with a ``SEQ_CLS`` head in ``modules_to_save``, a
-            model-level config resolved against the model.
+        config: the config as it will be kept: with a ``SEQ_CLS`` head in ``modules_to_save``, default
+            targets filled in, a model-level config resolved against the model.
         targets: the paths of the modules that get a layer adapter (none for a model-level method).
         layer_adapters: path → the adapter built for the module there (its original, when wrapped).
         model_adapter: the model-level adapter (soft prompt, selective), or None.
@@ -62,6 +62,7 @@ def build_injection(
             for active in active_model_level:
                 active.activate(model)
     else:
+        config = config.with_default_targets(model)  # target_modules unset: the architecture's default
         targets = find_targets(model, config, strict=strict_targets)
     layer_adapters = {}
     for name in targets:

@@ -8,7 +8,6 @@ removing, activating, merging), :mod:`.files` (adapter files), :mod:`.merging` (
 
 from __future__ import annotations
 
-import math
 import os
 import weakref
 from collections.abc import Iterator, Sequence
@@ -23,12 +22,13 @@ from peftkit.core.adapter_config import AdapterConfig
 from peftkit.core.layer import AdapterLayer, ModulesToSave
 from peftkit.core.whole_model import ModelAdapter
 from peftkit.foundation.formatting import format_count, format_percent
-from peftkit.foundation.quantization import keep_trainable_layout
+from peftkit.foundation.quantization import keep_trainable_layout, logical_numel
 from peftkit.model import files
 from peftkit.model.adapter_set import AdapterSet
 from peftkit.model.combining import add_combination
 from peftkit.model.files import DEFAULT_ADAPTER_NAME
 from peftkit.model.merging import merge_and_unload
+from peftkit.model.plain_trainer import warn_if_plain_trainer_saves
 from peftkit.model.running import Running
 from peftkit.model.signature import subclass_for
 
@@ -193,6 +193,12 @@ class PeftModel(Running, nn.Module):
         return self._adapters.disabled()
 
     # ----------------------------------------------------------------------------- files
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict``; called by a plain ``transformers.Trainer`` to save the whole model,
+        it first warns once that ``peftkit.integrations.Trainer`` saves the adapter instead."""
+        warn_if_plain_trainer_saves()
+        return super().state_dict(*args, **kwargs)
+
     def load_adapter(
         self,
         path: str | os.PathLike[str],
@@ -347,18 +353,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     embeddings) counts once, as ``nn.Module.parameters`` yields it once."""
     trainable = total = 0
     for param in model.parameters():
-        count = _logical_numel(param)
+        count = logical_numel(param)
         total += count
         trainable += count if param.requires_grad else 0
     return trainable, total
-
-
-def _logical_numel(param: nn.Parameter) -> int:
-    """Weights a parameter stands for: a bitsandbytes 4-bit weight packs two in each stored byte."""
-    state = getattr(param, "quant_state", None)
-    if type(param).__name__ == "Params4bit" and state is not None:
-        return math.prod(state.shape)
-    return param.numel()
 
 
 def _check_module(model: object) -> None:

@@ -5,7 +5,7 @@ A packed batch (``peftkit.training.data.collate_packed``) is one row of examples
 example, and ``cu_seq_lens`` (examples + 1,), the examples' offsets. Inside :func:`packed_attention`
 the model's attention layers run :func:`packed_attention_forward`: PyTorch's
 ``scaled_dot_product_attention`` once per example with its own causal mask (``is_causal``, no mask
-tensor), so no token sees another example's, no block-diagonal mask is built, and no score across two
+tensor; a sliding-window layer's window as a mask where the example is longer), so no token sees another example's, no block-diagonal mask is built, and no score across two
 examples is computed. With the positions restarting, each example's outputs are those it has alone.
 
 Chosen by measurement (docs/design.md, "Packing"): on this CPU it beat SDPA with transformers'
@@ -14,7 +14,8 @@ has no backward on the CPU in PyTorch 2.13.
 
 The model must use transformers' attention interface (``_supports_attention_backend``), take
 ``position_ids`` and pass extra keyword arguments down to its attention (:func:`packing_support`
-checks); the Llama family (Llama, Mistral, Qwen2, SmolLM2, ...) and GPT-2 do.
+checks): Llama (SmolLM2), Mistral, Qwen2, Qwen3, Gemma 3, Phi-3 and GPT-2 do; Gemma 2 (soft-capped
+attention) does not.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "packed_attention_forward",
     "packed_inputs",
     "packing_support",
+    "sliding_causal_mask",
 ]
 
 PACKED_ATTENTION = "peftkit_packed"  # its name in transformers' AttentionInterface
@@ -74,21 +76,33 @@ def packed_attention_forward(
             f"(got {query.shape[0]} rows, cu_seq_lens_q {'missing' if cu_seq_lens_q is None else 'given'}, "
             f"mask {'given' if attention_mask is not None else 'none'})"
         )
-    offsets = cu_seq_lens_q.tolist()
-    outputs = [
-        sdpa_attention_forward(
+    window = kwargs.get("sliding_window")
+    outputs = []
+    for start, end in itertools.pairwise(cu_seq_lens_q.tolist()):
+        mask = sliding_causal_mask(end - start, window, query.device)
+        output, _ = sdpa_attention_forward(
             module,
             query[:, :, start:end],
             key[:, :, start:end],
             value[:, :, start:end],
-            None,
+            mask,
             dropout=dropout,
             scaling=scaling,
-            is_causal=True,
-        )[0]  # (1, end - start, heads, head_dim)
-        for start, end in itertools.pairwise(offsets)
-    ]
+            is_causal=mask is None,
+        )
+        outputs.append(output)  # (1, end - start, heads, head_dim)
     return torch.cat(outputs, dim=1), None
+
+
+def sliding_causal_mask(tokens: int, window: int | None, device: torch.device) -> Tensor | None:
+    """The boolean (1, 1, tokens, tokens) mask of a sliding-window layer (token i sees tokens i - window
+    + 1 to i, as transformers' ``sliding_window_overlay``), or None where plain causal attention is the
+    same (no window, or an example no longer than it)."""
+    if window is None or tokens <= window:
+        return None
+    positions = torch.arange(tokens, device=device)
+    distance = positions[:, None] - positions[None, :]  # (tokens, tokens) query minus key
+    return ((distance >= 0) & (distance < window))[None, None]
 
 
 @contextmanager
@@ -135,7 +149,8 @@ def packing_support(model: nn.Module) -> str | None:
 
     It can when it is one of transformers' causal LMs (``AutoModelForCausalLM``'s classes) that uses
     the attention interface, has no sub-models with configs of their own, takes ``position_ids`` and
-    passes other keyword arguments on, and runs ``sdpa`` or ``eager`` attention, with no soft prompt
+    passes other keyword arguments on, and runs ``sdpa`` or ``eager`` attention without soft-capping
+    (Gemma 2 soft-caps; sliding windows are kept), with no soft prompt
     (virtual tokens or prefixes go in front of a row, not of each example in it).
     """
     from peftkit.methods.soft_prompt import SoftPromptAdapter
@@ -149,6 +164,8 @@ def packing_support(model: nn.Module) -> str | None:
         return f"{name} is not a decoder-only language model"
     if not getattr(type(inner), "_supports_attention_backend", False):
         return f"{name} does not use transformers' attention interface"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return f"{name} soft-caps its attention scores, which SDPA cannot (packing needs plain attention)"
     if config._attn_implementation not in ("sdpa", "eager", PACKED_ATTENTION):
         return f"{name} runs {config._attn_implementation!r} attention (packing needs sdpa or eager)"
     parameters = inspect.signature(inner.forward).parameters

@@ -10,6 +10,7 @@ renamed into place once complete, so a crash never leaves a half-written checkpo
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from collections.abc import Callable
@@ -17,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from peftkit.foundation.io import atomic_write, publish_directory
+from peftkit.foundation.errors import UsageError
+from peftkit.foundation.io import atomic_write, publish_directory, read_tensors
 
 __all__ = [
     "CHECKPOINTS",
@@ -128,26 +130,45 @@ def load_checkpoint(
         restores right before the next step.
 
     Raises:
-        ValueError: the checkpoint's parameters do not match the model's trainable ones, or it was
-            written by a different number of processes.
+        UsageError: a file of the checkpoint is damaged (named, with the way back: delete the checkpoint
+            to resume from the one before), the checkpoint's parameters do not match the model's
+            trainable ones, or it was written by a different number of processes.
     """
-    params = load_file(str(path / PARAMS_FILE))
+    try:
+        params = read_tensors(path / PARAMS_FILE)
+    except UsageError as error:
+        raise UsageError(f"{error}; {_way_back(path)}") from error
     own = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(own):
         missing, extra = sorted(set(own) - set(params)), sorted(set(params) - set(own))
-        raise ValueError(
+        raise UsageError(
             f"checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}); "
             "was it written with another model or method?"
         )
     with torch.no_grad():
         for name, param in own.items():
             param.copy_(params[name].to(param.dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    optimizer.load_state_dict(_read_torch(path / "optimizer.pt"))
+    scheduler.load_state_dict(_read_torch(path / "scheduler.pt"))
     rng_file = path / f"rng-{rank}.pt"
     if not rng_file.is_file():
-        raise ValueError(
+        raise UsageError(
             f"checkpoint {path} has no random state for process {rank}: resume with as many processes"
         )
-    rng = torch.load(rng_file, weights_only=False)  # our own file: Python's random state is a tuple
+    rng = _read_torch(rng_file, weights_only=False)  # our own file: Python's random state is a tuple
     return json.loads((path / STATE_FILE).read_text()), rng
+
+
+def _read_torch(file: Path, weights_only: bool = True) -> Any:
+    """A ``torch.save`` file of a checkpoint; a damaged one is a :class:`UsageError` naming it."""
+    try:
+        return torch.load(file, weights_only=weights_only)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        reason = (
+            str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
+        )
+        raise UsageError(f"{file} is damaged ({reason}); {_way_back(file.parent)}") from error
+
+
+def _way_back(checkpoint: Path) -> str:
+    return f"delete {checkpoint} to resume from the checkpoint before it, or start over with --overwrite"

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "classify",
     "evaluate",
     "exact_match",
     "generate_answers",
@@ -123,6 +124,23 @@ def generate_answers(
 def median_words(references: Sequence[Sequence[str]]) -> float:
     """The median word count of the first reference of each row."""
     return statistics.median(len(refs[0].split()) for refs in references) if references else 0.0
+
+
+@torch.no_grad()
+def classify(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[int]:
+    """The class a sequence classifier gives each text, tokenized as ``seq-cls`` training does (the
+    text alone), one text at a time (no padding to get wrong).
+
+    Returns:
+        one class index per text.
+    """
+    device = next(model.parameters()).device
+    classes = []
+    for text in texts:
+        input_ids = torch.tensor([tokenizer(text)["input_ids"]], device=device)  # (1, seq)
+        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits  # (1, classes)
+        classes.append(int(logits[0].argmax()))
+    return classes
 
 
 def headline_metric(metric: str, task: str, references: Sequence[Sequence[str]]) -> str:

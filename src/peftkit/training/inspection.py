@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from torch import nn
 
 from peftkit.core.layer import AdapterLayer
 from peftkit.foundation.errors import UsageError
 from peftkit.foundation.formatting import format_table
+from peftkit.methods.default_targets import target_rule
 from peftkit.model import wrap
 from peftkit.training.method_choice import build_method_config
 from peftkit.training.reports import trainable_table
@@ -63,5 +65,17 @@ def inspect_model(config: TrainConfig, pattern: str | None = None, list_modules:
         parts.append(
             f"method {config.method}: {type(method_config).__name__} adapts {len(targets)} modules\n{shown}"
         )
+        chosen = model.peft_config["default"]
+        if method_config.target_modules is None and chosen.target_modules is not None:
+            feedforward = getattr(chosen, "feedforward_modules", None)
+            also = f"; feedforward_modules: {_spelled(feedforward)}" if feedforward else ""
+            parts.append(
+                f"target_modules (not given): {_spelled(chosen.target_modules)}{also}; chosen by "
+                f"{target_rule(model.model)}"
+            )
     parts.append(trainable_table(model))
     return "\n\n".join(parts)
+
+
+def _spelled(target_modules: str | Sequence[str]) -> str:
+    return target_modules if isinstance(target_modules, str) else ", ".join(target_modules)

@@ -21,6 +21,7 @@ from peftkit.foundation.formatting import (
     format_table,
 )
 from peftkit.foundation.io import atomic_write
+from peftkit.foundation.quantization import logical_numel
 
 if TYPE_CHECKING:
     from peftkit.training.result import TrainResult
@@ -42,6 +43,8 @@ PLOT_FILE = "loss.png"
 def trainable_table(model: nn.Module) -> str:
     """The trainable parameters grouped by module (layer indices folded into ``*``), with totals.
 
+    Counts are weights (a 4-bit weight's packed bytes count twice: :func:`logical_numel`), as in
+    ``count_parameters`` and the run's summary.
     Example row: ``model.layers.*.self_attn.q_proj   30   92,160``.
     """
     from peftkit.model import PeftModel
@@ -50,15 +53,16 @@ def trainable_table(model: nn.Module) -> str:
     groups: dict[str, list[int]] = {}
     trainable = total = 0
     for name, param in model.named_parameters():
-        total += param.numel()
+        count = logical_numel(param)
+        total += count
         if not param.requires_grad:
             continue
-        trainable += param.numel()
+        trainable += count
         module = name.split(".adapters.")[0] if ".adapters." in name else name.rsplit(".", 1)[0]
         key = re.sub(r"\.\d+(?=\.|$)", ".*", module.removeprefix(strip))
         entry = groups.setdefault(key, [0, 0])
         entry[0] += 1
-        entry[1] += param.numel()
+        entry[1] += count
     rows: list[list[Any]] = [[key, n, p] for key, (n, p) in groups.items()]
     share = 100 * trainable / max(total, 1)
     rows.append(["total trainable", "", trainable])
@@ -169,7 +173,7 @@ def summarize(result: TrainResult, train_time: float) -> tuple[str, dict[str, An
             f"{result.trainable:,} of {format_count(result.total)} ({format_percent(share)})",
         ],
         ["steps", f"{result.steps}"],
-        ["wall time", f"{format_duration(result.wall_time_s)} (training {format_duration(train_time)})"],
+        ["wall time", _times_text(result.wall_time_s, train_time, result.sessions)],
         ["tokens/s", f"{result.tokens_per_s:.0f} (training, all processes)"],
         ["tokens", _tokens_text(result)],
         ["peak memory", _memory_text(result.peak_memory_bytes)],
@@ -188,6 +192,7 @@ def summarize(result: TrainResult, train_time: float) -> tuple[str, dict[str, An
         "steps": result.steps,
         "wall_time_s": result.wall_time_s,
         "train_time_s": train_time,
+        "sessions": result.sessions,
         "tokens_per_s": result.tokens_per_s,
         "tokens": result.tokens,
         "padding_tokens": result.padding_tokens,
@@ -214,6 +219,12 @@ def _tokens_text(result: TrainResult) -> str:
         text += f"; {data.stats['examples']} examples packed into {data.stats['packed_rows']} rows"
     truncated = data.stats.get("truncated", 0) if data is not None else 0
     return text + (f"; {truncated} examples truncated to max_length" if truncated else "")
+
+
+def _times_text(wall: float, training: float, sessions: int) -> str:
+    """``"2m10s (training 1m40s)"``, saying so when the times add up the sessions of a resumed run."""
+    times = f"{format_duration(wall)} (training {format_duration(training)}"
+    return times + (f"; both since step 0, over {sessions} sessions)" if sessions > 1 else ")")
 
 
 def peak_memory() -> int:

@@ -33,6 +33,7 @@ __all__ = [
     "CONFIG_FILE",
     "RESUMABLE_CHANGES",
     "SUMMARY_FILE",
+    "base_model_config",
     "check_output_dir",
     "load_base_model",
     "prepare_output_dir",
@@ -63,22 +64,23 @@ RESUMABLE_CHANGES = frozenset(
 
 
 def load_base_model(config: TrainConfig) -> tuple[nn.Module, Any]:
-    """The base model and tokenizer of ``config`` (``model``, ``task``, ``dtype``, ``quantize``).
+    """The base model and tokenizer of ``config`` (``model``, ``task``, ``dtype``, ``quantize``; for
+    ``seq-cls`` its ``labels``: a classification head with one output per label, named in the config).
 
     Raises:
         UsageError: the model cannot be found or read, or it has no tokenizer.
     """
-    from peftkit.foundation.loading import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, load_model
+    from peftkit.foundation.loading import load_model
 
-    name = DEFAULT_MODEL if config.model == DEFAULT_MODEL_HUB_ID else config.model
     quantize = None if config.quantize == "none" else config.quantize
     try:
         model, tokenizer = load_model(
-            name,
+            _model_name(config),
             task=config.task,
             dtype=config.dtype,
             quantize=quantize,
             quantization_options=config.quantize_options if quantize else None,
+            labels=config.labels if config.task == "seq-cls" else None,
         )
     except UsageError:
         raise  # already says what to do (e.g. the install command bitsandbytes needs)
@@ -88,6 +90,20 @@ def load_base_model(config: TrainConfig) -> tuple[nn.Module, Any]:
     if tokenizer is None:
         raise UsageError(f"model {config.model!r} has no tokenizer files; add them to that directory")
     return model, tokenizer
+
+
+def base_model_config(config: TrainConfig) -> Any:
+    """The transformers config of ``config.model`` as its checkpoint has it (before ``labels``)."""
+    from peftkit.foundation.loading import model_config
+
+    return model_config(_model_name(config))
+
+
+def _model_name(config: TrainConfig) -> str:
+    """``config.model`` as :func:`~peftkit.foundation.loading.load_model` takes it."""
+    from peftkit.foundation.loading import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID
+
+    return DEFAULT_MODEL if config.model == DEFAULT_MODEL_HUB_ID else config.model
 
 
 def check_output_dir(config: TrainConfig) -> None:
@@ -111,7 +127,8 @@ def check_output_dir(config: TrainConfig) -> None:
     before = yaml.safe_load(saved.read_text()) or {}
     if before.get("method") == config.method:  # a file of older peftkit: options unresolved
         before["method_options"] = resolved_options(config.method, before.get("method_options") or {})
-    before = {**TrainConfig().to_dict(), **before}  # keys newer than the file: their defaults
+    # keys newer than the file: their defaults; labels, which the data gives when unset: as now
+    before = {**TrainConfig().to_dict(), "labels": config.labels, **before}
     now = config.to_dict()
     changed = [k for k in now if k not in RESUMABLE_CHANGES and before[k] != now[k]]
     if changed:

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from peftkit.core.targeting import CLASSIFIER_HEAD_NAMES
 from peftkit.foundation.errors import UsageError
-from peftkit.foundation.io import CONFIG_NAME
+from peftkit.foundation.io import CONFIG_NAME, WEIGHTS_NAME
 from peftkit.model import load
 from peftkit.training.data import encode
-from peftkit.training.run_directory import CONFIG_FILE, load_base_model
+from peftkit.training.run_directory import CONFIG_FILE, base_model_config, load_base_model
 from peftkit.training.train_config import TrainConfig, load_config
 
 if TYPE_CHECKING:
@@ -48,8 +49,9 @@ def run_config(path: str | Path, model: str | None = None) -> TrainConfig:
     """The settings a run was trained with: its ``train_config.yaml``, else what the directory tells.
 
     Without ``train_config.yaml`` the base model and task come from ``adapter_config.json`` (or the
-    directory is the model), nothing else is assumed: ``prompt_template`` and ``system_prompt`` are
-    None and ``data`` is :data:`NO_DATA`; the other keys keep their defaults.
+    directory is the model: a classifier when its ``config.json`` names one), nothing else is assumed:
+    ``prompt_template`` and ``system_prompt`` are None and ``data`` is :data:`NO_DATA`; the other keys
+    keep their defaults.
 
     Args:
         path: a run directory, an adapter directory, or a full model directory.
@@ -74,7 +76,11 @@ def run_config(path: str | Path, model: str | None = None) -> TrainConfig:
             overrides["task"] = _TASKS_BY_TYPE[adapter["task_type"]]
         config = load_config(None, {**overrides, "data": NO_DATA})
     elif (path / _MODEL_CONFIG).is_file():
-        config = load_config(None, {**overrides, "model": str(path), "method": "full", "data": NO_DATA})
+        overrides.update(model=str(path), method="full", data=NO_DATA)
+        architectures = json.loads((path / _MODEL_CONFIG).read_text()).get("architectures") or []
+        if any(name.endswith("ForSequenceClassification") for name in architectures):
+            overrides["task"] = "seq-cls"  # a merged classifier: its head and id2label are in config.json
+        config = load_config(None, overrides)
     else:
         raise UsageError(f"{path} holds no {CONFIG_NAME} (adapter) or {_MODEL_CONFIG} (model)")
     return config if model is None else config.replace(model=model)
@@ -86,7 +92,8 @@ def load_run(
     """Load a run's model: the base model with the run's adapter (``adapter=False``: the base alone).
 
     A directory holding a whole model (a full fine-tuning run, the output of ``peftkit merge``) loads
-    as that model; ``adapter=False`` then gives the base model it started from.
+    as that model, quantized only if its ``config.json`` says so; ``adapter=False`` then gives the base
+    model it started from.
 
     Returns:
         ``(model, tokenizer, config)``, the model in eval mode, ``config`` from :func:`run_config`.
@@ -95,9 +102,14 @@ def load_run(
     config = run_config(path, model)
     has_adapter = (path / CONFIG_NAME).is_file()
     if adapter and not has_adapter and model is None and (path / _MODEL_CONFIG).is_file():
-        config_for_load = config.replace(model=str(path))
+        # The model's own config.json decides how it loads: a merged QLoRA run is a float model although
+        # its copied train_config.yaml says `quantize: nf4`; a re-quantized merge records its
+        # quantization_config there, which from_pretrained applies by itself.
+        config_for_load = config.replace(model=str(path), quantize="none")
     else:
         config_for_load = config
+    if adapter and has_adapter and config.task == "seq-cls" and not config.labels:
+        config_for_load = _with_saved_head_size(config_for_load, path)
     base, tokenizer = load_base_model(config_for_load)
     if adapter and has_adapter:
         try:
@@ -105,6 +117,31 @@ def load_run(
         except (ValueError, FileNotFoundError) as e:
             raise UsageError(f"cannot load the adapter in {path}: {e}") from e
     return base.eval(), tokenizer, config
+
+
+def _with_saved_head_size(config: TrainConfig, path: Path) -> TrainConfig:
+    """``config`` with as many (transformers' placeholder) labels as the classification head saved with
+    the adapter in ``path`` has outputs, where that is not the base's count; a run records its labels,
+    an adapter copied alone does not."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as weights:
+            heads = [key for key in weights.keys() if _is_head_weight(key)]  # noqa: SIM118 (not a dict)
+            shapes = [weights.get_slice(key).get_shape() for key in heads]
+    except (SafetensorError, OSError):
+        return config  # loading the adapter says what is wrong with the file
+    outputs = min((shape[0] for shape in shapes if len(shape) == 2), default=None)
+    if outputs is None or outputs == base_model_config(config).num_labels:
+        return config
+    return config.replace(labels=[f"LABEL_{i}" for i in range(outputs)])
+
+
+def _is_head_weight(key: str) -> bool:
+    """Whether an adapter file's ``key`` is a weight of a saved classification head
+    (``base_model.model.classifier.weight``, RoBERTa's ``….classifier.out_proj.weight``…)."""
+    parts = key.split(".")
+    return len(parts) > 3 and parts[2] in CLASSIFIER_HEAD_NAMES and parts[-1] == "weight"
 
 
 def build_prompt(

@@ -81,6 +81,13 @@ class TrainConfig:
     data_format: str = _key("auto", "row layout", choices=DATA_FORMATS)
     prompt_column: str = _key("prompt", "prompt_completion: the prompt column")
     completion_column: str = _key("completion", "prompt_completion: the answer column")
+    labels: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "seq-cls: the class names in id order (the model's id2label); default: the training "
+            "rows' labels, numbers in numeric order, then names A-Z. Recorded in train_config.yaml"
+        },
+    )
     instruction_column: str = _key("instruction", "instruction format: the instruction column")
     input_column: str = _key("input", "instruction format: the (optional) input column")
     output_column: str = _key("output", "instruction format: the answer column")
@@ -137,7 +144,11 @@ class TrainConfig:
     max_new_tokens: int = _key(0, "generation length for scoring; 0: longest reference + 8")
     # --- output
     output_dir: str = _key("out/train", "where the adapter, metrics, plots and checkpoints go")
-    save_every: int = _key(0, "checkpoint every N steps; 0: only at the end")
+    save_every: int = _key(
+        0,
+        "checkpoint every N steps and at the last (for --resume); 0: none, but Ctrl-C still writes one "
+        "(the adapter itself is saved at the end either way)",
+    )
     keep_checkpoints: int = _key(2, "how many recent checkpoints to keep")
     log_every: int = _key(1, "log the training loss every N steps")
     overwrite: bool = _key(False, "replace an existing output_dir")
@@ -277,12 +288,16 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return str(value)
     elif kind.startswith("list"):
         value = [value] if isinstance(value, str) else value
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, (list, tuple)) or not all(_is_name(v) for v in value):
             raise bad
-        return list(value)
+        return [str(v) for v in value]  # YAML reads `labels: [0, 1]` as numbers
     elif kind.startswith("dict") and not isinstance(value, Mapping):
         raise UsageError(f"{name} in {source} must be a mapping such as {{r: 8}}, not {value!r}")
     return value
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
 
 
 # (field, test, what it must be): checked after every change
@@ -307,6 +322,15 @@ _RULES = (
     ("log_every", lambda v: v >= 1, "at least 1"),
     ("threads", lambda v: v >= 0, "0 (automatic) or more"),
 )
+
+
+def _check_labels(labels: list[str], task: str, source: str) -> None:
+    if task != "seq-cls":
+        raise UsageError(f"labels (from {source}) name a classifier's classes: add --task seq-cls")
+    repeated = sorted({name for name in labels if labels.count(name) > 1})
+    if len(labels) < 2 or repeated:
+        what = f"names {repeated[0]!r} twice" if repeated else f"has {len(labels)}"
+        raise UsageError(f"labels (from {source}) {what}; give two or more distinct class names")
 
 
 def _validate(config: TrainConfig, source: str) -> None:
@@ -342,6 +366,8 @@ def _validate(config: TrainConfig, source: str) -> None:
             f"loraplus_lr_ratio (from {source}) applies to optimizer lora-plus, not {config.optimizer!r}; "
             "add --optimizer lora-plus"
         )
+    if config.labels is not None:
+        _check_labels(config.labels, config.task, source)
     if config.resume and config.overwrite:
         raise UsageError(
             "resume and overwrite exclude each other: resume keeps output_dir, overwrite replaces it"

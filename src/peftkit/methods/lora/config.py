@@ -16,7 +16,9 @@ from typing import Any, ClassVar, NamedTuple
 from torch import nn
 
 from peftkit.core.adapter_config import AdapterConfig
+from peftkit.core.targeting import adaptable_modules
 from peftkit.foundation.modules import is_conv1d
+from peftkit.methods.default_targets import attention_targets
 from peftkit.methods.lora.adapters import LoraConv, LoraEmbedding, LoraLinear, lora_scaling
 from peftkit.methods.lora.dora import DoraLinear
 from peftkit.methods.lora.loftq import LOFTQ_INIT, replace_lora_weights_loftq
@@ -138,6 +140,14 @@ class LoraConfig(AdapterConfig):
 
     def is_supported(self, module: nn.Module) -> bool:
         return isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)) or is_conv1d(module)
+
+    def with_default_targets(self, model: nn.Module) -> LoraConfig:
+        """Unset ``target_modules``: the model's attention projections (queries, keys, values and output,
+        where Hugging Face PEFT's table picks queries and values only)."""
+        if self.target_modules is not None:
+            return self
+        candidates = [name for name, module in adaptable_modules(model) if self.is_supported(module)]
+        return self.replace(target_modules=attention_targets(model, candidates).target_modules)
 
     def build_adapter(self, module_name: str, base: nn.Module) -> nn.Module:
         r, alpha = self.rank_for(module_name), self.alpha_for(module_name)

@@ -38,6 +38,7 @@ from peftkit.training.data.prepare import (
     pack_training_rows,
     packing_blocker,
     prepare_data,
+    with_labels,
 )
 from peftkit.training.data.tables import load_table
 
@@ -55,4 +56,5 @@ __all__ = [
     "position_ids",
     "prepare_data",
     "to_chats",
+    "with_labels",
 ]

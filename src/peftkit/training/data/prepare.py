@@ -14,7 +14,7 @@ from peftkit.foundation.errors import UsageError
 from peftkit.training.data.chats import DataFormat, to_chats
 from peftkit.training.data.packing import pack
 from peftkit.training.data.tables import load_table, missing_column
-from peftkit.training.data.tokenization import tokenize, tokenize_classification
+from peftkit.training.data.tokenization import ordered_labels, tokenize, tokenize_classification
 
 if TYPE_CHECKING:
     import datasets
@@ -31,6 +31,7 @@ __all__ = [
     "packing_blocker",
     "padded_fill",
     "prepare_data",
+    "with_labels",
 ]
 
 PACKING_PAYS_BELOW = 0.9  # packing is on by default when padded batches would be less full than this
@@ -95,19 +96,11 @@ def prepare_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
     """
     fmt = DataFormat.from_config(config)
     train_path, validation_path = data_files(config)
-    table = load_table(train_path)
-    validation = load_table(validation_path) if validation_path else None
-    if validation is None and config.validation_split > 0:
-        if len(table) < 2:
-            raise UsageError(f"{train_path} has {len(table)} example; validation_split needs at least 2")
-        split = table.train_test_split(test_size=config.validation_split, seed=config.seed)
-        table, validation = split["train"], split["test"]
-    if validation is not None and config.validation_rows:
-        validation = validation.select(range(min(config.validation_rows, len(validation))))
+    table, validation = _tables(config, train_path, validation_path)
 
     if config.task == "seq-cls":
         train, stats, names = tokenize_classification(
-            table, tokenizer, fmt, config.max_length, None, str(train_path)
+            table, tokenizer, fmt, config.max_length, config.labels, str(train_path)
         )
         val = None
         if validation is not None:
@@ -185,6 +178,46 @@ def padded_fill(lengths: Sequence[int], batch_size: int, seed: int) -> float:
         real += sum(batch)
         padded += len(batch) * max(batch)
     return real / padded if padded else 1.0
+
+
+def with_labels(config: TrainConfig) -> TrainConfig:
+    """``config`` with ``labels`` set for ``seq-cls``: the training rows' labels when unset (numbers in
+    numeric order, then names A-Z); other tasks' configs unchanged. The classification head gets one
+    output per label, and ``id2label`` names them.
+
+    Raises:
+        UsageError: as :func:`prepare_data` (a missing file or column).
+    """
+    if config.task != "seq-cls" or config.labels:
+        return config
+    train_path, validation_path = data_files(config)
+    table, _ = _tables(config, train_path, validation_path)
+    column = config.completion_column
+    if column not in table.column_names:
+        raise missing_column(column, list(table.column_names), str(train_path))
+    labels = ordered_labels(table[column])
+    if len(labels) < 2:
+        raise UsageError(
+            f"the training rows of {train_path} have {len(labels)} label ({labels}) in column {column!r}; "
+            "a classifier needs two or more"
+        )
+    return config.replace(labels=labels)
+
+
+def _tables(
+    config: TrainConfig, train_path: Path, validation_path: Path | None
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The training rows and the held-out rows (a seeded split of the training file unless given)."""
+    table = load_table(train_path)
+    validation = load_table(validation_path) if validation_path else None
+    if validation is None and config.validation_split > 0:
+        if len(table) < 2:
+            raise UsageError(f"{train_path} has {len(table)} example; validation_split needs at least 2")
+        split = table.train_test_split(test_size=config.validation_split, seed=config.seed)
+        table, validation = split["train"], split["test"]
+    if validation is not None and config.validation_rows:
+        validation = validation.select(range(min(config.validation_rows, len(validation))))
+    return table, validation
 
 
 def data_files(config: TrainConfig) -> tuple[Path, Path | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from peftkit.foundation.errors import UsageError
@@ -13,7 +14,7 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["KEEP_TOKENS", "shorten", "tokenize", "tokenize_classification"]
+__all__ = ["KEEP_TOKENS", "ordered_labels", "shorten", "tokenize", "tokenize_classification"]
 
 KEEP_TOKENS = 16  # truncation keeps a prompt's first and last this many tokens
 
@@ -104,13 +105,16 @@ def tokenize_classification(
         if column not in columns:
             raise missing_column(column, columns, source)
     if label_names is None:
-        label_names = sorted({str(v) for v in table[fmt.completion_column]}, key=_label_order)
+        label_names = ordered_labels(table[fmt.completion_column])
     index = {name: i for i, name in enumerate(label_names)}
 
     def run(row: dict[str, Any]) -> dict[str, Any]:
         label = str(row[fmt.completion_column])
         if label not in index:
-            raise UsageError(f"label {label!r} in {source} was not seen in training (labels: {label_names})")
+            raise UsageError(
+                f"label {label!r} in {source} is not one of the run's labels {label_names} (the training "
+                "rows' labels, unless set with labels)"
+            )
         ids = tokenizer(str(row[fmt.prompt_column]))["input_ids"]
         return {
             "input_ids": ids[:max_length],
@@ -124,6 +128,12 @@ def tokenize_classification(
     rows = table.map(run, remove_columns=columns, keep_in_memory=True)
     stats = {"examples": len(rows), "truncated": sum(rows["truncated"]), "dropped": 0}
     return rows.remove_columns(["truncated"]), stats, label_names
+
+
+def ordered_labels(values: Iterable[Any]) -> list[str]:
+    """The distinct labels among ``values`` as class names in id order: numbers in numeric order, then
+    names alphabetically."""
+    return sorted({str(v) for v in values}, key=_label_order)
 
 
 def _label_order(name: str) -> tuple[int, Any]:

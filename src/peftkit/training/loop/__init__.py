@@ -34,6 +34,7 @@ from torch import nn
 
 from peftkit.foundation.errors import UsageError
 from peftkit.training.checkpoints import rng_state
+from peftkit.training.data import with_labels
 from peftkit.training.loop.context import THREAD_CHECK_EVERY, RunContext, set_threads
 from peftkit.training.loop.scoring import evaluate_run
 from peftkit.training.loop.setup import RunSetup, set_up
@@ -86,9 +87,10 @@ def train(config: TrainConfig, on_step: OnStep | None = None, evaluate_before: b
 
 
 def _resolved(config: TrainConfig) -> TrainConfig:
-    """``config`` as the run uses it: the bundled task's settings and the method's default options in
-    (so ``train_config.yaml`` records what really trained, not ``method_options: {}``)."""
-    config = with_task_defaults(config)
+    """``config`` as the run uses it: the bundled task's settings, the method's default options and a
+    classifier's labels in (so ``train_config.yaml`` records what really trained, not
+    ``method_options: {}``, and every command reloads a classifier with its head's size and names)."""
+    config = with_labels(with_task_defaults(config))
     return config.replace(method_options=resolved_options(config.method, config.method_options))
 
 

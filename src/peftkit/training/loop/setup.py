@@ -15,6 +15,7 @@ from torch import nn
 
 from peftkit.core.whole_model import is_model_level
 from peftkit.foundation.errors import UsageError
+from peftkit.foundation.quantization import describe_precision
 from peftkit.model import PeftModel, wrap
 from peftkit.objectives import Objective
 from peftkit.objectives.tokens import token_objective
@@ -25,7 +26,12 @@ from peftkit.training.loop.order import BatchOrder
 from peftkit.training.method_choice import build_method_config
 from peftkit.training.optimization import build_optimizer, build_scheduler, check_optimizer
 from peftkit.training.reports import trainable_table
-from peftkit.training.run_directory import check_output_dir, load_base_model, prepare_output_dir
+from peftkit.training.run_directory import (
+    base_model_config,
+    check_output_dir,
+    load_base_model,
+    prepare_output_dir,
+)
 from peftkit.training.sharding import check_shardable, shard
 from peftkit.training.train_config import TrainConfig
 
@@ -66,11 +72,14 @@ def set_up(context: RunContext) -> RunSetup:
     check_optimizer(config, method_config)
     if context.sharded:
         check_shardable(config.quantize, is_model_level(method_config), config.save_every, config.resume)
-    context.say(f"peftkit train: {config.method} on {config.model} ({config.task}, {config.dtype})")
+    precision = describe_precision(config.quantize, config.dtype, config.quantize_options)
+    context.say(f"peftkit train: {config.method} on {config.model} ({config.task}, {precision})")
     check_data(config)  # bad data is reported before the model loads
     model, tokenizer, data = _load(config, method_config)
     blocker = packing_blocker(config, model, method_config)
     data = pack_training_rows(data, config, blocker)
+    if config.labels:
+        context.say(head_note(config, full_model=method_config is None))
     if context.sharded:
         shard(model)
     order = BatchOrder(
@@ -119,17 +128,25 @@ def _load(config: TrainConfig, method_config: Any) -> tuple[nn.Module, Any, Prep
     """The base model with the method applied (seeded), its tokenizer, and the tokenized data."""
     from accelerate.utils import set_seed
 
-    model, tokenizer = load_base_model(config)
+    model, tokenizer = load_base_model(config)  # seq-cls: a head of len(config.labels) outputs
     data = prepare_data(config, tokenizer)
-    labels = getattr(model.config, "num_labels", None)
-    if data.label_names is not None and len(data.label_names) != labels:
-        raise UsageError(
-            f"the data has {len(data.label_names)} labels {data.label_names} but {config.model} has a "
-            f"{labels}-label classification head; use data with {labels} labels or a model with "
-            f"{len(data.label_names)} (config.json num_labels)"
-        )
     set_seed(config.seed)  # adapter initialisation
     return apply_method(model, method_config, config), tokenizer, data
+
+
+def head_note(config: TrainConfig, full_model: bool) -> str:
+    """A classifier's labels, and whether its head is new: the run's label count is not its checkpoint's
+    (the head is then initialised afresh, as transformers' ``ignore_mismatched_sizes`` does)."""
+    labels = config.labels or []
+    named = f"labels: {', '.join(f'{i}={name}' for i, name in enumerate(labels))}"
+    found = base_model_config(config).num_labels
+    if found == len(labels):
+        return named
+    kept = "the model" if full_model else "the adapter (modules_to_save)"
+    return (
+        f"{named}; {config.model} has {found} (config.json num_labels), so a new {len(labels)}-label "
+        f"head is initialised, trained and saved with {kept}"
+    )
 
 
 def apply_method(model: nn.Module, method_config: Any, config: TrainConfig) -> nn.Module:

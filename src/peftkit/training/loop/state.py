@@ -1,14 +1,15 @@
 """Where a run stands, and what it saves: resuming from a checkpoint, writing one, the final adapter.
 
 A checkpoint (:mod:`peftkit.training.checkpoints`) holds the trainable parameters, optimizer, scheduler,
-each process's random state right after its step, and ``before``, ``train_time``, ``tokens_seen`` and
-``padding_seen`` of :class:`LoopState`; the data order needs only the step number
-(:mod:`~peftkit.training.loop.order`).
+each process's random state right after its step, and ``before``, ``train_time``, ``tokens_seen``,
+``padding_seen``, the wall time and the number of sessions so far (:class:`LoopState`); the data order
+needs only the step number (:mod:`~peftkit.training.loop.order`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,13 @@ from peftkit.training.loop.setup import RunSetup
 from peftkit.training.reports import METRICS_FILE, truncate_metrics
 from peftkit.training.sharding import full_parameters, with_full_state_dict
 
-__all__ = ["LoopState", "save_final", "save_step", "start_state"]
+__all__ = ["LoopState", "save_final", "save_step", "start_state", "wall_time"]
 
 
 @dataclass
 class LoopState:
-    """Where the run stands; ``before``, ``train_time``, ``tokens_seen`` and ``padding_seen`` go into each
-    checkpoint."""
+    """Where the run stands; ``before``, ``train_time``, ``tokens_seen``, ``padding_seen``, the wall time
+    (:func:`wall_time`) and ``sessions`` go into each checkpoint. Times count every session since step 0."""
 
     step: int = 0
     first_step: int = 0
@@ -41,6 +42,8 @@ class LoopState:
     train_time: float = 0.0  # seconds in optimizer steps (no evaluation, no saving)
     tokens_seen: int = 0  # real tokens trained on
     padding_seen: int = 0  # padding tokens computed alongside them
+    earlier_wall_time: float = 0.0  # seconds the sessions before this one ran, up to the checkpoint resumed
+    sessions: int = 1  # this process's run and the ones it resumed
     losses: list[float] = field(default_factory=list)
     rng: dict[str, Any] = field(default_factory=dict)  # the random state right after the last step
     checkpoint: Path | None = None
@@ -61,6 +64,9 @@ def start_state(context: RunContext, setup: RunSetup) -> LoopState:
             train_time=saved["train_time"],
             tokens_seen=saved["tokens_seen"],
             padding_seen=saved.get("padding_seen", 0),  # absent from checkpoints before packing
+            # a checkpoint of older peftkit has no wall time: its training time is the closest bound
+            earlier_wall_time=saved.get("wall_time", saved["train_time"]),
+            sessions=saved.get("sessions", 1) + 1,
             checkpoint=checkpoint,
         )
         if context.main:
@@ -69,6 +75,11 @@ def start_state(context: RunContext, setup: RunSetup) -> LoopState:
         restore_rng(rng)
     state.rng = rng_state()
     return state
+
+
+def wall_time(context: RunContext, state: LoopState) -> float:
+    """Seconds the run has taken so far, over all its sessions (as its ``train_time`` counts them)."""
+    return state.earlier_wall_time + time.perf_counter() - context.start
 
 
 def save_step(context: RunContext, setup: RunSetup, state: LoopState) -> Path:
@@ -86,6 +97,8 @@ def save_step(context: RunContext, setup: RunSetup, state: LoopState) -> Path:
             "train_time": state.train_time,
             "tokens_seen": state.tokens_seen,
             "padding_seen": state.padding_seen,
+            "wall_time": wall_time(context, state),
+            "sessions": state.sessions,
         },
         keep=context.config.keep_checkpoints,
         barrier=context.wait_for_everyone,

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from peftkit.model import count_parameters
 from peftkit.training.loop.context import RunContext
 from peftkit.training.loop.setup import RunSetup
-from peftkit.training.loop.state import LoopState
+from peftkit.training.loop.state import LoopState, wall_time
 from peftkit.training.method_choice import method_entry
 from peftkit.training.reports import (
     METRICS_FILE,
@@ -73,7 +72,8 @@ def finish(
         tokens_per_s=state.tokens_seen / max(state.train_time, 1e-9),
         tokens=state.tokens_seen,
         padding_tokens=state.padding_seen,
-        wall_time_s=time.perf_counter() - context.start,
+        wall_time_s=wall_time(context, state),
+        sessions=state.sessions,
         peak_memory_bytes=peak_memory(),
         stopped=state.stopped,
         checkpoint=state.checkpoint,
