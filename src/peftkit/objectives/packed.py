@@ -5,8 +5,9 @@ A packed batch (``peftkit.training.data.collate_packed``) is one row of examples
 example, and ``cu_seq_lens`` (examples + 1,), the examples' offsets. Inside :func:`packed_attention`
 the model's attention layers run :func:`packed_attention_forward`: PyTorch's
 ``scaled_dot_product_attention`` once per example with its own causal mask (``is_causal``, no mask
-tensor; a sliding-window layer's window as a mask where the example is longer), so no token sees another example's, no block-diagonal mask is built, and no score across two
-examples is computed. With the positions restarting, each example's outputs are those it has alone.
+tensor; a sliding-window layer's window as a mask where the example is longer), so no token sees
+another example's, no block-diagonal mask is built, and no score across two examples is computed.
+With the positions restarting, each example's outputs are those it has alone.
 
 Chosen by measurement (docs/design.md, "Packing"): on this CPU it beat SDPA with transformers'
 block-diagonal mask (built from restarting ``position_ids``) in time and memory, and flex attention
