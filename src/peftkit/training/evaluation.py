@@ -36,13 +36,16 @@ __all__ = [
     "exact_match",
     "generate_answers",
     "headline_metric",
+    "length_batches",
     "median_words",
+    "padding_tokens",
     "rouge",
     "text_loss",
 ]
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 ANSWER_MARGIN = 8  # generated tokens beyond the longest reference: room to overshoot, and be scored wrong
+GENERATION_BATCH = 32  # prompts generated together (batches of similar lengths)
 SHORT_ANSWER_WORDS = 16  # "auto" scores answers of up to this many words (median) by exact match
 
 
@@ -76,7 +79,7 @@ def generate_answers(
     prompts: Sequence[Sequence[int]],
     task: str,
     max_new_tokens: int,
-    batch_size: int = 32,
+    batch_size: int = GENERATION_BATCH,
     progress: Callable[[int], Any] | None = None,
 ) -> list[str]:
     """Greedy answers to tokenized prompts (left-padded for decoder-only models), in batches of prompts
@@ -92,10 +95,8 @@ def generate_answers(
     """
     pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
-    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: dict[int, str] = {}
-    for start in range(0, len(prompts), batch_size):
-        members = by_length[start : start + batch_size]
+    for members in length_batches([len(p) for p in prompts], batch_size):
         chunk = [list(prompts[i]) for i in members]
         width = max(len(p) for p in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
@@ -119,6 +120,18 @@ def generate_answers(
         if progress is not None:
             progress(len(chunk))
     return [answers[i] for i in range(len(prompts))]
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices of ``lengths`` sorted by length (stable), cut into batches of ``batch_size``: rows of
+    similar lengths together, so padding them to the longest costs little."""
+    by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [by_length[start : start + batch_size] for start in range(0, len(by_length), batch_size)]
+
+
+def padding_tokens(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
+    """The padding tokens of ``batches`` (indices into ``lengths``), each padded to its longest row."""
+    return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches if b)
 
 
 def median_words(references: Sequence[Sequence[str]]) -> float:
@@ -175,7 +188,8 @@ def evaluate(
 
     Returns:
         ``{"loss", "perplexity", "padding_tokens", ...}``; with generation also ``"scored"`` (rows
-        generated) and ``"samples"``, up to three ``{"answer", "reference"}``.
+        generated), ``"prompt_padding_tokens"`` (the prompts' padding in their generation batches)
+        and ``"samples"``, up to three ``{"answer", "reference"}``.
     """
     from tqdm.auto import tqdm
 
@@ -211,9 +225,8 @@ def _loss_scores(
     pad_id = pad_token_id(tokenizer)
     total = count = 0.0
     correct = padding = 0
-    by_length = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    for start in range(0, len(rows), batch_size):
-        chunk = rows.select(by_length[start : start + batch_size])
+    for members in length_batches([len(ids) for ids in rows["input_ids"]], batch_size):
+        chunk = rows.select(members)
         batch = {k: v.to(device) for k, v in collate(list(chunk), pad_id).items()}
         logits = forward_logits(model, batch, task)
         batch_loss, batch_count = token_loss_sum(logits, batch["labels"], task)
@@ -263,10 +276,11 @@ def _generation_scores(
     if max_new_tokens <= 0:
         longest = max(len(tokenizer(r[0], add_special_tokens=False)["input_ids"]) for r in references)
         max_new_tokens = longest + ANSWER_MARGIN
-    answers = generate_answers(
-        model, tokenizer, scored["prompt_ids"], task, max_new_tokens, progress=bar.update
-    )
+    prompts = scored["prompt_ids"]
+    answers = generate_answers(model, tokenizer, prompts, task, max_new_tokens, GENERATION_BATCH, bar.update)
+    lengths = [len(p) for p in prompts]
     return {
+        "prompt_padding_tokens": padding_tokens(lengths, length_batches(lengths, GENERATION_BATCH)),
         "exact_match": exact_match(answers, references),
         **rouge(answers, references),
         "scored": len(answers),
