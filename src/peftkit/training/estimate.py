@@ -53,7 +53,7 @@ def estimate_run(config: TrainConfig) -> tuple[MemoryEstimate, list[str]]:
         )
     tokenizer = load_tokenizer(config.model)
     if tokenizer is None:
-        seq, packed = config.max_length, config.packing is not False
+        seq, packed = config.max_length, config.packing is True  # equal rows: packing would not pay
         notes.append(
             f"no tokenizer for {config.model}: rows assumed max_length={seq} tokens long"
             + (", packed (no padding, no mask)" if packed else ", padded")
