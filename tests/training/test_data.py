@@ -1,4 +1,5 @@
-"""peftkit.training.data: file loading, row layouts, prompt masking, truncation, packing, collation."""
+"""peftkit.training.data: file loading, row layouts, prompt masking, truncation, collation (packing:
+test_packing.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import torch
 from peftkit.foundation.errors import UsageError
 from peftkit.foundation.tasks import IGNORE_INDEX
 from peftkit.training.data import DataFormat, collate, encode, load_table, prepare_data, to_chats
-from peftkit.training.data.packing import pack
 from peftkit.training.data.tables import is_dataset_name
 from peftkit.training.data.tokenization import tokenize
 from peftkit.training.evaluation import headline_metric
@@ -214,21 +214,6 @@ def test_truncation_keeps_the_answer_when_it_can_and_is_counted(tmp_path: Path, 
     long_answer = out[2]
     assert len(long_answer["input_ids"]) == 64
     assert tokenizer.decode([t for t in long_answer["labels"] if t != IGNORE_INDEX]).startswith("long answer")
-
-
-def test_packing_keeps_whole_examples_in_order(tokenizer) -> None:
-    import datasets
-
-    rows = datasets.Dataset.from_dict(
-        {
-            "input_ids": [[1] * 5, [2] * 4, [3] * 7, [4] * 2],
-            "labels": [[-100, 1, 1, 1, 1], [2] * 4, [3] * 7, [4, -100]],
-        }
-    )
-    packed = pack(rows, max_length=10)
-    assert packed["input_ids"] == [[1] * 5 + [2] * 4, [3] * 7 + [4] * 2]
-    assert packed["labels"] == [[-100, 1, 1, 1, 1, 2, 2, 2, 2], [3] * 7 + [4, -100]]
-    assert packed["targets"] == [8, 8]
 
 
 def test_collate_pads_right_with_ignored_labels() -> None:

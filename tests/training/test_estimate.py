@@ -1,8 +1,8 @@
 """A run's predicted memory (``peftkit train --estimate-only``) against a measured step of that run.
 
 Reference: :func:`peftkit.memory.measure_training_step` (saved-tensor hooks and live-tensor tracking
-of a real step) on the run's worst batch (its ``batch_size`` longest training rows, padded as
-``peftkit train`` pads them) with ``peftkit train``'s loss. Tolerance: 15% of the measured peak
+of a real step) on the run's worst batch (its ``batch_size`` longest training rows, packed or padded
+as ``peftkit train`` lays them out) with ``peftkit train``'s loss. Tolerance: 15% of the measured peak
 (the issue's bar). Both cases load SmolLM2-135M-Instruct: slow.
 """
 
@@ -18,7 +18,7 @@ from peftkit.foundation.loading import DEFAULT_MODEL, cache_dir
 from peftkit.memory import measure_training_step
 from peftkit.model import wrap
 from peftkit.objectives.tokens import loss_sum
-from peftkit.training.data import collate, prepare_data
+from peftkit.training.data import collate, collate_packed, pack_training_rows, packing_blocker, prepare_data
 from peftkit.training.estimate import estimate_run
 from peftkit.training.evaluation import pad_token_id
 from peftkit.training.method_choice import build_method_config
@@ -32,10 +32,13 @@ TOLERANCE = 0.15
 
 def measured_peak(config: TrainConfig) -> int:
     model, tokenizer = load_base_model(config)
-    rows = prepare_data(config, tokenizer).train.select_columns(["input_ids", "labels"]).to_list()
+    method_config = build_method_config(config.method, config.method_options, config.task)
+    model = wrap(model, method_config)
+    data = prepare_data(config, tokenizer)
+    data = pack_training_rows(data, config, packing_blocker(config, model, method_config))
+    rows = data.train.select_columns(["input_ids", "labels", *(["lengths"] * data.packed)]).to_list()
     longest = sorted(rows, key=lambda row: -len(row["input_ids"]))[: config.batch_size]
-    batch = collate(longest, pad_token_id(tokenizer))
-    model = wrap(model, build_method_config(config.method, config.method_options, config.task))
+    batch = collate_packed(longest) if data.packed else collate(longest, pad_token_id(tokenizer))
     measured = measure_training_step(model, batch, loss_fn=lambda m, b: loss_sum(m, b, config.task)[0])
     return measured.peak
 
@@ -59,6 +62,6 @@ def test_run_estimate_is_within_15_percent_of_a_measured_step(path) -> None:
     files = {"data": str(DIALOGSUM / "dev.jsonl"), "validation_data": str(DIALOGSUM / "test.jsonl")}
     config = load_config(path, files if path is not None else {})
     predicted, notes = estimate_run(config)
-    assert any("longest training row" in note for note in notes)
+    assert any("(the longest" in note for note in notes)
     measured = measured_peak(config)
     assert abs(predicted.peft.peak - measured) <= TOLERANCE * measured, (predicted.peft.peak, measured)

@@ -15,7 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from peftkit.training.data import encode
-from peftkit.training.evaluation import evaluate, exact_match, headline_metric, median_words, rouge, text_loss
+from peftkit.training.evaluation import (
+    evaluate,
+    exact_match,
+    headline_metric,
+    length_batches,
+    median_words,
+    padding_tokens,
+    rouge,
+    text_loss,
+)
 
 from helpers.tiny_lm import build_model, build_tokenizer
 
@@ -84,7 +93,8 @@ def test_evaluate_loss_is_the_mean_over_every_answer_token(model, tokenizer) -> 
     result = evaluate(model, tokenizer, rows, "causal-lm", batch_size=2, generate=False)
     sums = [row_loss(model, ids, labels) for ids, labels, _ in encoded]
     expected = sum(s for s, _ in sums) / sum(n for _, n in sums)
-    assert set(result) == {"loss", "perplexity"}
+    assert set(result) == {"loss", "perplexity", "padding_tokens"}
+    assert result["padding_tokens"] == 0  # a causal LM scores packed rows: no padding
     assert result["loss"] == pytest.approx(expected, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
     scored = evaluate(model, tokenizer, rows, "causal-lm", examples=2, max_new_tokens=3, batch_size=2)
@@ -102,3 +112,12 @@ def test_text_loss_is_the_mean_next_token_loss_over_rows_of_the_text(model, toke
     assert text_loss(model, tokenizer, text, max_length=8, batch_size=3) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="at least two tokens"):
         text_loss(model, tokenizer, "", max_length=8)
+
+
+def test_length_batches_group_similar_lengths_and_padding_is_counted_by_hand() -> None:
+    lengths = [9, 2, 7, 3, 8, 2]
+    batches = length_batches(lengths, 2)
+    assert batches == [[1, 5], [3, 2], [4, 0]]  # lengths (2, 2), (3, 7), (8, 9)
+    assert padding_tokens(lengths, batches) == 0 + 4 + 1
+    in_order = [[0, 1], [2, 3], [4, 5]]  # (9, 2), (7, 3), (8, 2): 7 + 4 + 6
+    assert padding_tokens(lengths, in_order) == 17

@@ -141,8 +141,12 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, model_dir, smal
 
 @pytest.mark.parametrize(
     "optimization",
-    [{}, {"optimizer": "lora-plus", "loraplus_lr_ratio": 4.0, "lr_scheduler": "linear"}],
-    ids=["adamw-cosine", "lora-plus-linear"],
+    [
+        {},
+        {"optimizer": "lora-plus", "loraplus_lr_ratio": 4.0, "lr_scheduler": "linear"},
+        {"packing": True, "batch_size": 1},  # 48 examples in about 10 packed rows
+    ],
+    ids=["adamw-cosine", "lora-plus-linear", "packed"],
 )
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(
     tmp_path, model_dir, small_data, optimization

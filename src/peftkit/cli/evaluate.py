@@ -85,6 +85,10 @@ def run_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     for name, value in result.items():
         if isinstance(value, float):
             print(f"  {name:12s} {value:.4f}")
+    padding = f"  padding tokens computed: {result['padding_tokens']:,} scoring the loss"
+    if "prompt_padding_tokens" in result:
+        padding += f", {result['prompt_padding_tokens']:,} in the prompts generated from"
+    print(padding)
     for sample in result.get("samples", [])[:2]:
         print(f"  e.g. {sample['answer']!r} (reference {sample['reference']!r})")
     return 0

@@ -7,7 +7,8 @@ with its head's ``forward`` swapped for a stub that keeps the head's input (:fun
 every model, wrapper and soft prompt works as it is. Two entry points:
 
 - :func:`loss_sum`: ``peftkit train``'s loss of a collated batch, ``(summed loss, scored targets)``,
-  for ``causal-lm`` (fused where it applies), ``seq2seq-lm`` and ``seq-cls`` (whole logits);
+  for ``causal-lm`` (fused where it applies; padded or packed, :mod:`~peftkit.objectives.packed`),
+  ``seq2seq-lm`` and ``seq-cls`` (whole logits);
 - :func:`fused_model_loss`: a block in which a transformers causal LM called with ``labels``
   computes its own loss (``ForCausalLMLoss``) the fused way (``peftkit.integrations.Trainer``).
 
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from peftkit.foundation.tasks import IGNORE_INDEX
 from peftkit.objectives import Objective
+from peftkit.objectives.packed import inner_model, packed_attention, packed_inputs
 from peftkit.ops import fused_cross_entropy_enabled, linear_cross_entropy, plain_output_head
 
 __all__ = [
@@ -57,7 +59,8 @@ def loss_sum(model: nn.Module, batch: Mapping[str, Tensor], task: str) -> tuple[
 
     Args:
         batch: ``input_ids``, ``attention_mask`` (batch, seq) and ``labels`` (batch, seq), or (batch,)
-            class indices for ``seq-cls``.
+            class indices for ``seq-cls``; or a packed ``causal-lm`` batch (``input_ids``, ``labels``,
+            ``position_ids`` (1, tokens) and ``cu_seq_lens``), each example attending only to itself.
 
     Returns:
         ``(loss_sum, count)``: 0-dim tensors.
@@ -117,12 +120,16 @@ def forward_logits(model: nn.Module, batch: Mapping[str, Tensor], task: str) -> 
 
     A causal model whose forward takes ``logits_to_keep`` computes the output head only from the
     position before the batch's first answer token on: prompts are often most of a row (a dialogue
-    and its summary), and the vocabulary-sized logits are the largest tensors of a step.
+    and its summary), and the vocabulary-sized logits are the largest tensors of a step. A packed batch
+    (``cu_seq_lens`` given) runs under :func:`~peftkit.objectives.packed.packed_attention`.
 
     Returns:
         (batch, positions, vocab) for language models (see :func:`token_loss_sum` for ``positions``),
         (batch, classes) for ``seq-cls``.
     """
+    if "cu_seq_lens" in batch:
+        with packed_attention(model):
+            return model(**packed_inputs(batch)).logits
     inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if task == "seq2seq-lm":
         inputs["labels"] = batch["labels"]  # the model shifts them into its decoder inputs
@@ -226,14 +233,6 @@ def _fused_causal_lm_loss(captured: list[Tensor], head: nn.Linear, own_loss: Any
         return total / num_items_in_batch
 
     return loss
-
-
-def inner_model(model: nn.Module) -> Any:
-    """The model inside DDP-style wrappers (``.module``) and a ``PeftModel`` (``get_base_model()``)."""
-    while hasattr(model, "module"):  # DistributedDataParallel and similar wrappers
-        model = model.module
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _causal_lm(model: nn.Module) -> Any:

@@ -4,6 +4,11 @@ The loss is the mean cross-entropy over answer tokens (prompt tokens masked). Ge
 scored on what the model writes greedily for each prompt: exact match (after stripping surrounding
 whitespace, against any reference) and ROUGE F1 (``rouge-score``, stemmed; the best over the
 references, as in DialogSum's evaluation).
+
+Little is computed on padding: a causal LM that runs packed rows scores its loss on packed rows (each
+example attending only to itself, no padding at all), other models on rows batched by length; prompts
+are generated in batches of similar lengths (and the answers put back in order). The padding tokens
+computed are reported (``padding_tokens``).
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from peftkit.objectives.packed import packing_support
 from peftkit.objectives.tokens import forward_logits, loss_sum, token_loss_sum
-from peftkit.training.data import collate
+from peftkit.training.data import collate, collate_packed
+from peftkit.training.data.packing import pack
 
 if TYPE_CHECKING:
     import datasets
@@ -29,13 +36,16 @@ __all__ = [
     "exact_match",
     "generate_answers",
     "headline_metric",
+    "length_batches",
     "median_words",
+    "padding_tokens",
     "rouge",
     "text_loss",
 ]
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 ANSWER_MARGIN = 8  # generated tokens beyond the longest reference: room to overshoot, and be scored wrong
+GENERATION_BATCH = 32  # prompts generated together (batches of similar lengths)
 SHORT_ANSWER_WORDS = 16  # "auto" scores answers of up to this many words (median) by exact match
 
 
@@ -69,21 +79,25 @@ def generate_answers(
     prompts: Sequence[Sequence[int]],
     task: str,
     max_new_tokens: int,
-    batch_size: int = 32,
+    batch_size: int = GENERATION_BATCH,
     progress: Callable[[int], Any] | None = None,
 ) -> list[str]:
-    """Greedy answers to tokenized prompts (left-padded for decoder-only models).
+    """Greedy answers to tokenized prompts (left-padded for decoder-only models), in batches of prompts
+    of similar lengths.
 
     Args:
         prompts: token ids of each prompt (any lengths).
         progress: called with the number of prompts answered after each batch (a progress bar's
             ``update``).
+
+    Returns:
+        The answers, in the order of ``prompts``.
     """
     pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [list(p) for p in prompts[start : start + batch_size]]
+    answers: dict[int, str] = {}
+    for members in length_batches([len(p) for p in prompts], batch_size):
+        chunk = [list(prompts[i]) for i in members]
         width = max(len(p) for p in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -101,10 +115,23 @@ def generate_answers(
             use_cache=True,
         )  # (batch, width + new) for decoders, (batch, new) for encoder-decoders
         new_tokens = output if task == "seq2seq-lm" else output[:, width:]
-        answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+        for i, row in zip(members, new_tokens, strict=True):
+            answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
         if progress is not None:
             progress(len(chunk))
-    return answers
+    return [answers[i] for i in range(len(prompts))]
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices of ``lengths`` sorted by length (stable), cut into batches of ``batch_size``: rows of
+    similar lengths together, so padding them to the longest costs little."""
+    by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [by_length[start : start + batch_size] for start in range(0, len(by_length), batch_size)]
+
+
+def padding_tokens(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
+    """The padding tokens of ``batches`` (indices into ``lengths``), each padded to its longest row."""
+    return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches if b)
 
 
 def median_words(references: Sequence[Sequence[str]]) -> float:
@@ -160,8 +187,9 @@ def evaluate(
         progress: show a progress bar (tqdm, on stderr) over the rows scored, then those generated.
 
     Returns:
-        ``{"loss", "perplexity", ...}``; with generation also ``"scored"`` (rows generated) and
-        ``"samples"``, up to three ``{"answer", "reference"}``.
+        ``{"loss", "perplexity", "padding_tokens", ...}``; with generation also ``"scored"`` (rows
+        generated), ``"prompt_padding_tokens"`` (the prompts' padding in their generation batches)
+        and ``"samples"``, up to three ``{"answer", "reference"}``.
     """
     from tqdm.auto import tqdm
 
@@ -189,26 +217,50 @@ def _loss_scores(
     batch_size: int,
     bar: Any,
 ) -> dict[str, Any]:
-    """Loss and perplexity over all ``rows`` (and accuracy for ``seq-cls``), ``batch_size`` at a time."""
+    """Loss and perplexity over all ``rows`` (and accuracy for ``seq-cls``), ``batch_size`` rows at a
+    time: packed (a causal LM that runs packed rows) or padded in order of length."""
     device = next(model.parameters()).device
+    if task == "causal-lm" and len(rows) > 0 and packing_support(model) is None:
+        return _packed_loss(model, rows, batch_size, bar)
     pad_id = pad_token_id(tokenizer)
     total = count = 0.0
-    correct = 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows.select(range(start, min(start + batch_size, len(rows))))
+    correct = padding = 0
+    for members in length_batches([len(ids) for ids in rows["input_ids"]], batch_size):
+        chunk = rows.select(members)
         batch = {k: v.to(device) for k, v in collate(list(chunk), pad_id).items()}
         logits = forward_logits(model, batch, task)
         batch_loss, batch_count = token_loss_sum(logits, batch["labels"], task)
         total += batch_loss.item()
         count += batch_count.item()
+        padding += int((batch["attention_mask"] == 0).sum())
         if task == "seq-cls":
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
         bar.update(len(chunk))
-    mean = total / max(count, 1)
-    result: dict[str, Any] = {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+    result = _loss_result(total, count, padding)
     if task == "seq-cls":
         result["accuracy"] = correct / max(len(rows), 1)
     return result
+
+
+def _packed_loss(model: nn.Module, rows: datasets.Dataset, batch_size: int, bar: Any) -> dict[str, Any]:
+    """Loss and perplexity of a causal LM over ``rows`` packed into rows as long as the longest, each
+    example attending only to itself (no padding is computed)."""
+    device = next(model.parameters()).device
+    packed = pack(rows.select_columns(["input_ids", "labels"]), max(len(ids) for ids in rows["input_ids"]))
+    total = count = 0.0
+    for start in range(0, len(packed), batch_size):
+        chunk = packed.select(range(start, min(start + batch_size, len(packed))))
+        batch = {k: v.to(device) for k, v in collate_packed(list(chunk)).items()}
+        batch_loss, batch_count = loss_sum(model, batch, "causal-lm")
+        total += batch_loss.item()
+        count += batch_count.item()
+        bar.update(sum(len(lengths) for lengths in chunk["lengths"]))
+    return _loss_result(total, count, 0)
+
+
+def _loss_result(total: float, count: float, padding: int) -> dict[str, Any]:
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "padding_tokens": padding}
 
 
 def _generation_scores(
@@ -224,10 +276,11 @@ def _generation_scores(
     if max_new_tokens <= 0:
         longest = max(len(tokenizer(r[0], add_special_tokens=False)["input_ids"]) for r in references)
         max_new_tokens = longest + ANSWER_MARGIN
-    answers = generate_answers(
-        model, tokenizer, scored["prompt_ids"], task, max_new_tokens, progress=bar.update
-    )
+    prompts = scored["prompt_ids"]
+    answers = generate_answers(model, tokenizer, prompts, task, max_new_tokens, GENERATION_BATCH, bar.update)
+    lengths = [len(p) for p in prompts]
     return {
+        "prompt_padding_tokens": padding_tokens(lengths, length_batches(lengths, GENERATION_BATCH)),
         "exact_match": exact_match(answers, references),
         **rouge(answers, references),
         "scored": len(answers),

@@ -176,6 +176,7 @@ def summarize(result: TrainResult, train_time: float) -> tuple[str, dict[str, An
         ["steps", f"{result.steps}"],
         ["wall time", _times_text(result.wall_time_s, train_time, result.sessions)],
         ["tokens/s", f"{result.tokens_per_s:.0f} (training, all processes)"],
+        ["tokens", _tokens_text(result)],
         ["peak memory", _memory_text(result.peak_memory_bytes)],
     ]
     for name in dict.fromkeys([result.metric, "loss", *SUMMARY_EXTRAS]):
@@ -194,9 +195,31 @@ def summarize(result: TrainResult, train_time: float) -> tuple[str, dict[str, An
         "train_time_s": train_time,
         "sessions": result.sessions,
         "tokens_per_s": result.tokens_per_s,
+        "tokens": result.tokens,
+        "padding_tokens": result.padding_tokens,
+        "fill": _fill(result),
+        "truncated": result.data.stats.get("truncated", 0) if result.data is not None else 0,
         "peak_memory_bytes": result.peak_memory_bytes,
     }
     return "\nsummary\n" + format_table(rows), summary
+
+
+def _fill(result: TrainResult) -> float:
+    """The share of real tokens among those computed (1.0: no padding)."""
+    return result.tokens / max(result.tokens + result.padding_tokens, 1)
+
+
+def _tokens_text(result: TrainResult) -> str:
+    """Real and padding tokens, the fill, and the examples truncated to max_length."""
+    text = (
+        f"{format_count(result.tokens)} real + {format_count(result.padding_tokens)} padding "
+        f"(fill {_fill(result):.0%})"
+    )
+    data = result.data
+    if data is not None and data.packed:
+        text += f"; {data.stats['examples']} examples packed into {data.stats['packed_rows']} rows"
+    truncated = data.stats.get("truncated", 0) if data is not None else 0
+    return text + (f"; {truncated} examples truncated to max_length" if truncated else "")
 
 
 def _times_text(wall: float, training: float, sessions: int) -> str:

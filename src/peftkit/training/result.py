@@ -26,7 +26,9 @@ class TrainResult:
     after: dict[str, Any] = field(default_factory=dict)
     trainable: int = 0
     total: int = 0
-    tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # real (not padding) tokens per second of training
+    tokens: int = 0  # real tokens trained on
+    padding_tokens: int = 0  # padding tokens computed alongside them
     wall_time_s: float = 0.0  # since step 0: the sessions a --resume continued included, as train_time_s
     peak_memory_bytes: int = 0
     stopped: str | None = None  # None (finished), "interrupted" or "non-finite"

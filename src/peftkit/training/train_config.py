@@ -116,7 +116,12 @@ class TrainConfig:
         default=None, metadata={"help": "extra reference answers for ROUGE, e.g. [summary2, summary3]"}
     )
     max_length: int = _key(512, "longest tokenized example; longer ones are truncated (counted)")
-    packing: bool = _key(False, "pack several short examples into each row")
+    packing: bool | None = _key(
+        None,
+        "causal-lm: pack whole examples into rows of up to max_length tokens, each attending only to "
+        "itself (batch_size then counts packed rows); unset: on where it applies and padded batches "
+        "would be under 90 percent full; --no-packing: one example per row, padded",
+    )
     # --- optimisation
     max_steps: int = _key(60, "optimizer steps; 0: run `epochs` epochs")
     epochs: float = _key(1.0, "epochs when max_steps is 0")

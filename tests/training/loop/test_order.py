@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from peftkit.foundation.errors import UsageError
 from peftkit.training.loop.order import BatchOrder
@@ -37,3 +38,26 @@ def test_fewer_rows_than_one_global_batch_is_refused() -> None:
         UsageError, match=r"6 training rows are fewer than one global batch \(8 = batch_size 2"
     ):
         BatchOrder(rows=6, batch_size=2, grad_accum=2, world=2, rank=0, seed=0)
+
+
+def padding(lengths: list[int], batches: list[list[int]]) -> int:
+    """Padding tokens of ``batches`` padded to their longest row (computed here, independently)."""
+    return sum(
+        len(batch) * max(lengths[i] for i in batch) - sum(lengths[i] for i in batch) for batch in batches
+    )
+
+
+def test_length_buckets_keep_every_row_once_and_cut_the_padding() -> None:
+    lengths = [int(n) for n in torch.randint(20, 500, (403,), generator=torch.Generator().manual_seed(1))]
+    plain = BatchOrder(rows=403, batch_size=4, grad_accum=1, world=1, rank=0, seed=3)
+    bucketed = BatchOrder(rows=403, batch_size=4, grad_accum=1, world=1, rank=0, seed=3, lengths=lengths)
+    steps = range(bucketed.steps_per_epoch)  # 100: 3 rows left over
+    batches = [bucketed.global_batch(step) for step in steps]
+    rows = [row for batch in batches for row in batch]
+    assert len(rows) == len(set(rows)) == 400  # every row once, 3 left over
+    random_padding = padding(lengths, [plain.global_batch(step) for step in steps])
+    assert padding(lengths, batches) < 0.1 * random_padding  # 50 batches sorted together: similar lengths
+    again = BatchOrder(rows=403, batch_size=4, grad_accum=1, world=1, rank=0, seed=3, lengths=lengths)
+    assert again.global_batch(57) == batches[57]  # still decided by the step alone (resume)
+    sizes = [max(lengths[i] for i in batch) for batch in batches[:50]]
+    assert sizes != sorted(sizes)  # the batches come in a shuffled order, not shortest first

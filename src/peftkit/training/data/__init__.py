@@ -13,22 +13,33 @@ directory of data files) with an optional split: ``owner/name:train``.
 Every row becomes a chat; the tokenizer's chat template renders it when it has one. Labels are -100
 except on the assistant's turns, so the loss counts the completion only. Examples longer than
 ``max_length`` lose the middle of their prompt, or their end when the answer alone is too long
-(counted; one left with no answer token is dropped). ``packing`` fills each row
-with several whole examples.
+(counted; one left with no answer token is dropped). ``packing`` fills rows of up to ``max_length``
+tokens with several whole examples, each attending only to itself (where it applies and pays; see
+:func:`~peftkit.training.data.prepare.pack_training_rows`).
 
 Modules, in the order the data goes through them:
 
 - :mod:`~peftkit.training.data.tables`: data files and data sets → a table;
 - :mod:`~peftkit.training.data.chats`: rows → chats (:class:`DataFormat`), chats → tokens (:func:`encode`);
 - :mod:`~peftkit.training.data.tokenization`: tokenized, truncated rows; classification rows;
-- :mod:`~peftkit.training.data.packing`: several examples per row;
-- :mod:`~peftkit.training.data.prepare`: all of it for a run's settings (:func:`prepare_data`);
-- :mod:`~peftkit.training.data.batching`: rows → padded tensors (:func:`collate`).
+- :mod:`~peftkit.training.data.packing`: several examples per row (best-fit decreasing);
+- :mod:`~peftkit.training.data.prepare`: all of it for a run's settings (:func:`prepare_data`), and
+  whether to pack (:func:`pack_training_rows`);
+- :mod:`~peftkit.training.data.batching`: rows → padded tensors (:func:`collate`) or one packed
+  sequence (:func:`collate_packed`).
 """
 
-from peftkit.training.data.batching import collate
+from peftkit.training.data.batching import collate, collate_packed, position_ids
 from peftkit.training.data.chats import DataFormat, encode, to_chats
-from peftkit.training.data.prepare import PreparedData, check_data, data_files, prepare_data, with_labels
+from peftkit.training.data.prepare import (
+    PreparedData,
+    check_data,
+    data_files,
+    pack_training_rows,
+    packing_blocker,
+    prepare_data,
+    with_labels,
+)
 from peftkit.training.data.tables import load_table
 
 __all__ = [
@@ -36,9 +47,13 @@ __all__ = [
     "PreparedData",
     "check_data",
     "collate",
+    "collate_packed",
     "data_files",
     "encode",
     "load_table",
+    "pack_training_rows",
+    "packing_blocker",
+    "position_ids",
     "prepare_data",
     "to_chats",
     "with_labels",

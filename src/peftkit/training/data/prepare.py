@@ -1,11 +1,14 @@
-"""A run's data, ready to train on: its files read, checked, split, tokenized (and packed)."""
+"""A run's data, ready to train on: its files read, checked, split, tokenized (:func:`prepare_data`), and
+packed where packing applies and pays (:func:`pack_training_rows`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from peftkit.foundation.errors import UsageError
 from peftkit.training.data.chats import DataFormat, to_chats
@@ -20,23 +23,44 @@ if TYPE_CHECKING:
 
     from peftkit.training.train_config import TrainConfig
 
-__all__ = ["PreparedData", "check_data", "data_files", "prepare_data", "with_labels"]
+__all__ = [
+    "PACKING_PAYS_BELOW",
+    "PreparedData",
+    "check_data",
+    "data_files",
+    "pack_training_rows",
+    "packing_blocker",
+    "padded_fill",
+    "prepare_data",
+    "with_labels",
+]
+
+PACKING_PAYS_BELOW = 0.9  # packing is on by default when padded batches would be less full than this
 
 
 @dataclass
 class PreparedData:
     """Tokenized training and validation rows plus what happened on the way.
 
-    ``train`` has ``input_ids`` and ``labels``; ``validation`` also ``prompt_ids`` (the prompt a model
-    answers when scored by generation) and ``references`` (the accepted answers). Preference pairs:
-    ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (and in ``validation`` ``references``: the chosen
-    and the rejected answer's text).
+    ``train`` has ``input_ids``, ``labels`` and ``targets`` (packed: also ``lengths`` and ``examples``,
+    see :func:`~peftkit.training.data.packing.pack`); ``validation`` also ``prompt_ids`` (the prompt a
+    model answers when scored by generation) and ``references`` (the accepted answers). ``packing``
+    says whether the rows are packed, and why (or why not). Preference pairs: ``prompt_ids``,
+    ``chosen_ids``, ``rejected_ids`` (and in ``validation`` ``references``: the chosen and the rejected
+    answer's text).
     """
 
     train: datasets.Dataset
     validation: datasets.Dataset | None
     stats: dict[str, int] = field(default_factory=dict)
     label_names: list[str] | None = None
+    packed: bool = False
+    packing: str = ""
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens in each training row."""
+        return [len(ids) for ids in self.train["input_ids"]]
 
 
 def check_data(config: TrainConfig) -> None:
@@ -66,7 +90,8 @@ def check_data(config: TrainConfig) -> None:
 
 
 def prepare_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    """Load, convert, split, tokenize (and pack) the training and validation data of ``config``.
+    """Load, convert, split and tokenize the training and validation data of ``config`` (one example per
+    row; :func:`pack_training_rows` packs them).
 
     ``config.data`` is a file or a bundled task name (``peftkit.training.tasks``), whose files and
     settings are used.
@@ -103,11 +128,6 @@ def prepare_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
             f"no example of {train_path} has an answer token left within max_length={config.max_length}"
         )
     train = train.remove_columns([c for c in ("prompt_ids", "references") if c in train.column_names])
-    if config.packing:
-        if config.task != "causal-lm":
-            raise UsageError(f"packing works for task causal-lm only, not {config.task!r}; drop --packing")
-        train = pack(train, config.max_length)
-        stats["packed_rows"] = len(train)
     return PreparedData(train, val, stats)
 
 
@@ -130,6 +150,64 @@ def _prepare_pairs(
         source = str(validation_path or train_path)
         val, _ = tokenize_pairs(to_pair_chats(held_out, fmt, source), tokenizer, config.max_length)
     return PreparedData(rows.remove_columns(["references"]), val, stats)
+
+
+def packing_blocker(config: TrainConfig, model: Any, method_config: Any) -> str | None:
+    """Why ``config``'s run cannot pack its rows exactly, or None when it can.
+
+    Packing needs a causal-LM task trained on its tokens (preference pairs are not packed), a method
+    that leaves the sequence as it is (soft prompts put virtual tokens in front of each row, not of
+    each example) and a model that runs packed rows (:func:`peftkit.objectives.packed.packing_support`).
+    """
+    from peftkit.methods.soft_prompt import SoftPromptConfig
+    from peftkit.objectives.packed import packing_support
+
+    if config.task != "causal-lm":
+        return f"task {config.task!r} is not causal-lm"
+    if config.objective != "sft":
+        return f"objective {config.objective!r} trains on pairs, not packed rows"
+    if isinstance(method_config, SoftPromptConfig):
+        return f"method {config.method!r} puts virtual tokens in front of each row"
+    return packing_support(model)
+
+
+def pack_training_rows(data: PreparedData, config: TrainConfig, blocker: str | None) -> PreparedData:
+    """``data`` with its training rows packed when ``config.packing`` asks for it or, unset, when
+    packing applies (``blocker`` None: see :func:`packing_blocker`) and pays (padded batches of the
+    run's ``batch_size`` would be less than :data:`PACKING_PAYS_BELOW` full); ``data.packing`` says which.
+
+    Raises:
+        UsageError: ``packing`` asked for where ``blocker`` says it cannot apply.
+    """
+    if config.packing is False:
+        return dataclasses.replace(data, packing="off (--no-packing)")
+    if blocker is not None:
+        if config.packing:
+            raise UsageError(f"packing cannot apply here: {blocker}; drop --packing (or use --no-packing)")
+        return dataclasses.replace(data, packing=f"off ({blocker})")
+    fill = padded_fill(data.lengths, config.batch_size, config.seed)
+    if config.packing is None and fill >= PACKING_PAYS_BELOW:
+        return dataclasses.replace(
+            data, packing=f"off (padded batches would be {fill:.0%} full; --packing packs anyway)"
+        )
+    packed = pack(data.train, config.max_length)
+    stats = {**data.stats, "packed_rows": len(packed)}
+    row_fill = sum(data.lengths) / (len(packed) * config.max_length)
+    note = f"padded batches would be {fill:.0%} full; packed rows are {row_fill:.0%} full"
+    return dataclasses.replace(data, train=packed, stats=stats, packed=True, packing=f"on ({note})")
+
+
+def padded_fill(lengths: Sequence[int], batch_size: int, seed: int) -> float:
+    """The share of real tokens in padded batches of ``batch_size`` rows drawn in a seeded random order
+    (each batch padded to its longest row); 1.0 for no rows."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    real = padded = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start : start + batch_size]]
+        real += sum(batch)
+        padded += len(batch) * max(batch)
+    return real / padded if padded else 1.0
 
 
 def with_labels(config: TrainConfig) -> TrainConfig:

@@ -75,7 +75,7 @@ def tokenize(
             "labels": labels,
             "prompt_ids": prompt_ids,
             "truncated": cut,
-            "targets": sum(label != IGNORE_INDEX for label in labels),
+            "targets": sum(label != IGNORE_INDEX for label in _scored(labels, task)),
         }
 
     rows = chats.map(run, remove_columns=["messages"], keep_in_memory=True)
@@ -83,6 +83,12 @@ def tokenize(
     kept = rows.filter(lambda row: row["targets"] > 0, keep_in_memory=True)
     stats = {"examples": len(rows), "truncated": truncated, "dropped": len(rows) - len(kept)}
     return kept.remove_columns(["truncated"]), stats
+
+
+def _scored(labels: list[int], task: str) -> list[int]:
+    """The labels a loss scores: a causal LM never predicts its first token (labels line up with the
+    next token), a decoder's labels are all predicted."""
+    return labels if task == "seq2seq-lm" else labels[1:]
 
 
 def tokenize_classification(

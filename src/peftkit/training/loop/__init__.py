@@ -156,6 +156,7 @@ class _Steps:
         state.rng = rng_state()
         state.train_time += seconds
         state.tokens_seen += outcome.tokens
+        state.padding_seen += outcome.padding
         state.losses.append(outcome.loss)
         self.bar.update(1)
         shown = {_SHORT.get(name, name): f"{value:.3g}" for name, value in outcome.metrics.items()}
@@ -174,6 +175,7 @@ class _Steps:
                     "lr": setup.scheduler.get_last_lr()[0],  # the base rate (optimization.py)
                     "grad_norm": outcome.grad_norm,
                     "tokens_per_s": outcome.tokens / max(seconds, 1e-9),
+                    "padding_tokens": outcome.padding,
                     **outcome.metrics,
                 }
             )

@@ -25,7 +25,15 @@ from peftkit.objectives.pair_batch import collate_pairs
 from peftkit.objectives.preference import preference_objective
 from peftkit.objectives.sequences import shares_prompts
 from peftkit.objectives.tokens import token_objective
-from peftkit.training.data import PreparedData, check_data, collate, prepare_data
+from peftkit.training.data import (
+    PreparedData,
+    check_data,
+    collate,
+    collate_packed,
+    pack_training_rows,
+    packing_blocker,
+    prepare_data,
+)
 from peftkit.training.evaluation import headline_metric, pad_token_id
 from peftkit.training.loop.context import RunContext, set_threads
 from peftkit.training.loop.order import BatchOrder
@@ -56,7 +64,8 @@ class RunSetup:
     params: list[nn.Parameter]  # the trainable ones, for gradient clipping
     tokenizer: Any
     data: PreparedData
-    train_rows: list[dict[str, Any]]  # input_ids and labels (pairs: prompt, chosen, rejected ids) per row
+    train_rows: list[dict[str, Any]]  # input_ids and labels (packed: and lengths; pairs: prompt, chosen,
+    # rejected ids) per row
     targets: list[int]  # what each training row's loss is divided by: its answer tokens (pairs: 1)
     objective: Objective  # (model, batch) -> (loss_sum, count)
     collate: Callable[[Sequence[dict[str, Any]]], dict[str, Any]]  # rows -> the objective's batch
@@ -86,12 +95,22 @@ def set_up(context: RunContext) -> RunSetup:
     check_data(config)  # bad data is reported before the model loads
     check_reference(config)
     model, tokenizer, data = _load(config, method_config)
+    blocker = packing_blocker(config, model, method_config)
+    data = pack_training_rows(data, config, blocker)
     if config.labels:
         context.say(head_note(config, full_model=method_config is None))
     if context.sharded:
         shard(model)
     order = BatchOrder(
-        len(data.train), config.batch_size, config.grad_accum, context.world, context.rank, config.seed
+        len(data.train),
+        config.batch_size,
+        config.grad_accum,
+        context.world,
+        context.rank,
+        config.seed,
+        # padded rows in length buckets where packing cannot apply (pairs keep TRL's order)
+        lengths=data.lengths if blocker is not None and config.objective == "sft" else None,
+        what="packed rows" if data.packed else "training rows",
     )
     total_steps = config.max_steps or math.ceil(config.epochs * order.steps_per_epoch)
     metric = _headline_metric(config, data)
@@ -107,7 +126,7 @@ def set_up(context: RunContext) -> RunSetup:
         wrapped, optimizer = context.accelerator.prepare(model, optimizer)
     context.say(setup_report(context, model, data, total_steps, order, metric))
     pad_id = pad_token_id(tokenizer)
-    preference, columns, objective, batches = _objective_parts(config, model, pad_id)
+    preference, columns, objective, batches = _objective_parts(config, model, pad_id, data.packed)
     return RunSetup(
         model=model,
         wrapped=wrapped,
@@ -137,17 +156,18 @@ def _headline_metric(config: TrainConfig, data: PreparedData) -> str:
 
 
 def _objective_parts(
-    config: TrainConfig, model: nn.Module, pad_id: int
+    config: TrainConfig, model: nn.Module, pad_id: int, packed: bool
 ) -> tuple[
     PreferenceSettings | None, list[str], Objective, Callable[[Sequence[dict[str, Any]]], dict[str, Any]]
 ]:
-    """The preference settings (None: sft), the training rows' columns, the objective and the collate."""
+    """The preference settings (None: sft), the training rows' columns, the objective and the collate
+    (``packed`` rows: one sequence per micro-batch, else padded rows)."""
     if config.objective == "sft":
         return (
             None,
-            ["input_ids", "labels"],
+            ["input_ids", "labels", *(["lengths"] * packed)],
             token_objective(config.task),
-            functools.partial(collate, pad_id=pad_id),
+            collate_packed if packed else functools.partial(collate, pad_id=pad_id),
         )
     preference = preference_settings(config)
     batches = functools.partial(collate_pairs, pad_id=pad_id, shared_prompt=shares_prompts(model))
@@ -227,8 +247,13 @@ def setup_report(
             f"  {stats['truncated']} truncated to max_length={config.max_length}"
             + (f", {dropped} of them dropped (no answer token left)" if dropped else "")
         )
-    if "packed_rows" in stats:
-        lines.append(f"  packed into {stats['packed_rows']} rows of up to {config.max_length} tokens")
+    if data.packed:
+        lines.append(
+            f"  packed into {stats['packed_rows']} rows of up to {config.max_length} tokens, each example "
+            f"attending only to itself: {data.packing}"
+        )
+    else:
+        lines.append(f"  one example per row, padded to the longest of its batch; packing {data.packing}")
     validation = len(data.validation) if data.validation is not None else 0
     generated = min(config.eval_examples, validation) if config.task != "seq-cls" else 0
     scored = f" (loss on all, the first {generated} also by generation)" if generated else ""

@@ -1,9 +1,9 @@
 """Where a run stands, and what it saves: resuming from a checkpoint, writing one, the final adapter.
 
 A checkpoint (:mod:`peftkit.training.checkpoints`) holds the trainable parameters, optimizer, scheduler,
-each process's random state right after its step, and ``before``, ``train_time``, ``tokens_seen``, the
-wall time and the number of sessions so far (:class:`LoopState`); the data order needs only the step
-number (:mod:`~peftkit.training.loop.order`).
+each process's random state right after its step, and ``before``, ``train_time``, ``tokens_seen``,
+``padding_seen``, the wall time and the number of sessions so far (:class:`LoopState`); the data order
+needs only the step number (:mod:`~peftkit.training.loop.order`).
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ __all__ = ["LoopState", "save_final", "save_step", "start_state", "wall_time"]
 
 @dataclass
 class LoopState:
-    """Where the run stands; ``before``, ``train_time``, ``tokens_seen``, the wall time (:func:`wall_time`)
-    and ``sessions`` go into each checkpoint. Times count every session since step 0."""
+    """Where the run stands; ``before``, ``train_time``, ``tokens_seen``, ``padding_seen``, the wall time
+    (:func:`wall_time`) and ``sessions`` go into each checkpoint. Times count every session since step 0."""
 
     step: int = 0
     first_step: int = 0
     before: dict[str, Any] = field(default_factory=dict)
     train_time: float = 0.0  # seconds in optimizer steps (no evaluation, no saving)
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # real tokens trained on
+    padding_seen: int = 0  # padding tokens computed alongside them
     earlier_wall_time: float = 0.0  # seconds the sessions before this one ran, up to the checkpoint resumed
     sessions: int = 1  # this process's run and the ones it resumed
     losses: list[float] = field(default_factory=list)
@@ -62,6 +63,7 @@ def start_state(context: RunContext, setup: RunSetup) -> LoopState:
             before=saved["before"],
             train_time=saved["train_time"],
             tokens_seen=saved["tokens_seen"],
+            padding_seen=saved.get("padding_seen", 0),  # absent from checkpoints before packing
             # a checkpoint of older peftkit has no wall time: its training time is the closest bound
             earlier_wall_time=saved.get("wall_time", saved["train_time"]),
             sessions=saved.get("sessions", 1) + 1,
@@ -94,6 +96,7 @@ def save_step(context: RunContext, setup: RunSetup, state: LoopState) -> Path:
             "before": state.before,
             "train_time": state.train_time,
             "tokens_seen": state.tokens_seen,
+            "padding_seen": state.padding_seen,
             "wall_time": wall_time(context, state),
             "sessions": state.sessions,
         },

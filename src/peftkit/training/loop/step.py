@@ -2,8 +2,10 @@
 
 The objective's summed loss of each micro-batch is divided by the global batch's count (its rows'
 ``targets``, known from the data before the step), so any split over processes and micro-batches gives
-the gradient of one big batch. A non-finite loss or gradient norm stops before the update, so the
-model and the last checkpoint stay good.
+the gradient of one big batch. Packed rows go in as one sequence per micro-batch, run (forward and
+backward) under :func:`~peftkit.objectives.packed.packed_attention`; other rows are padded. A
+non-finite loss or gradient norm stops before the update, so the model and the last checkpoint stay
+good.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 
+from peftkit.objectives.packed import packed_attention
 from peftkit.ops import fused_cross_entropy
 from peftkit.training.checkpoints import latest_checkpoint
 from peftkit.training.loop.context import RunContext
@@ -31,7 +34,8 @@ class StepOutcome:
 
     loss: float  # the objective over the global batch: summed, divided by its count
     grad_norm: float  # before clipping
-    tokens: int  # tokens in the global batch (all processes)
+    tokens: int  # real (not padding) tokens in the global batch (all processes)
+    padding: int  # padding tokens computed alongside them
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's own, per row of the batch
 
 
@@ -45,19 +49,21 @@ def take_step(context: RunContext, setup: RunSetup, step: int) -> StepOutcome | 
     indices = setup.order.global_batch(step)
     n_targets = sum(setup.targets[i] for i in indices)
     local_loss = torch.zeros((), device=acc.device)
-    local_tokens = torch.zeros((), device=acc.device)
+    local_tokens = torch.zeros(2, device=acc.device)  # real, padding
     for j, rows in enumerate(setup.order.micro_batches(indices)):
         batch = setup.collate([setup.train_rows[i] for i in rows])
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         sync = j == config.grad_accum - 1
-        with _gradient_sync(context, setup, sync), loss_mode(context):
+        with _gradient_sync(context, setup, sync), loss_mode(context), _attention(setup):
             summed, _ = setup.objective(setup.wrapped, batch)
             acc.backward(summed * context.world / n_targets)  # DDP and FSDP2 average over processes
         local_loss += summed.detach()
-        local_tokens += batch["attention_mask"].sum()
+        size = batch["input_ids"].numel()
+        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else size
+        local_tokens += torch.tensor([real, size - real], device=acc.device)
     norm = to_float(acc.clip_grad_norm_(setup.params, config.max_grad_norm or float("inf")))
     loss = (acc.reduce(local_loss, "sum") / n_targets).item()
-    tokens = int(acc.reduce(local_tokens, "sum").item())
+    tokens, padding = (int(n) for n in acc.reduce(local_tokens, "sum").tolist())
     metrics = {name: (acc.reduce(value, "sum") / n_targets).item() for name, value in _taken(setup).items()}
     if not (math.isfinite(loss) and math.isfinite(norm)):
         _report_non_finite(context, step + 1, loss, norm)
@@ -65,7 +71,13 @@ def take_step(context: RunContext, setup: RunSetup, step: int) -> StepOutcome | 
     setup.optimizer.step()
     setup.scheduler.step()
     setup.optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(loss, norm, tokens, metrics)
+    return StepOutcome(loss, norm, tokens, padding, metrics)
+
+
+def _attention(setup: RunSetup) -> Any:
+    """Packed rows attend within each example, in the forward and in the backward (which runs the
+    layers again under gradient checkpointing)."""
+    return packed_attention(setup.model) if setup.data.packed else contextlib.nullcontext()
 
 
 def _taken(setup: RunSetup) -> dict[str, torch.Tensor]:

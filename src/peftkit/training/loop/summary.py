@@ -70,6 +70,8 @@ def finish(
         trainable=trainable,
         total=total,
         tokens_per_s=state.tokens_seen / max(state.train_time, 1e-9),
+        tokens=state.tokens_seen,
+        padding_tokens=state.padding_seen,
         wall_time_s=wall_time(context, state),
         sessions=state.sessions,
         peak_memory_bytes=peak_memory(),
