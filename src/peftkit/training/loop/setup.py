@@ -101,17 +101,7 @@ def set_up(context: RunContext) -> RunSetup:
         context.say(head_note(config, full_model=method_config is None))
     if context.sharded:
         shard(model)
-    order = BatchOrder(
-        len(data.train),
-        config.batch_size,
-        config.grad_accum,
-        context.world,
-        context.rank,
-        config.seed,
-        # padded rows in length buckets where packing cannot apply (pairs keep TRL's order)
-        lengths=data.lengths if blocker is not None and config.objective == "sft" else None,
-        what="packed rows" if data.packed else "training rows",
-    )
+    order = _batch_order(context, data, bucketed=blocker is not None and config.objective == "sft")
     total_steps = config.max_steps or math.ceil(config.epochs * order.steps_per_epoch)
     metric = _headline_metric(config, data)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -144,6 +134,22 @@ def set_up(context: RunContext) -> RunSetup:
         pad_id=pad_id,
         total_steps=total_steps,
         metric=metric,
+    )
+
+
+def _batch_order(context: RunContext, data: PreparedData, bucketed: bool) -> BatchOrder:
+    """The order of the run's training rows: padded rows in length buckets where ``bucketed`` (packing
+    cannot apply; preference pairs keep TRL's order), else shuffled."""
+    config = context.config
+    return BatchOrder(
+        len(data.train),
+        config.batch_size,
+        config.grad_accum,
+        context.world,
+        context.rank,
+        config.seed,
+        lengths=data.lengths if bucketed else None,
+        what="packed rows" if data.packed else "training rows",
     )
 
 
