@@ -86,6 +86,7 @@ class TrainConfig:
     beta: float | None = _key(None, OPTION_HELP["beta"])
     simpo_gamma: float | None = _key(None, OPTION_HELP["simpo_gamma"])
     cpo_alpha: float | None = _key(None, OPTION_HELP["cpo_alpha"])
+    rpo_alpha: float | None = _key(None, OPTION_HELP["rpo_alpha"])
     reference: str | None = _key(None, OPTION_HELP["reference"])
     # --- data
     data: str = _key("person-json", "training file (.jsonl/.json/.csv/.parquet) or a bundled task name")
