@@ -7,7 +7,7 @@ import pytest
 
 from peftkit.foundation.errors import UsageError
 from peftkit.training.objective_settings import check_objective, with_objective_defaults
-from peftkit.training.train_config import TrainConfig
+from peftkit.training.train_config import TrainConfig, load_config
 
 
 def test_defaults_fill_only_the_objectives_unset_options() -> None:
@@ -51,3 +51,14 @@ def test_a_preference_objectives_own_options_pass() -> None:
     check_objective(TrainConfig(objective="simpo", beta=2.5, simpo_gamma=0.3, cpo_alpha=0.5), "x.yaml")
     check_objective(TrainConfig(objective="dpo", beta=0.2, reference="runs/sft"), "x.yaml")
     check_objective(TrainConfig(objective="dpo", rpo_alpha=1.0), "x.yaml")
+
+
+def test_the_bundled_pairs_give_dpo_and_only_dpo_the_chosen_answers_nll() -> None:
+    dpo = load_config(None, {"objective": "dpo"})
+    assert (dpo.data, dpo.rpo_alpha) == ("person-json-pairs", 1.0)
+    assert load_config(None, {"objective": "dpo", "rpo_alpha": 0.0}).rpo_alpha == 0.0  # given: kept
+    for objective in ("orpo", "simpo"):  # not theirs: left unset, so check_objective passes
+        config = load_config(None, {"objective": objective})
+        assert (config.data, config.rpo_alpha) == ("person-json-pairs", None)
+    own_data = load_config(None, {"objective": "dpo", "data": "pairs.jsonl"})
+    assert with_objective_defaults(own_data).rpo_alpha == 0.0  # plain DPO, TRL's default
