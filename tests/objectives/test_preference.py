@@ -56,6 +56,32 @@ def test_dpo_is_ln2_when_the_policy_is_the_reference() -> None:
     )
 
 
+def test_dpo_with_rpo_alpha_adds_the_chosen_answers_mean_nll() -> None:
+    beta, alpha = 0.1, 0.7
+    sums, reference = torch.cat([CHOSEN, REJECTED]), torch.cat([REF_CHOSEN, REF_REJECTED])
+    plain = pair_scores(PreferenceSettings.of("dpo", beta=beta), sums, LENGTHS, reference)
+    rpo = pair_scores(PreferenceSettings.of("dpo", beta=beta, rpo_alpha=alpha), sums, LENGTHS, reference)
+    for i in range(6):
+        margin = beta * (CHOSEN[i] - REF_CHOSEN[i]).item() - beta * (REJECTED[i] - REF_REJECTED[i]).item()
+        nll = -CHOSEN[i].item() / LENGTHS[i].item()  # per token of the chosen answer only
+        assert rpo.losses[i].item() == pytest.approx(-math.log(sigmoid(margin)) + alpha * nll, abs=1e-5)
+    torch.testing.assert_close(rpo.margins, plain.margins, atol=0, rtol=0)  # rewards unchanged
+
+
+def test_rpo_alpha_equals_trls_sft_loss_type_on_equal_lengths() -> None:
+    """TRL 1.16's ``loss_type="sft"`` term: ``−mean`` of the chosen per-token log-probs over the batch."""
+    alpha, length = 0.5, 5
+    per_token = -torch.rand(6, length, generator=torch.Generator().manual_seed(1)) * 3  # chosen tokens
+    mask = torch.ones(6, length, dtype=torch.bool)
+    trl_sft = -per_token[mask].mean()  # dpo_trainer.py, ``elif loss_type == "sft"``
+    sums = torch.cat([per_token.sum(1), REJECTED.float()])
+    reference = torch.cat([per_token.sum(1), REJECTED.float()])  # policy = reference: DPO term ln 2
+    counts = torch.full((12,), length)
+    settings = PreferenceSettings.of("dpo", rpo_alpha=alpha)
+    losses = pair_scores(settings, sums, counts, reference).losses
+    torch.testing.assert_close(losses.mean(), math.log(2) + alpha * trl_sft, atol=1e-6, rtol=0)
+
+
 def test_orpo_is_the_papers_equations_4_to_7() -> None:
     beta = 0.25
     chosen_mean, rejected_mean = CHOSEN / 10, REJECTED / 10
@@ -136,6 +162,9 @@ def test_pair_scores_rewards_margins_and_ties() -> None:
 
 def test_settings_fill_defaults_and_refuse_other_objectives_options() -> None:
     assert PreferenceSettings.of("simpo") == PreferenceSettings("simpo", 2.0, 0.5, 0.0)
+    assert PreferenceSettings.of("dpo", rpo_alpha=1.0).rpo_alpha == 1.0
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        PreferenceSettings.of("simpo", rpo_alpha=1.0)
     assert PreferenceSettings.of("dpo", beta=0.3, reference="runs/sft").beta == 0.3
     with pytest.raises(ValueError, match="simpo_gamma"):
         PreferenceSettings.of("dpo", simpo_gamma=1.0)

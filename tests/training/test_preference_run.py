@@ -87,14 +87,19 @@ def run(tmp_path, model_dir, pair_files, on_step=None, **changes):
     return train(load_config(None, settings(tmp_path, model_dir, pair_files, **changes)), on_step=on_step)
 
 
-def test_dpo_losses_equal_trl_dpo_trainer_on_hf_peft(tmp_path, model_dir, pair_files) -> None:
+@pytest.mark.parametrize(("batch_size", "rpo_alpha"), [(4, None), (1, 0.5)], ids=["dpo", "dpo-rpo_alpha"])
+def test_dpo_losses_equal_trl_dpo_trainer_on_hf_peft(
+    tmp_path, model_dir, pair_files, batch_size, rpo_alpha
+) -> None:
+    """With ``rpo_alpha``: TRL 1.16's ``loss_type=["sigmoid", "sft"], loss_weights=[1, rpo_alpha]``, one
+    pair per batch (TRL averages the NLL over a batch's chosen tokens, peftkit per pair: equal then)."""
     trl = pytest.importorskip("trl")
     peft = pytest.importorskip("peft")
     datasets = pytest.importorskip("datasets")
     from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ours = run(tmp_path, model_dir, pair_files)
+    ours = run(tmp_path, model_dir, pair_files, batch_size=batch_size, rpo_alpha=rpo_alpha)
 
     # the adapter train() starts from: its seeded initialisation, made again here
     base, _ = peftkit.models.load_model(str(model_dir))
@@ -105,13 +110,16 @@ def test_dpo_losses_equal_trl_dpo_trainer_on_hf_peft(tmp_path, model_dir, pair_f
     )
     peft.set_peft_model_state_dict(theirs, start)
     # peftkit's data order: a seeded permutation per epoch; TRL reads the rows in that order
-    order = BatchOrder(8, 4, 1, 1, 0, seed=0)
+    order = BatchOrder(8, batch_size, 1, 1, 0, seed=0)
     rows = chat_pairs(8)
     ordered = [rows[i] for step in range(4) for i in order.global_batch(step)]
+    sft_term = (
+        {} if rpo_alpha is None else {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, rpo_alpha]}
+    )
     config = trl.DPOConfig(
         output_dir=str(tmp_path / "trl"),
         max_steps=4,
-        per_device_train_batch_size=4,
+        per_device_train_batch_size=batch_size,
         learning_rate=5e-2,
         lr_scheduler_type="constant",
         warmup_steps=0,
@@ -126,6 +134,7 @@ def test_dpo_losses_equal_trl_dpo_trainer_on_hf_peft(tmp_path, model_dir, pair_f
         train_sampling_strategy="sequential",
         disable_tqdm=True,
         log_level="error",
+        **sft_term,
     )
     oracle = trl.DPOTrainer(
         model=theirs,
@@ -137,7 +146,10 @@ def test_dpo_losses_equal_trl_dpo_trainer_on_hf_peft(tmp_path, model_dir, pair_f
     expected = [entry["loss"] for entry in oracle.state.log_history if "loss" in entry]
 
     assert len(expected) == 4 and abs(expected[-1] - expected[0]) > 1e-2, "TRL's run should train"
-    assert ours.losses[0] == pytest.approx(math.log(2), abs=1e-7)  # policy = reference at step 1
+    if rpo_alpha is None:
+        assert ours.losses[0] == pytest.approx(math.log(2), abs=1e-7)  # policy = reference at step 1
+    else:
+        assert ours.losses[0] > math.log(2) + 0.1  # plus rpo_alpha x the chosen answer's NLL
     assert ours.losses == pytest.approx(expected, abs=1e-4), (
         f"differences {[a - b for a, b in zip(ours.losses, expected, strict=True)]}"
     )

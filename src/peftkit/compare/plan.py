@@ -31,6 +31,7 @@ from typing import Any
 
 from peftkit.foundation.errors import UsageError
 from peftkit.methods import METHOD_TABLE, method_by_name
+from peftkit.objectives.choice import OPTION_NAMES
 from peftkit.training.method_choice import ALIASES, FULL, method_entry, method_fields
 from peftkit.training.train_config import (
     FIELDS,
@@ -383,7 +384,7 @@ def describe(run: PlannedRun) -> str:
     options = ", ".join(f"{k}={_short(v)}" for k, v in config.method_options.items() if v is not None)
     text = f"{config.method}" + (f" ({options})" if options else "") + f", lr {config.lr:g}"
     if config.objective != "sft":
-        given = [f"{k}={getattr(config, k)}" for k in ("beta", "simpo_gamma", "cpo_alpha", "reference")]
+        given = [f"{k}={getattr(config, k)}" for k in OPTION_NAMES]
         text += f", objective {config.objective}" + "".join(f" {g}" for g in given if not g.endswith("=None"))
     return text
 

@@ -5,6 +5,10 @@ answer's tokens and ``|y|`` its token count:
 
 - **DPO** (Rafailov et al., 2023, eq. 7): ``−log σ(β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) −
   log π_ref(y_l))])``; implicit reward ``β·(log π(y) − log π_ref(y))``. TRL's ``loss_type="sigmoid"``.
+  With ``rpo_alpha`` > 0, plus ``rpo_alpha`` times the chosen answer's mean NLL ``−log π(y_w)/|y_w|``
+  (RPO, Pang et al., 2024; TRL's ``rpo_alpha``, in TRL 1.16 ``loss_type=["sigmoid", "sft"]`` with
+  ``loss_weights=[1, rpo_alpha]``). TRL averages that NLL over the batch's chosen tokens; here it is each
+  pair's mean, as for ORPO (the same when a batch's chosen answers are equally long).
 - **ORPO** (Hong et al., 2024, eqs. 4–7): ``−log π(y_w)/|y_w| − λ·log σ(log odds(y_w) − log odds(y_l))``
   with ``odds(y) = p/(1 − p)`` of the length-normalised ``p = exp(log π(y)/|y|)``; reward
   ``β·log π(y)/|y|`` (β is λ). TRL averages the NLL over the batch's chosen tokens; here it is each
@@ -133,6 +137,8 @@ def pair_scores(
             raise ValueError("dpo needs the reference's log-probabilities")
         reference_chosen, reference_rejected = reference.float().chunk(2)
         losses = dpo_losses(chosen, rejected, reference_chosen, reference_rejected, beta)
+        if settings.rpo_alpha:
+            losses = losses - settings.rpo_alpha * chosen / counts.chunk(2)[0].clamp(min=1)
         rewards = beta * (chosen - reference_chosen), beta * (rejected - reference_rejected)
         return PairScores(losses, *(r.detach() for r in rewards))
     chosen_mean, rejected_mean = (sums.float() / counts.clamp(min=1)).chunk(2)

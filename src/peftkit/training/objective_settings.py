@@ -1,7 +1,7 @@
 """A run's objective settings: each objective's options filled in, and checked against the run.
 
 ``TrainConfig`` holds ``objective`` and the options of every objective (``beta``, ``simpo_gamma``,
-``cpo_alpha``, ``reference``; None: the objective's default, :data:`peftkit.objectives.choice.
+``cpo_alpha``, ``rpo_alpha``, ``reference``; None: the objective's default, :data:`peftkit.objectives.choice.
 OBJECTIVE_OPTIONS`). An option given to an objective that does not take it is refused, never ignored.
 """
 
@@ -11,7 +11,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from peftkit.foundation.errors import UsageError
-from peftkit.objectives.choice import OBJECTIVE_OPTIONS, objectives_taking
+from peftkit.objectives.choice import OBJECTIVE_OPTIONS, OPTION_NAMES, objectives_taking
 
 if TYPE_CHECKING:
     from peftkit.training.train_config import TrainConfig
@@ -36,7 +36,7 @@ def check_objective(config: TrainConfig, source: str) -> None:
         UsageError: one line naming the setting, ``source`` and the way out.
     """
     taken = OBJECTIVE_OPTIONS[config.objective]
-    for name in ("beta", "simpo_gamma", "cpo_alpha", "reference"):
+    for name in OPTION_NAMES:
         if getattr(config, name) is not None and name not in taken:
             takers = objectives_taking(name)
             named = ", ".join(takers[:-1]) + (" or " if len(takers) > 1 else "") + takers[-1]
@@ -44,7 +44,11 @@ def check_objective(config: TrainConfig, source: str) -> None:
                 f"{name} (from {source}) is an option of objective {named}, not of {config.objective!r}: "
                 f"add --objective {takers[0]} or leave {name} out"
             )
-    for name, meaning in (("beta", lambda v: v > 0), ("cpo_alpha", lambda v: v >= 0)):
+    for name, meaning in (
+        ("beta", lambda v: v > 0),
+        ("cpo_alpha", lambda v: v >= 0),
+        ("rpo_alpha", lambda v: v >= 0),
+    ):
         value = getattr(config, name)
         if value is not None and not meaning(value):
             raise UsageError(

@@ -20,7 +20,7 @@ from peftkit.foundation.errors import UsageError, closest
 from peftkit.foundation.loading import DEFAULT_MODEL
 from peftkit.foundation.quantization import check_quantization_options
 from peftkit.foundation.tasks import TASKS
-from peftkit.objectives.choice import OBJECTIVES, OPTION_HELP
+from peftkit.objectives.choice import OBJECTIVE_OPTIONS, OBJECTIVES, OPTION_HELP, OPTION_NAMES
 from peftkit.training.method_choice import METHOD_NAMES, method_fields, unknown_name
 from peftkit.training.objective_settings import check_objective
 
@@ -86,6 +86,7 @@ class TrainConfig:
     beta: float | None = _key(None, OPTION_HELP["beta"])
     simpo_gamma: float | None = _key(None, OPTION_HELP["simpo_gamma"])
     cpo_alpha: float | None = _key(None, OPTION_HELP["cpo_alpha"])
+    rpo_alpha: float | None = _key(None, OPTION_HELP["rpo_alpha"])
     reference: str | None = _key(None, OPTION_HELP["reference"])
     # --- data
     data: str = _key("person-json", "training file (.jsonl/.json/.csv/.parquet) or a bundled task name")
@@ -234,7 +235,8 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
 def with_task_defaults(config: TrainConfig) -> TrainConfig:
     """Apply a bundled task's settings (``peftkit.training.tasks``) to the keys still at their defaults.
 
-    A preference objective given the default data trains on the bundled preference task instead.
+    A preference objective given the default data trains on the bundled preference task instead. A
+    task's objective option (``rpo_alpha``…) applies only to the objectives that take it.
     """
     from peftkit.training.tasks import builtin_task
 
@@ -243,8 +245,11 @@ def with_task_defaults(config: TrainConfig) -> TrainConfig:
     task = builtin_task(config.data)
     if task is None:
         return config
+    taken = OBJECTIVE_OPTIONS[config.objective]
     changes = {
-        key: value for key, value in task.settings.items() if getattr(config, key) == FIELDS[key].default
+        key: value
+        for key, value in task.settings.items()
+        if getattr(config, key) == FIELDS[key].default and (key not in OPTION_NAMES or key in taken)
     }
     return dataclasses.replace(config, **changes)
 

@@ -20,7 +20,7 @@ from peftkit.foundation.errors import UsageError
 from peftkit.foundation.quantization import describe_precision
 from peftkit.model import PeftModel, wrap
 from peftkit.objectives import Objective
-from peftkit.objectives.choice import PreferenceSettings
+from peftkit.objectives.choice import OPTION_NAMES, PreferenceSettings
 from peftkit.objectives.pair_batch import collate_pairs
 from peftkit.objectives.preference import preference_objective
 from peftkit.objectives.sequences import shares_prompts
@@ -182,7 +182,7 @@ def _objective_parts(
 
 def preference_settings(config: TrainConfig) -> PreferenceSettings:
     """The preference objective of ``config`` (``beta``… filled with the objective's defaults)."""
-    options = {name: getattr(config, name) for name in ("beta", "simpo_gamma", "cpo_alpha")}
+    options = {name: getattr(config, name) for name in OPTION_NAMES if name != "reference"}
     return PreferenceSettings.of(config.objective, **options)
 
 

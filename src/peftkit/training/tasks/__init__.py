@@ -8,7 +8,9 @@ rows. Regenerate with ``python scripts/make_default_task.py``.
 ``person-json-pairs``: the same sentences as preference pairs for ``--objective dpo|orpo|simpo``: the
 chosen answer is the right line of JSON, the rejected one that JSON with one field wrong (three pairs in
 four) or the sentence repeated (what the base model writes). Regenerate with
-``python scripts/make_preference_task.py``.
+``python scripts/make_preference_task.py``. Its DPO runs add the chosen answer's NLL (``rpo_alpha: 1``):
+plain DPO ranks the held-out pairs right but its greedy answers are never the chosen line
+(docs/design.md, preference objectives).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ BUILTIN_TASKS = {
         name="person-json-pairs",
         train=_HERE / "person_json_pairs" / "train.jsonl",
         validation=_HERE / "person_json_pairs" / "test.jsonl",
-        settings={"prompt_template": PERSON_JSON_INSTRUCTION + "{prompt}"},
+        settings={"prompt_template": PERSON_JSON_INSTRUCTION + "{prompt}", "rpo_alpha": 1.0},
         example="Ada Park, 36, has worked as a surgeon in Toronto for ten years.",
     ),
 }
