@@ -1,6 +1,6 @@
 """Real data: peftkit padded and packed against TRL's SFTTrainer + Hugging Face PEFT on DialogSum.
 
-    flock /work/notes/bench.lock python benchmarks/real_data.py --data-dir /path/to/dialogsum \\
+    python benchmarks/real_data.py --data-dir /path/to/dialogsum \\
         --examples 96 --heldout 40 --rounds 2
 
 DialogSum's dev dialogues (a seeded choice of ``--examples``), as ``examples/dialogsum.yaml`` prepares
