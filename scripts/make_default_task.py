@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "src" / "peftkit" / "tasks" / "person_json"
+OUT = Path(__file__).resolve().parent.parent / "src" / "peftkit" / "training" / "tasks" / "person_json"
 
 FIRST = [
     "Maria",
@@ -217,11 +217,16 @@ def main() -> None:
         "train": make_rows(rng, 400, first_train, last_train, city_train),
         "test": make_rows(rng, 100, first_test, last_test, city_test),
     }
-    OUT.mkdir(parents=True, exist_ok=True)
+    write_splits(OUT, splits, "rows")
+
+
+def write_splits(out: Path, splits: dict[str, list[dict]], unit: str) -> None:
+    """Write each split as ``out/<split>.jsonl``, one JSON object per line, and say how many ``unit``."""
+    out.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
-        with open(OUT / f"{split}.jsonl", "w", encoding="utf-8") as f:
+        with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
-        print(f"wrote {len(rows)} rows to {OUT / f'{split}.jsonl'}")
+        print(f"wrote {len(rows)} {unit} to {out / f'{split}.jsonl'}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-from make_default_task import CITY, FIRST, JOB, LAST, TEMPLATES, split_names
+from make_default_task import CITY, FIRST, JOB, LAST, TEMPLATES, split_names, write_splits
 
 OUT = Path(__file__).resolve().parent.parent / "src" / "peftkit" / "training" / "tasks" / "person_json_pairs"
 ECHO_SHARE = 0.25  # rejected = the sentence itself; else the JSON with one field wrong
@@ -64,11 +64,7 @@ def main() -> None:
         "train": make_pairs(rng, 400, first_train, last_train, city_train),
         "test": make_pairs(rng, 100, first_test, last_test, city_test),
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    for split, rows in splits.items():
-        with open(OUT / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        print(f"wrote {len(rows)} pairs to {OUT / f'{split}.jsonl'}")
+    write_splits(OUT, splits, "pairs")
 
 
 if __name__ == "__main__":
