@@ -118,29 +118,13 @@ def classifier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama classifier trained to tell "good …" (label pos) from "bad …" (label neg)."""
     import json
 
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     from peftkit.training.loop import train
     from peftkit.training.train_config import load_config
 
-    from helpers.tiny_lm import build_tokenizer
+    from helpers.tiny_lm import save_tiny_classifier
 
     tmp = tmp_path_factory.mktemp("classifier")
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        num_labels=2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForSequenceClassification(config).save_pretrained(tmp / "cls")
-    tokenizer.save_pretrained(tmp / "cls")
+    save_tiny_classifier(tmp / "cls")
     rows = [
         {"text": f"{w} {i}", "label": "pos" if w == "good" else "neg"}
         for i in range(16)

@@ -27,7 +27,7 @@ from peftkit.training.method_choice import METHOD_NAMES
 from peftkit.training.tasks import BUILTIN_TASKS
 from peftkit.training.train_config import load_config
 
-from helpers.tiny_lm import build_model, build_tokenizer
+from helpers.tiny_lm import build_model, build_tokenizer, save_tiny_classifier
 from helpers.torchrun import run_two_processes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -326,22 +326,7 @@ def test_seq2seq_task_trains_and_scores_generation(tmp_path, small_data) -> None
 
 
 def test_sequence_classification_task_reports_accuracy(tmp_path) -> None:
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        num_labels=2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "cls")
-    tokenizer.save_pretrained(tmp_path / "cls")
+    save_tiny_classifier(tmp_path / "cls")
     rows = [
         {"text": f"{word} {i}", "label": "pos" if word == "good" else "neg"}
         for i in range(16)
