@@ -91,6 +91,7 @@ def test_serve_without_the_extra_names_the_install_command(monkeypatch, capsys) 
      (["--max-concurrent", "0"], "--max-concurrent must be at least 1"),
      (["--read-timeout", "0"], "--read-timeout must be above 0"),
      (["--threads", "-1"], "--threads must be 0"),
+     (["--max-adapters", "4", "--max-cpu-adapters", "2"], "--max-cpu-adapters 2 is below --max-adapters 4"),
      (["--adapter-root", "/no/such/root"], "no such directory")],
 )  # fmt: skip
 def test_bad_serve_flags_are_one_line_errors(flags, message, capsys) -> None:

@@ -50,6 +50,25 @@ def test_two_slots_and_four_adapters_in_rotation_read_each_file_once(
     assert engine.metrics.adapter_evictions.labels("slot")._value.get() == 10
 
 
+def test_the_cpu_tier_bounds_the_slots_so_no_more_adapters_stay_in_memory_than_it_says(
+    serve_files, tokenizer, reference
+) -> None:
+    engine = engine_for(serve_files, adapters=ROTATION, max_cpu_adapters=2)  # slots unbounded otherwise
+    engine.start()
+    try:
+        for adapter in ROTATION * 2:
+            collected = _answer(engine, tokenizer, adapter)
+            assert collected.text == _want(tokenizer, reference, adapter), adapter
+            assert len(engine.bank.resident_names()) <= 2 and engine.bank.slots.count <= 2
+    finally:
+        engine.stop()
+
+
+def test_a_cpu_tier_smaller_than_the_slots_is_refused(serve_files) -> None:
+    with pytest.raises(ValueError, match="max_resident 1 is below max_slots 2"):
+        engine_for(serve_files, adapters=(), max_adapters=2, max_cpu_adapters=1)
+
+
 def _copy_root(serve_files, tmp_path: Path, names: tuple[str, ...]) -> Path:
     root = tmp_path / "root"
     for name in names:

@@ -27,9 +27,10 @@ _BOUNDS: tuple[tuple[str, type, Any, str], ...] = (
      "before tokenizing (default: 4096)"),
     ("--max-new-tokens", int, 512, "largest max_tokens (default: 512)"),
     ("--max-adapters", int, None, "adapter slots: adapters running at once, the least recently used idle one "
-     "reused (default: as many as are used)"),
-    ("--max-cpu-adapters", int, None, "adapters kept in memory, those in slots included; beyond, the least "
-     "recently used is read from disk again when asked for (default: all registered)"),
+     "reused (default: as many as are used, up to --max-cpu-adapters)"),
+    ("--max-cpu-adapters", int, None, "adapters kept in memory, those in slots included (so at least "
+     "--max-adapters); beyond, the least recently used is read from disk again when asked for "
+     "(default: all registered)"),
     ("--max-rank", int, None, "refuse adapters of a higher rank"),
     ("--max-connections", int, 256, "open connections; more are closed at once (default: 256)"),
     ("--read-timeout", float, 10.0, "seconds for a request's headers, then its body, to arrive "
@@ -158,6 +159,12 @@ def _settings(args: argparse.Namespace) -> Any:
         if value is not None and value <= 0:
             least = "at least 1" if kind is int else "above 0"
             raise UsageError(f"{flag} must be {least}, got {value}")
+    cpu, slots = args.max_cpu_adapters, args.max_adapters
+    if cpu is not None and slots is not None and cpu < slots:
+        raise UsageError(
+            f"--max-cpu-adapters {cpu} is below --max-adapters {slots}: adapters in slots stay in memory "
+            "too; raise --max-cpu-adapters or lower --max-adapters"
+        )
     if args.threads < 0:
         raise UsageError(f"--threads must be 0 (automatic) or more, got {args.threads}")
     if args.adapter_root is not None and not os.path.isdir(args.adapter_root):

@@ -74,9 +74,10 @@ class AdapterBank:
         model: the served model (its linear layers get wrapped here).
         context: where the host puts each forward's row → slot mapping.
         base_name: the base model's name in the API (an adapter may not take it).
-        max_slots: adapters in slots at once (None: as many as are used).
+        max_slots: adapters in slots at once (None: as many as are used, up to ``max_resident``).
         max_rank: the largest rank accepted, and the slots' rank (None: any; the slots grow).
-        max_resident: adapters kept in the CPU tier, those in slots included (None: every registered one).
+        max_resident: adapters kept in the CPU tier, those in slots included (None: every registered one);
+            at least ``max_slots``.
         root: the only directory runtime loading may read from; None: runtime loading is off.
         metrics: counts reads, placements and evictions (see :class:`~peftkit.serve.metrics.Metrics`).
     """
@@ -92,10 +93,16 @@ class AdapterBank:
         root: Path | None = None,
         metrics: Any = None,
     ) -> None:
+        if max_resident is not None and max_slots is not None and max_resident < max_slots:
+            raise ValueError(
+                f"max_resident {max_resident} is below max_slots {max_slots}: an adapter in a slot stays "
+                "in memory, so the CPU tier holds at least as many as the slots; raise max_resident or "
+                "lower max_slots"
+            )
         self.model, self.base_name, self.root = model, base_name, root
         self.max_rank, self.max_resident = max_rank, max_resident
         self.metrics = metrics
-        self.slots = SlotTable(model, context, max_slots, max_rank)
+        self.slots = SlotTable(model, context, max_slots or max_resident, max_rank)
         self.records: dict[str, AdapterRecord] = {}
         self.on_ready: Callable[[], None] = lambda: None  # called when a reload ends (the engine wakes)
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # least recently used first
