@@ -171,11 +171,13 @@ def main() -> None:
     print(f"timing {len(steps)} variants: {shape}")
     timed = [Variant(name, step) for name, (step, _) in steps.items()]
     interleaved(timed, args.rounds, args.warmup)
-    peaks: dict[str, int] = {}
+    print_results(timed, {}, args, reference_seconds)  # the times first: the peaks take a while
     if not args.no_peak:
+        peaks: dict[str, int] = {}
         for name, (model, batch, loss) in variants.items():
             peaks[name] = measure_training_step(model, batch, steps[name][1], loss).peak
-    print_results(timed, peaks, args, reference_seconds)
+            print(f"  peak of {name}: {peaks[name] / 2**20:.0f} MiB", flush=True)
+        print_results(timed, peaks, args, reference_seconds)
     print(machine())
 
 

@@ -200,6 +200,8 @@ def run_peftkit(config, packed: bool) -> tuple[dict, object]:
             epochs=1.0,
             output_dir=out,
             overwrite=True,
+            validation_data=None,  # held-out rows are scored after the peak is read, as for TRL
+            validation_split=0.0,
         )
         result = train(run, evaluate_before=False)
     return {
