@@ -84,6 +84,21 @@ def shared_weights_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def adamw_stepper(
+    model: nn.Module, batch: dict, loss: Callable[[nn.Module, dict], torch.Tensor]
+) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+    """A training step of ``model`` on ``batch`` (``loss(model, batch)`` backward, AdamW at learning rate 0:
+    the whole arithmetic of a step, the weights unchanged) and its optimizer."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss(model, batch).backward()
+        optimizer.step()
+
+    return step, optimizer
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32) -> nn.Module:
     """The bundled SmolLM2-135M-Instruct (``peftkit.models.load_model``), in eval mode."""
     from peftkit.models import load_model

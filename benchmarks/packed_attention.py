@@ -27,7 +27,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import ALL_LINEAR, Variant, interleaved, load_smollm2, machine, shared_weights_copy, table
+from common import (
+    ALL_LINEAR,
+    Variant,
+    adamw_stepper,
+    interleaved,
+    load_smollm2,
+    machine,
+    shared_weights_copy,
+    table,
+)
 from torch import Tensor, nn
 
 import peftkit
@@ -98,17 +107,6 @@ def per_example_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return loss_sum(model, batch, "causal-lm")[0]
 
 
-def stepper(model: nn.Module, batch: dict[str, Tensor], loss: Callable) -> tuple[Callable[[], None], object]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss(model, batch).backward()
-        optimizer.step()
-
-    return step, optimizer
-
-
 def flex_runs(model: nn.Module, batch: dict[str, Tensor]) -> str:
     """Whether a flex-attention training step runs here; the error's first line if not."""
     try:
@@ -145,7 +143,7 @@ def main() -> None:
     if not args.no_eager:
         cases["eager, block-diagonal mask"] = (as_rows, mask_path_loss("eager"))
     losses = {name: loss(model, batch).item() for name, (batch, loss) in cases.items()}
-    steps = {name: stepper(model, batch, loss) for name, (batch, loss) in cases.items()}
+    steps = {name: adamw_stepper(model, batch, loss) for name, (batch, loss) in cases.items()}
     timed = [Variant(name, step) for name, (step, _) in steps.items()]
     interleaved(timed, args.rounds)
     peaks = {

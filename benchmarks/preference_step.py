@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import ALL_LINEAR, Variant, interleaved, machine, shared_weights_copy, table
+from common import ALL_LINEAR, Variant, adamw_stepper, interleaved, machine, shared_weights_copy, table
 from torch import nn
 
 import peftkit
@@ -119,19 +119,6 @@ def with_reference_in_step(loss: Callable) -> Callable:
     return step_loss
 
 
-def stepper(
-    model: nn.Module, batch: dict, loss: Callable
-) -> tuple[Callable[[], None], torch.optim.Optimizer]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss(model, batch).backward()
-        optimizer.step()
-
-    return step, optimizer
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=4)
@@ -166,7 +153,7 @@ def main() -> None:
         "peftkit, reference in the step": (ours, shared, with_reference_in_step(our_loss)),
         "peftkit, two rows per pair": (ours, two_rows, our_loss),
     }
-    steps = {name: stepper(model, batch, loss) for name, (model, batch, loss) in variants.items()}
+    steps = {name: adamw_stepper(model, batch, loss) for name, (model, batch, loss) in variants.items()}
     shape = f"{args.pairs} pairs, prompt {args.prompt} + answer {args.answer} tokens"
     print(f"timing {len(steps)} variants: {shape}")
     timed = [Variant(name, step) for name, (step, _) in steps.items()]
