@@ -144,7 +144,7 @@ def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
 
 # ----------------------------------------------------------------------------------------------- workers
 def run_variant(variant: str, train_file: Path, data_dir: Path, heldout: int) -> dict:
-    """Train one variant; its real and padding tokens, steps, tokens/s, peak RSS and held-out loss."""
+    """Train one variant; its real and padding tokens, steps, tokens/s, peak RSS, threads, held-out loss."""
     import torch
 
     torch.manual_seed(0)
@@ -154,6 +154,7 @@ def run_variant(variant: str, train_file: Path, data_dir: Path, heldout: int) ->
     else:
         outcome, model = run_trl(config, variant)
     outcome["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    outcome["threads"] = torch.get_num_threads()  # at the end of training (peftkit's are automatic)
     outcome["heldout_loss"] = heldout_loss(model, config)
     return outcome
 

@@ -50,10 +50,10 @@ def test_the_matmul_speed_is_measured_with_the_runs_threads(tmp_path, model_dir,
 
 
 def test_threads_of_runs_follows_train(tmp_path, model_dir, monkeypatch) -> None:
-    import peftkit.training.loop.context
+    import peftkit.foundation.cpu_load
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(peftkit.training.loop.context, "auto_threads", lambda running, processes=1: 3)
+    monkeypatch.setattr(peftkit.foundation.cpu_load, "free_threads", lambda processes=1: 3)
     with runner.threads_of_runs(_plan(tmp_path, model_dir).shared) as threads:
         assert threads == 3 == torch.get_num_threads()
     with runner.threads_of_runs(_plan(tmp_path, model_dir, threads=2).shared) as threads:

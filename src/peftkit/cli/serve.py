@@ -205,9 +205,9 @@ def _set_threads(threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
     elif "OMP_NUM_THREADS" not in os.environ:
-        from peftkit.training.loop.context import auto_threads
+        from peftkit.foundation.cpu_load import free_threads
 
-        torch.set_num_threads(auto_threads(0))
+        torch.set_num_threads(free_threads())
 
 
 def _adapter_flags(values: list[str]) -> dict[str, str]:

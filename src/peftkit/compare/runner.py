@@ -91,7 +91,7 @@ def threads_of_runs(config: TrainConfig) -> Iterator[int]:
     """Use, for the block, the CPU threads ``peftkit train`` would use for ``config`` (``threads``, else
     ``OMP_NUM_THREADS``'s, else the cores other programs leave free: on a busy machine two threads
     fighting other processes ran a 1024² matmul at 0.6-0.8x one thread's speed, measured)."""
-    from peftkit.training.loop.context import auto_threads
+    from peftkit.foundation.cpu_load import free_threads
 
     before = torch.get_num_threads()
     if config.threads:
@@ -99,7 +99,7 @@ def threads_of_runs(config: TrainConfig) -> Iterator[int]:
     elif "OMP_NUM_THREADS" in os.environ:
         wanted = before
     else:
-        wanted = auto_threads(0)
+        wanted = free_threads()
     torch.set_num_threads(wanted)
     try:
         yield wanted

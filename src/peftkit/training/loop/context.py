@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
+from peftkit.foundation.cpu_load import OtherLoad
 from peftkit.training.train_config import TrainConfig
 
-__all__ = ["THREAD_CHECK_EVERY", "RunContext", "auto_threads", "set_threads"]
+__all__ = ["THREAD_CHECK_EVERY", "RunContext", "set_threads"]
 
 THREAD_CHECK_EVERY = 10  # steps between looks at the machine's load (threads: 0)
 
@@ -30,6 +31,7 @@ class RunContext:
         rank: this process's index.
         sharded: parameters sharded with FSDP2 (``fsdp`` under several processes) instead of DDP.
         start: ``time.perf_counter()`` when the run started (for the wall time).
+        load: what other programs keep busy on this machine, measured since the last thread check.
     """
 
     config: TrainConfig
@@ -40,6 +42,7 @@ class RunContext:
     rank: int
     sharded: bool
     start: float = field(default_factory=time.perf_counter)
+    load: OtherLoad = field(default_factory=OtherLoad)
 
     @classmethod
     def create(cls, config: TrainConfig, accelerator: Any) -> RunContext:
@@ -53,6 +56,7 @@ class RunContext:
             world=world,
             rank=accelerator.process_index,
             sharded=config.fsdp and world > 1,
+            load=OtherLoad(processes=world),
         )
 
     @property
@@ -70,20 +74,12 @@ class RunContext:
         self.accelerator.wait_for_everyone()
 
 
-def auto_threads(running: int, processes: int = 1) -> int:
-    """CPU threads for each of this run's processes: the cores that other programs leave free.
-
-    Other programs' load is the 1-minute load average less this run's own ``running`` threads. On a
-    shared machine this matters: two threads fighting another busy process for two cores made a
-    SmolLM2 training step 4-6x slower than one thread (measured), as OpenMP threads wait on each other.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    others = max(0.0, os.getloadavg()[0] - running)
-    return max(1, round(cores - others) // processes)
-
-
 def set_threads(context: RunContext, running: int = 0) -> None:
-    """Fix the CPU thread count: ``threads``, else ``OMP_NUM_THREADS``, else :func:`auto_threads`.
+    """Fix the CPU thread count: ``threads``, else ``OMP_NUM_THREADS``, else the cores other programs
+    leave free (:class:`~peftkit.foundation.cpu_load.OtherLoad`: their busy time since the last check,
+    not the lagging load average). On a shared machine this matters: two threads fighting another busy
+    process for two cores made a SmolLM2 training step 4-6x slower than one thread (measured), as
+    OpenMP threads wait on each other.
 
     Args:
         running: the threads each of this run's processes uses now (0 before it starts); the loop
@@ -94,7 +90,7 @@ def set_threads(context: RunContext, running: int = 0) -> None:
     if context.config.threads:
         torch.set_num_threads(context.config.threads)
     elif "OMP_NUM_THREADS" not in os.environ:
-        wanted = auto_threads(running * context.world, context.world)
+        wanted = context.load.threads(running)
         if wanted != torch.get_num_threads():
             torch.set_num_threads(wanted)
             if running:
