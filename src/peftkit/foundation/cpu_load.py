@@ -3,8 +3,8 @@
 The 1-minute load average lags: a program that stopped a moment ago still counts as ``exp(-t/60)`` of
 each core it used, so a run started right after another (a second ``peftkit train``, a benchmark's next
 variant) saw two free cores as none and took one thread; rechecking with it every 10 steps gave the
-second thread back only after about a minute (measured: a 39-step DialogSum run trained at 166 real
-tokens/s against 210 with both threads throughout). Here the cores' busy time is read from
+second thread back only after about a minute (benchmarks/real_data.py, packed: 166 real tokens/s
+that way, 200 with both threads throughout; docs/benchmarks.md). Here the cores' busy time is read from
 ``/proc/stat`` over a window (the steps since the last look, or a short pause at the start), less the
 CPU time this process itself used, for the cores this process may run on. Where ``/proc/stat`` is
 missing (macOS, Windows) the load average stands in.
