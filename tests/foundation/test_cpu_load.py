@@ -89,3 +89,14 @@ def test_a_busy_program_is_counted() -> None:
     finally:
         spinner.kill()
         spinner.wait()
+
+
+def test_chosen_threads_a_fixed_count_then_omp_then_the_free_cores(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_load, "free_threads", lambda processes=1: 3)
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert cpu_load.chosen_threads(2) == 2  # --threads wins
+    assert cpu_load.chosen_threads(0) is None  # OMP_NUM_THREADS: PyTorch's own count stands
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_load.chosen_threads(0) == 3  # a fresh look
+    _readings(monkeypatch, CpuReading(100.0, 0.0, 0.0), CpuReading(101.0, 0.0, 1.0))
+    assert cpu_load.chosen_threads(0, OtherLoad()) == max(1, len(cpu_load.usable_cores()) - 1)  # 1 core busy

@@ -202,12 +202,11 @@ def _set_threads(threads: int) -> None:
     """``--threads``, else ``OMP_NUM_THREADS``, else the cores other programs leave free (as train)."""
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        from peftkit.foundation.cpu_load import free_threads
+    from peftkit.foundation.cpu_load import chosen_threads
 
-        torch.set_num_threads(free_threads())
+    wanted = chosen_threads(threads)
+    if wanted is not None:
+        torch.set_num_threads(wanted)
 
 
 def _adapter_flags(values: list[str]) -> dict[str, str]:

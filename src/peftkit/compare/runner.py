@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,15 +90,10 @@ def threads_of_runs(config: TrainConfig) -> Iterator[int]:
     """Use, for the block, the CPU threads ``peftkit train`` would use for ``config`` (``threads``, else
     ``OMP_NUM_THREADS``'s, else the cores other programs leave free: on a busy machine two threads
     fighting other processes ran a 1024² matmul at 0.6-0.8x one thread's speed, measured)."""
-    from peftkit.foundation.cpu_load import free_threads
+    from peftkit.foundation.cpu_load import chosen_threads
 
     before = torch.get_num_threads()
-    if config.threads:
-        wanted = config.threads
-    elif "OMP_NUM_THREADS" in os.environ:
-        wanted = before
-    else:
-        wanted = free_threads()
+    wanted = chosen_threads(config.threads) or before
     torch.set_num_threads(wanted)
     try:
         yield wanted

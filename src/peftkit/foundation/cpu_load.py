@@ -19,7 +19,15 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CpuReading", "OtherLoad", "busy_seconds", "free_threads", "threads_left", "usable_cores"]
+__all__ = [
+    "CpuReading",
+    "OtherLoad",
+    "busy_seconds",
+    "chosen_threads",
+    "free_threads",
+    "threads_left",
+    "usable_cores",
+]
 
 PROC_STAT = Path("/proc/stat")
 MIN_WINDOW_S = 0.2  # the shortest window measured (/proc/stat counts in 10 ms ticks)
@@ -125,3 +133,14 @@ class OtherLoad:
 def free_threads(processes: int = 1) -> int:
     """Threads for each of ``processes`` from a fresh look (a :data:`MIN_WINDOW_S` pause)."""
     return OtherLoad(processes).threads()
+
+
+def chosen_threads(threads: int, load: OtherLoad | None = None, running: int = 0) -> int | None:
+    """The CPU threads a ``train``, ``compare`` or ``serve`` process takes: ``threads`` when set; None when
+    ``OMP_NUM_THREADS`` is (PyTorch's count stands); else the cores other programs leave free, from
+    ``load`` since its last look (``running`` as in :meth:`OtherLoad.busy_cores`) or a fresh look."""
+    if threads:
+        return threads
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    return load.threads(running) if load is not None else free_threads()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 
 import torch
 
-from peftkit.foundation.cpu_load import OtherLoad
+from peftkit.foundation.cpu_load import OtherLoad, chosen_threads
 from peftkit.training.train_config import TrainConfig
 
 __all__ = ["THREAD_CHECK_EVERY", "RunContext", "set_threads"]
@@ -87,11 +86,8 @@ def set_threads(context: RunContext, running: int = 0) -> None:
     """
     if context.device.type != "cpu":
         return
-    if context.config.threads:
-        torch.set_num_threads(context.config.threads)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        wanted = context.load.threads(running)
-        if wanted != torch.get_num_threads():
-            torch.set_num_threads(wanted)
-            if running:
-                context.say(f"CPU threads: {wanted} (other programs' load changed)")
+    wanted = chosen_threads(context.config.threads, context.load, running)
+    if wanted is not None and wanted != torch.get_num_threads():
+        torch.set_num_threads(wanted)
+        if running:
+            context.say(f"CPU threads: {wanted} (other programs' load changed)")
