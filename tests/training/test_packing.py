@@ -1,5 +1,5 @@
 """peftkit.training.data.packing and the packed side of batching and prepare: best-fit decreasing, packed
-rows with their boundaries, one packed sequence per micro-batch, and when a run packs."""
+rows with their boundaries, padding-free rows, one packed sequence per micro-batch, and when a run packs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from peftkit.foundation.errors import UsageError
 from peftkit.foundation.tasks import IGNORE_INDEX
 from peftkit.training.data import collate_packed, pack_training_rows, position_ids
-from peftkit.training.data.packing import best_fit_decreasing, pack, pack_columns
+from peftkit.training.data.packing import best_fit_decreasing, pack, pack_columns, padding_free
 from peftkit.training.data.prepare import PreparedData, padded_fill
 from peftkit.training.train_config import load_config
 
@@ -91,6 +91,21 @@ def test_pack_of_no_rows_is_one_line() -> None:
         pack(empty, max_length=10)
 
 
+def test_padding_free_keeps_each_example_alone_in_its_order() -> None:
+    rows = datasets.Dataset.from_dict(
+        {"input_ids": [[1] * 5, [2] * 4, [3] * 7], "labels": [[-100, 1, 1, 1, 1], [2] * 4, [3] * 7]}
+    )
+    free = padding_free(rows)
+    assert free["examples"] == [[0], [1], [2]]
+    assert free["lengths"] == [[5], [4], [7]]
+    assert free["input_ids"] == rows["input_ids"]
+    assert free["labels"] == [[IGNORE_INDEX, 1, 1, 1, 1], [IGNORE_INDEX, 2, 2, 2], [IGNORE_INDEX] + [3] * 6]
+    assert free["targets"] == [4, 3, 6]
+    batch = collate_packed(list(free.select([0, 1])))  # a batch of two: the two end to end
+    assert batch["input_ids"].tolist() == [[1] * 5 + [2] * 4]
+    assert batch["cu_seq_lens"].tolist() == [0, 5, 9]
+
+
 def test_pack_columns_packs_any_layout_of_token_rows() -> None:
     """What another data layout (preference pairs, say) calls: any columns, boundaries returned."""
     columns = {"input_ids": [[1, 2], [3, 4, 5], [6]], "chosen_mask": [[0, 1], [0, 0, 1], [1]]}
@@ -157,3 +172,16 @@ def test_packing_where_it_cannot_apply_is_one_line_and_off_by_default() -> None:
     assert not quiet.packed and quiet.packing == "off (task 'seq-cls' is not causal-lm)"
     with pytest.raises(UsageError, match=r"^packing cannot apply here: task 'seq-cls' is not causal-lm; "):
         pack_training_rows(data, config.replace(packing=True), blocker="task 'seq-cls' is not causal-lm")
+
+
+def test_padding_free_keeps_the_rows_wins_over_packing_and_refuses_a_blocker_in_one_line() -> None:
+    varied = prepared([10, 60, 20, 64, 5, 33, 47, 12])
+    config = load_config(None, {"data": "x.jsonl", "max_length": 64, "batch_size": 2, "padding_free": True})
+    free = pack_training_rows(varied, config, blocker=None)
+    assert free.packed and free.padding_free and free.lengths == varied.lengths
+    assert free.stats["packed_rows"] == 8 and free.train["examples"] == [[i] for i in range(8)]
+    assert free.packing.startswith("padding-free: each batch's examples end to end")
+    for packing in (True, False):  # padding-free wins (a YAML's packing: true, say, and --padding-free)
+        assert pack_training_rows(varied, config.replace(packing=packing), blocker=None).padding_free
+    with pytest.raises(UsageError, match=r"^padding-free batches cannot apply here: task 'seq-cls' is not"):
+        pack_training_rows(varied, config, blocker="task 'seq-cls' is not causal-lm")

@@ -82,7 +82,8 @@ def _row_length(
     """The tokens of the run's longest row (``max_length`` without a tokenizer) and whether its rows are
     packed, said in ``notes``."""
     if tokenizer is None:
-        packed = config.packing is True and config.objective == "sft"  # equal rows: packing would not pay
+        # rows all max_length long: unset, packing would not pay
+        packed = bool(config.packing or config.padding_free) and config.objective == "sft"
         notes.append(
             f"no tokenizer for {config.model}: rows assumed max_length={config.max_length} tokens long"
             + (", packed (no padding, no mask)" if packed else ", padded")
@@ -97,12 +98,16 @@ def _row_length(
         return seq, False
     lengths, packed = run_rows(config, tokenizer, method_config)
     seq = max(lengths)
-    notes.append(
-        f"batch: {config.batch_size} packed rows of {seq} tokens (the longest packed row), one "
-        "sequence with no padding"
-        if packed
-        else f"batch: {config.batch_size} rows of {seq} tokens (the longest training row), padded"
-    )
+    if packed and config.padding_free:
+        note = f"batch: at most {config.batch_size} x {seq} tokens (the longest example), end to end"
+    elif packed:
+        note = (
+            f"batch: {config.batch_size} packed rows of {seq} tokens (the longest packed row), one "
+            "sequence with no padding"
+        )
+    else:
+        note = f"batch: {config.batch_size} rows of {seq} tokens (the longest training row), padded"
+    notes.append(note)
     return seq, packed
 
 

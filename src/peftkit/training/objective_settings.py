@@ -61,8 +61,9 @@ def check_objective(config: TrainConfig, source: str) -> None:
         raise UsageError(
             f"{what} trains causal language models: task {config.task!r} is not one; use causal-lm"
         )
-    if config.packing:
-        raise UsageError(f"{what}: packing of preference pairs is not built yet; drop --packing")
+    if config.packing or config.padding_free:
+        flag = "--packing" if config.packing else "--padding-free"
+        raise UsageError(f"{what}: packing of preference pairs is not built yet; drop {flag}")
     if config.metric not in PREFERENCE_METRICS:
         raise UsageError(
             f"metric={config.metric!r} (from {source}) scores answers; {what} is scored by "

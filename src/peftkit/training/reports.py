@@ -216,7 +216,9 @@ def _tokens_text(result: TrainResult) -> str:
         f"(fill {_fill(result):.0%})"
     )
     data = result.data
-    if data is not None and data.packed:
+    if data is not None and data.padding_free:
+        text += f"; {data.stats['examples']} examples, each batch's laid end to end"
+    elif data is not None and data.packed:
         text += f"; {data.stats['examples']} examples packed into {data.stats['packed_rows']} rows"
     truncated = data.stats.get("truncated", 0) if data is not None else 0
     return text + (f"; {truncated} examples truncated to max_length" if truncated else "")

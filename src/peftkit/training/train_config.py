@@ -121,7 +121,12 @@ class TrainConfig:
         None,
         "causal-lm: pack whole examples into rows of up to max_length tokens, each attending only to "
         "itself (batch_size then counts packed rows); unset: on where it applies and padded batches "
-        "would be under 90 percent full; --no-packing: one example per row, padded",
+        "would be under 90 percent full; --no-packing: one example per row, padded (or padding-free)",
+    )
+    padding_free: bool = _key(
+        False,
+        "causal-lm, instead of packing (whatever packing says): each batch's batch_size examples laid end "
+        "to end with no padding, each attending only to itself (the batches and loss of padded rows)",
     )
     # --- optimisation
     max_steps: int = _key(60, "optimizer steps; 0: run `epochs` epochs")

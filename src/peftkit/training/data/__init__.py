@@ -15,14 +15,16 @@ except on the assistant's turns, so the loss counts the completion only. Example
 ``max_length`` lose the middle of their prompt, or their end when the answer alone is too long
 (counted; one left with no answer token is dropped). ``packing`` fills rows of up to ``max_length``
 tokens with several whole examples, each attending only to itself (where it applies and pays; see
-:func:`~peftkit.training.data.prepare.pack_training_rows`).
+:func:`~peftkit.training.data.prepare.pack_training_rows`); ``padding_free`` keeps each batch's
+examples and lays them end to end instead of padding them.
 
 Modules, in the order the data goes through them:
 
 - :mod:`~peftkit.training.data.tables`: data files and data sets → a table;
 - :mod:`~peftkit.training.data.chats`: rows → chats (:class:`DataFormat`), chats → tokens (:func:`encode`);
 - :mod:`~peftkit.training.data.tokenization`: tokenized, truncated rows; classification rows;
-- :mod:`~peftkit.training.data.packing`: several examples per row (best-fit decreasing);
+- :mod:`~peftkit.training.data.packing`: several examples per row (best-fit decreasing), or one
+  (padding-free);
 - :mod:`~peftkit.training.data.prepare`: all of it for a run's settings (:func:`prepare_data`), and
   whether to pack (:func:`pack_training_rows`);
 - :mod:`~peftkit.training.data.batching`: rows → padded tensors (:func:`collate`) or one packed

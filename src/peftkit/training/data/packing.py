@@ -10,6 +10,8 @@ example's loss and gradients are those it has alone.
 Rows are filled by best-fit decreasing (:func:`best_fit_decreasing`): examples from the longest down,
 each into the open row it fills most tightly, in O(n log max_length) (a segment tree over the rows'
 free space). Any layout of token rows (preference pairs, say) can pack with :func:`pack_columns`.
+Padding-free batches (:func:`padding_free`) are packed rows of one example each: a batch of them is
+its examples laid end to end, the very batches of padded rows without the padding.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from peftkit.foundation.tasks import IGNORE_INDEX
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["best_fit_decreasing", "pack", "pack_columns"]
+__all__ = ["best_fit_decreasing", "pack", "pack_columns", "padding_free"]
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -108,7 +110,7 @@ class _FreeSpace:
 
 
 def pack_columns(
-    columns: Mapping[str, Sequence[Sequence[int]]], lengths: Sequence[int], capacity: int
+    columns: Mapping[str, Sequence[Sequence[int]]], lengths: Sequence[int], capacity: int | None
 ) -> dict[str, list[Any]]:
     """Pack token rows of any layout: every column's rows of one bin concatenated, and the bin's
     ``lengths``.
@@ -118,13 +120,13 @@ def pack_columns(
             ``lengths[i]`` long. A ``labels`` column gets :data:`IGNORE_INDEX` at each row's first
             token (see the module docstring).
         lengths: each row's token count.
-        capacity: the most tokens in a packed row.
+        capacity: the most tokens in a packed row; None: each row alone, in order (padding-free).
 
     Returns:
         The packed columns, plus ``lengths`` (each packed row's example lengths, in order) and
         ``examples`` (the indices of the rows it holds).
     """
-    bins = best_fit_decreasing(lengths, capacity)
+    bins = [[i] for i in range(len(lengths))] if capacity is None else best_fit_decreasing(lengths, capacity)
     packed: dict[str, list[Any]] = {name: [] for name in columns}
     packed["lengths"] = [[lengths[i] for i in members] for members in bins]
     packed["examples"] = bins
@@ -147,11 +149,25 @@ def pack(rows: datasets.Dataset, max_length: int) -> datasets.Dataset:
     Raises:
         UsageError: no rows to pack.
     """
+    return _packed(rows, max_length)
+
+
+def padding_free(rows: datasets.Dataset) -> datasets.Dataset:
+    """Training rows (``input_ids``, ``labels``) as packed rows of one example each, in order: batches
+    of them are the batches of padded rows laid end to end, with no padding. Columns as :func:`pack`.
+
+    Raises:
+        UsageError: no rows.
+    """
+    return _packed(rows, None)
+
+
+def _packed(rows: datasets.Dataset, capacity: int | None) -> datasets.Dataset:
     import datasets
 
     if len(rows) == 0:
         raise UsageError("packing found no training example to pack; check the data and max_length")
     columns = {"input_ids": rows["input_ids"], "labels": rows["labels"]}
-    packed = pack_columns(columns, [len(ids) for ids in columns["input_ids"]], max_length)
+    packed = pack_columns(columns, [len(ids) for ids in columns["input_ids"]], capacity)
     packed["targets"] = [sum(label != IGNORE_INDEX for label in labels) for labels in packed["labels"]]
     return datasets.Dataset.from_dict(packed)

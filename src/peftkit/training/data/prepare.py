@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.foundation.errors import UsageError
 from peftkit.training.data.chats import DataFormat, to_chats
-from peftkit.training.data.packing import pack
+from peftkit.training.data.packing import pack, padding_free
 from peftkit.training.data.pairs import to_pair_chats, tokenize_pairs
 from peftkit.training.data.tables import load_table, missing_column
 from peftkit.training.data.tokenization import ordered_labels, tokenize, tokenize_classification
@@ -45,7 +45,8 @@ class PreparedData:
     ``train`` has ``input_ids``, ``labels`` and ``targets`` (packed: also ``lengths`` and ``examples``,
     see :func:`~peftkit.training.data.packing.pack`); ``validation`` also ``prompt_ids`` (the prompt a
     model answers when scored by generation) and ``references`` (the accepted answers). ``packing``
-    says whether the rows are packed, and why (or why not). Preference pairs: ``prompt_ids``,
+    says whether the rows are packed, and why (or why not); ``padding_free``: packed one example per
+    row, so that a batch is its examples laid end to end. Preference pairs: ``prompt_ids``,
     ``chosen_ids``, ``rejected_ids`` (and in ``validation`` ``references``: the chosen and the rejected
     answer's text).
     """
@@ -55,6 +56,7 @@ class PreparedData:
     stats: dict[str, int] = field(default_factory=dict)
     label_names: list[str] | None = None
     packed: bool = False
+    padding_free: bool = False
     packing: str = ""
 
     @property
@@ -174,11 +176,15 @@ def packing_blocker(config: TrainConfig, model: Any, method_config: Any) -> str 
 def pack_training_rows(data: PreparedData, config: TrainConfig, blocker: str | None) -> PreparedData:
     """``data`` with its training rows packed when ``config.packing`` asks for it or, unset, when
     packing applies (``blocker`` None: see :func:`packing_blocker`) and pays (padded batches of the
-    run's ``batch_size`` would be less than :data:`PACKING_PAYS_BELOW` full); ``data.packing`` says which.
+    run's ``batch_size`` would be less than :data:`PACKING_PAYS_BELOW` full); ``config.padding_free``
+    wins over ``packing``: packed rows of one example each (batches laid end to end, see
+    :func:`~peftkit.training.data.packing.padding_free`). ``data.packing`` says which, and why.
 
     Raises:
-        UsageError: ``packing`` asked for where ``blocker`` says it cannot apply.
+        UsageError: ``packing`` or ``padding_free`` asked for where ``blocker`` says it cannot apply.
     """
+    if config.padding_free:
+        return _padding_free_rows(data, config, blocker)
     if config.packing is False:
         return dataclasses.replace(data, packing="off (--no-packing)")
     if blocker is not None:
@@ -195,6 +201,15 @@ def pack_training_rows(data: PreparedData, config: TrainConfig, blocker: str | N
     row_fill = sum(data.lengths) / (len(packed) * config.max_length)
     note = f"padded batches would be {fill:.0%} full; packed rows are {row_fill:.0%} full"
     return dataclasses.replace(data, train=packed, stats=stats, packed=True, packing=f"on ({note})")
+
+
+def _padding_free_rows(data: PreparedData, config: TrainConfig, blocker: str | None) -> PreparedData:
+    if blocker is not None:
+        raise UsageError(f"padding-free batches cannot apply here: {blocker}; drop --padding-free")
+    fill = padded_fill(data.lengths, config.batch_size, config.seed)
+    note = f"padding-free: each batch's examples end to end (padded batches would be {fill:.0%} full)"
+    rows, stats = padding_free(data.train), {**data.stats, "packed_rows": len(data.train)}
+    return dataclasses.replace(data, train=rows, stats=stats, packed=True, padding_free=True, packing=note)
 
 
 def padded_fill(lengths: Sequence[int], batch_size: int, seed: int) -> float:

@@ -253,7 +253,9 @@ def setup_report(
             f"  {stats['truncated']} truncated to max_length={config.max_length}"
             + (f", {dropped} of them dropped (no answer token left)" if dropped else "")
         )
-    if data.packed:
+    if data.padding_free:
+        lines.append(f"  {config.batch_size} per batch, each attending only to itself: {data.packing}")
+    elif data.packed:
         lines.append(
             f"  packed into {stats['packed_rows']} rows of up to {config.max_length} tokens, each example "
             f"attending only to itself: {data.packing}"
