@@ -139,11 +139,15 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, model_dir, smal
     _assert_same_adapters(one.model, two.model, atol=1e-5)
 
 
-def test_padding_free_batches_train_as_the_padded_ones(tmp_path, model_dir, small_data) -> None:
+def test_padding_free_batches_train_as_the_padded_ones(tmp_path, model_dir, small_data, capsys) -> None:
     """The same examples in each step, laid end to end instead of padded: the same losses and adapters
-    (float32, to 1e-5), no padding computed."""
+    (float32, to 1e-5), no padding computed, and the run says so."""
     padded = train(config_for(tmp_path / "a", model_dir, small_data, packing=False, eval_examples=0))
+    capsys.readouterr()
     free = train(config_for(tmp_path / "b", model_dir, small_data, padding_free=True, eval_examples=0))
+    said = "".join(capsys.readouterr())  # out and err
+    assert "padding-free: each batch's examples end to end (padded batches would be" in said
+    assert "48 examples, each batch's laid end to end" in said  # the summary
     assert free.padding_tokens == 0 < padded.padding_tokens
     assert free.tokens == padded.tokens and free.steps == padded.steps == 6
     assert free.losses == pytest.approx(padded.losses, abs=1e-5)

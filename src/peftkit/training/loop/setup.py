@@ -254,7 +254,7 @@ def setup_report(
             + (f", {dropped} of them dropped (no answer token left)" if dropped else "")
         )
     if data.padding_free:
-        lines.append(f"  {config.batch_size} per batch, each attending only to itself: {data.packing}")
+        lines.append(f"  {data.packing}, each example attending only to itself")
     elif data.packed:
         lines.append(
             f"  packed into {stats['packed_rows']} rows of up to {config.max_length} tokens, each example "
