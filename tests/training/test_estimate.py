@@ -3,7 +3,7 @@
 Reference: :func:`peftkit.memory.measure_training_step` (saved-tensor hooks and live-tensor tracking
 of a real step) on the run's worst batch (its ``batch_size`` longest training rows, packed or padded
 as ``peftkit train`` lays them out) with ``peftkit train``'s loss. Tolerance: 15% of the measured peak
-(the issue's bar). Both cases load SmolLM2-135M-Instruct: slow.
+(the issue's bar). Every case loads SmolLM2-135M-Instruct: slow.
 """
 
 from __future__ import annotations
